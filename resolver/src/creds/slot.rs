@@ -1,0 +1,189 @@
+//! A credential slot: the current answer for one credential key, read lock-free by workers
+//! and filled by the resolver thread.
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
+use tokio::sync::{Notify, mpsc};
+
+/// What identifies one STS session: kube2iam keyed by role only (kube2iam #98).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CredKey {
+    pub role_arn: String,
+    pub external_id: Option<String>,
+}
+
+/// A rendered answer for a credential request.
+#[derive(Debug)]
+pub enum CredAnswer {
+    /// Credentials: the exact response body, servable until `serve_until`.
+    Ready { body: Bytes, expiration: SystemTime, serve_until: Instant, access_key_id: String },
+    /// STS failed and nothing valid is cached: an IMDS-style JSON error body.
+    Failed { status: u16, body: Bytes, at: Instant, retry_after: Instant },
+}
+
+impl CredAnswer {
+    /// Whether a worker may serve this answer at `now` without asking the resolver.
+    pub fn servable(&self, now: Instant) -> bool {
+        match self {
+            CredAnswer::Ready { serve_until, .. } => now < *serve_until,
+            CredAnswer::Failed { retry_after, .. } => now < *retry_after,
+        }
+    }
+}
+
+/// One key's answer and the machinery to wait for it.
+pub struct CredSlot {
+    key: CredKey,
+    answer: ArcSwapOption<CredAnswer>,
+    notify: Notify,
+    in_flight: AtomicBool,
+    requests: mpsc::UnboundedSender<Arc<CredSlot>>,
+}
+
+impl std::fmt::Debug for CredSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredSlot").field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+impl CredSlot {
+    pub(crate) fn new(key: CredKey, requests: mpsc::UnboundedSender<Arc<CredSlot>>) -> Arc<Self> {
+        Arc::new(CredSlot {
+            key,
+            answer: ArcSwapOption::empty(),
+            notify: Notify::new(),
+            in_flight: AtomicBool::new(false),
+            requests,
+        })
+    }
+
+    pub fn key(&self) -> &CredKey {
+        &self.key
+    }
+
+    /// The answer if it may be served now (lock-free; the hot path).
+    pub fn current(&self, now: Instant) -> Option<Arc<CredAnswer>> {
+        let a = self.answer.load_full()?;
+        a.servable(now).then_some(a)
+    }
+
+    /// The last answer whatever its age (for refresh decisions and debugging).
+    pub fn last(&self) -> Option<Arc<CredAnswer>> {
+        self.answer.load_full()
+    }
+
+    /// Waits until the resolver has an answer for this key, asking it to fetch one.
+    /// Never polls: it sleeps on a notification. Callers bound it with their own timeout;
+    /// dropping the future does not cancel the fetch.
+    pub async fn get(self: &Arc<Self>) -> Arc<CredAnswer> {
+        let mut asked_at: Option<Instant> = None;
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = Instant::now();
+            if let Some(a) = self.answer.load_full() {
+                if a.servable(now) {
+                    return a;
+                }
+                // A failure that happened after we asked is our answer, even with a zero
+                // error TTL; asking again would spin on STS.
+                if let (CredAnswer::Failed { at, .. }, Some(asked)) = (&*a, asked_at) {
+                    if *at >= asked {
+                        return a;
+                    }
+                }
+            }
+            if asked_at.is_none() {
+                asked_at = Some(now);
+                self.request();
+            }
+            notified.await;
+        }
+    }
+
+    /// Asks the resolver to fetch, unless a fetch for this key is already in flight.
+    pub fn request(self: &Arc<Self>) {
+        if !self.in_flight.swap(true, Ordering::AcqRel) && self.requests.send(self.clone()).is_err() {
+            self.in_flight.store(false, Ordering::Release);
+        }
+    }
+
+    /// Stores a new answer, ends the in-flight fetch and wakes every waiter.
+    pub(crate) fn publish(&self, answer: Option<Arc<CredAnswer>>) {
+        if let Some(a) = answer {
+            self.answer.store(Some(a));
+        }
+        self.in_flight.store(false, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn ready(valid_for: Duration) -> Arc<CredAnswer> {
+        Arc::new(CredAnswer::Ready {
+            body: Bytes::from_static(b"{}"),
+            expiration: SystemTime::now() + valid_for,
+            serve_until: Instant::now() + valid_for,
+            access_key_id: "AK".into(),
+        })
+    }
+
+    fn key() -> CredKey {
+        CredKey { role_arn: "arn:aws:iam::123456789012:role/a".into(), external_id: None }
+    }
+
+    #[tokio::test]
+    async fn concurrent_waiters_cause_one_request_and_all_get_the_answer() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let slot = CredSlot::new(key(), tx);
+        let waiters: Vec<_> = (0..50).map(|_| tokio::spawn({
+            let s = slot.clone();
+            async move { s.get().await }
+        })).collect();
+        let asked = rx.recv().await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(rx.try_recv().is_err(), "a second fetch was requested while one was in flight");
+        asked.publish(Some(ready(Duration::from_secs(60))));
+        for w in waiters {
+            assert!(matches!(&*w.await.unwrap(), CredAnswer::Ready { .. }));
+        }
+        assert!(slot.current(Instant::now()).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_failure_with_zero_ttl_is_returned_once_not_retried_in_a_loop() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let slot = CredSlot::new(key(), tx);
+        let w = tokio::spawn({
+            let s = slot.clone();
+            async move { s.get().await }
+        });
+        let asked = rx.recv().await.unwrap();
+        let now = Instant::now();
+        asked.publish(Some(Arc::new(CredAnswer::Failed {
+            status: 500,
+            body: Bytes::from_static(b"e"),
+            at: now,
+            retry_after: now,
+        })));
+        assert!(matches!(&*w.await.unwrap(), CredAnswer::Failed { status: 500, .. }));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn expired_answers_are_not_current() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let slot = CredSlot::new(key(), tx);
+        slot.publish(Some(ready(Duration::ZERO)));
+        assert!(slot.current(Instant::now()).is_none());
+        assert!(slot.last().is_some());
+    }
+}

@@ -1,0 +1,126 @@
+//! iamlet's control plane. It learns the node's pods (from the Kubernetes API or a file),
+//! decides each pod IP's role, keeps STS credentials ready for those roles, and publishes an
+//! immutable IP → identity snapshot the data plane reads without locks. It serves no HTTP.
+
+pub mod creds;
+pub mod handle;
+pub mod index;
+pub mod metrics;
+pub mod pod;
+pub mod render;
+pub mod roles;
+pub mod snapshot;
+pub mod source;
+mod state;
+
+pub use creds::manager::CredPolicy;
+pub use creds::{CredAnswer, CredKey, CredSlot};
+pub use handle::{Handle, SnapshotReader};
+pub use pod::AnnotationKeys;
+pub use roles::RoleRules;
+pub use snapshot::{Identity, RoleEntry, Snapshot};
+
+use metrics::ResolverMetrics;
+use prometheus_client::registry::Registry;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Fatal start-up problems, each one sentence with the fix.
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Sts(#[from] creds::sts::StsSetupError),
+    #[error("{0}")]
+    Source(String),
+    #[error("cannot start the resolver thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the resolver thread stopped before its first sync")]
+    Stopped,
+}
+
+/// Where pods come from.
+#[derive(Debug, Clone)]
+pub enum PodSource {
+    /// `--pods-from FILE`.
+    File(PathBuf),
+    /// The Kubernetes API.
+    Kube(source::kube::KubeOptions),
+}
+
+/// Everything the resolver needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub rules: RoleRules,
+    pub keys: AnnotationKeys,
+    pub source: PodSource,
+    pub creds: CredPolicy,
+    /// `host[:port]` of the instance metadata service, for the agent's own region and
+    /// credentials lookups.
+    pub metadata_addr: String,
+    pub sts_timeout: Duration,
+}
+
+/// A running resolver.
+pub struct Resolver {
+    pub handle: Handle,
+    first_sync: std_mpsc::Receiver<Result<(), StartError>>,
+}
+
+impl Resolver {
+    /// Blocks until the first full list is published, or start-up failed.
+    pub fn wait_first_sync(&self) -> Result<(), StartError> {
+        self.first_sync.recv().unwrap_or(Err(StartError::Stopped))
+    }
+}
+
+/// Starts the resolver on its own thread (`iamlet-resolver`, a current-thread tokio runtime).
+pub fn start(config: Config, registry: &mut Registry) -> Result<Resolver, StartError> {
+    let metrics = ResolverMetrics::register(registry);
+    let shared = handle::Shared::new();
+    let handle = Handle::new(shared.clone());
+    let (tx, rx) = std_mpsc::channel();
+    std::thread::Builder::new()
+        .name("iamlet-resolver".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(StartError::Thread(e)));
+                    return;
+                }
+            };
+            rt.block_on(run(config, shared, metrics, tx));
+        })
+        .map_err(StartError::Thread)?;
+    Ok(Resolver { handle, first_sync: rx })
+}
+
+async fn run(
+    config: Config,
+    shared: Arc<handle::Shared>,
+    metrics: ResolverMetrics,
+    tx: std_mpsc::Sender<Result<(), StartError>>,
+) {
+    let Config { rules, keys, source, creds, metadata_addr, sts_timeout } = config;
+    let sts = match creds::sts::Sts::new(&metadata_addr, sts_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx.send(Err(e.into()));
+            return;
+        }
+    };
+    tracing::info!(region = sts.region(), "STS client ready");
+    let (req_tx, req_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(creds::manager::run(req_rx, Arc::new(sts), Arc::new(creds), metrics.clone()));
+    let st = state::State::new(rules, req_tx, shared, metrics.clone());
+    let first = move |r| {
+        let _ = tx.send(r);
+    };
+    match source {
+        PodSource::File(path) => source::file::run(path, keys, st, metrics, first).await,
+        PodSource::Kube(opts) => source::kube::run(opts, keys, st, metrics, first).await,
+    }
+}

@@ -1,0 +1,75 @@
+//! Local mode: pods (and namespaces) from a file, re-read when it changes (in place or by
+//! rename).
+
+use crate::StartError;
+use crate::metrics::ResolverMetrics;
+use crate::pod::{AnnotationKeys, NamespaceInfo, PodInfo, parse_pods_file};
+use crate::state::State;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How often the file's metadata is checked.
+pub const POLL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    len: u64,
+    mtime: i64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp { ino: m.ino(), len: m.len(), mtime: m.mtime(), mtime_ns: m.mtime_nsec(), ctime_ns: m.ctime_nsec() })
+}
+
+fn load(path: &Path, keys: &AnnotationKeys, state: &mut State) -> Result<usize, StartError> {
+    let display = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| StartError::Source(crate::pod::PodsFileError::Read { path: display.clone(), source }.to_string()))?;
+    let file = parse_pods_file(&display, &text).map_err(|e| StartError::Source(e.to_string()))?;
+    let n = file.pods.len();
+    state.index.reset(file.pods.iter().filter_map(|p| PodInfo::from_pod(p, keys)));
+    state.index.reset_namespaces(file.namespaces.iter().filter_map(NamespaceInfo::from_namespace));
+    state.publish();
+    Ok(n)
+}
+
+/// Loads the file once (reporting the result through `first`), then follows changes.
+pub(crate) async fn run(
+    path: PathBuf,
+    keys: AnnotationKeys,
+    mut state: State,
+    metrics: ResolverMetrics,
+    first: impl FnOnce(Result<(), StartError>),
+) {
+    let mut last = stamp(&path);
+    match load(&path, &keys, &mut state) {
+        Ok(n) => {
+            tracing::info!(path = %path.display(), pods = n, "pods file loaded");
+            first(Ok(()));
+        }
+        Err(e) => {
+            first(Err(e));
+            return;
+        }
+    }
+    loop {
+        tokio::time::sleep(POLL).await;
+        let now = stamp(&path);
+        if now == last || now.is_none() {
+            continue;
+        }
+        last = now;
+        match load(&path, &keys, &mut state) {
+            Ok(n) => tracing::info!(path = %path.display(), pods = n, "pods file reloaded"),
+            Err(e) => {
+                metrics.source_error();
+                tracing::warn!(error = %e, "pods file changed but could not be used; keeping the previous state");
+            }
+        }
+    }
+}
