@@ -1,1 +1,156 @@
-fn main(){}
+//! The `iamlet` binary: parse flags, start the resolver thread, bind, wait for the first
+//! sync, spawn the workers, wait for a signal.
+
+use anyhow::Context;
+use clap::Parser;
+use iamlet::args::{Args, LogFormat};
+use iamlet::config::{self, Config, EX_USAGE};
+use iamlet::{discover, metrics::ProxyMetrics, server, worker::Shared};
+use iamlet_resolver::source::kube::KubeOptions;
+use iamlet_resolver::{AnnotationKeys, CredPolicy, PodSource, RoleRules};
+use nix::sys::signal::{SigSet, Signal};
+use prometheus_client::registry::Registry;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn main() {
+    // Block the stop signals before any thread starts, so only `sigwait` below sees them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    let _ = signals.thread_block();
+
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) => {
+            let first = e.to_string();
+            let first = first.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("iamlet: {first}; run `iamlet --help` for the flags.");
+            std::process::exit(EX_USAGE);
+        }
+    };
+    let config = match Config::validate(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("iamlet: {e}");
+            std::process::exit(EX_USAGE);
+        }
+    };
+    if config.args.check_config {
+        println!("iamlet: configuration OK");
+        return;
+    }
+    init_tracing(&config);
+    if let Err(e) = run(config, signals) {
+        tracing::error!("{e:#}");
+        eprintln!("iamlet: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = std::env::var("IAMLET_LOG").unwrap_or_else(|_| config.log_filter.clone());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.args.log.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(false).init(),
+    }
+}
+
+fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
+    let Config { args, workers, metrics_port, metadata_hostport, .. } = config;
+    let upstream = config::resolve_metadata(&metadata_hostport)?;
+    let mut base_arn = args.iam.base_role_arn.clone();
+    let mut default_role = args.iam.default_role.clone();
+    if args.iam.auto_discover_base_arn || args.iam.auto_discover_default_role {
+        let arn = discover::base_arn(upstream, &metadata_hostport).map_err(anyhow::Error::msg)?;
+        tracing::info!(base_arn = %arn, "base ARN discovered");
+        base_arn = Some(arn);
+    }
+    if args.iam.auto_discover_default_role {
+        let role = discover::instance_role(upstream, &metadata_hostport).map_err(anyhow::Error::msg)?;
+        tracing::info!(default_role = %role, "using the instance's role as the default role");
+        default_role = Some(role);
+    }
+    let rules = RoleRules::new(base_arn.as_deref(), default_role.as_deref())?;
+    let source = match &args.kube.pods_from {
+        Some(path) => PodSource::File(path.clone()),
+        None => PodSource::Kube(KubeOptions {
+            kubeconfig: args.kube.kubeconfig.clone(),
+            api_server: args.kube.api_server.clone(),
+            api_token: args.kube.api_token.clone(),
+            insecure: args.kube.insecure,
+            node: args.kube.node.clone(),
+        }),
+    };
+    let node_name = args.kube.node.clone().or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()).unwrap_or_else(|| "iamlet".into());
+
+    let mut registry = Registry::default();
+    let resolver = iamlet_resolver::start(
+        iamlet_resolver::Config {
+            rules: rules.clone(),
+            keys: AnnotationKeys { role: args.iam.iam_role_key.clone(), external_id: args.iam.iam_external_id.clone() },
+            source,
+            creds: CredPolicy {
+                session_ttl: args.iam.iam_role_session_ttl,
+                error_ttl: args.iam.iam_role_error_ttl,
+                session_prefix: node_name,
+            },
+            metadata_addr: metadata_hostport.clone(),
+            sts_timeout: Duration::from_secs(5),
+        },
+        &mut registry,
+    )?;
+    let metrics = ProxyMetrics::register(&mut registry);
+
+    let driver = server::resolve_driver(args.proxy.io_driver).map_err(anyhow::Error::msg)?;
+    let app_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.node.app_port));
+    let app = server::bind(app_addr, workers).map_err(|e| bind_error(e, args.node.app_port, "--app-port"))?;
+    let app_bound = app[0].local_addr().context("listener address")?;
+    let admin = if metrics_port != args.node.app_port {
+        let l = server::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, metrics_port)), 1)
+            .map_err(|e| bind_error(e, metrics_port, "--metrics-port"))?;
+        Some(l)
+    } else {
+        None
+    };
+
+    resolver.wait_first_sync()?;
+
+    let shared = Arc::new(Shared {
+        handle: resolver.handle.clone(),
+        rules,
+        upstream,
+        upstream_host: metadata_hostport,
+        wait_ip: args.iam.backoff_max_elapsed_time,
+        debug: args.log.debug,
+        admin_on_app_port: admin.is_none(),
+        registry: Arc::new(registry),
+        metrics,
+        idle_timeout: Duration::from_secs(60),
+    });
+    let mut threads = server::spawn("iamlet-worker", app, shared.clone(), driver, false)?;
+    if let Some(admin) = admin {
+        let bound = admin[0].local_addr()?;
+        threads.extend(server::spawn("iamlet-admin", admin, shared, driver, true)?);
+        tracing::info!(addr = %bound, "admin listening");
+    }
+    tracing::info!(addr = %app_bound, workers, %driver, "listening");
+
+    let sig = signals.wait().context("waiting for signals")?;
+    tracing::info!(signal = ?sig, "stopping");
+    Ok(())
+}
+
+fn bind_error(e: std::io::Error, port: u16, flag: &str) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        anyhow::anyhow!(
+            "port {port} is already in use on this node; free it or choose other ports with --app-port and --metrics-port (and the DaemonSet's hostPort), e.g. --app-port=8182 --metrics-port=8183"
+        )
+    } else {
+        anyhow::anyhow!("cannot listen on {flag} {port}: {e}")
+    }
+}

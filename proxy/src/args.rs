@@ -1,0 +1,286 @@
+//! Command-line flags: every kube2iam flag with its name, default and syntax, plus iamlet's
+//! own. Every flag also reads an `IAMLET_*` environment variable.
+
+use crate::duration::parse_go_duration;
+use clap::{ArgAction, Args as ClapArgs, Parser, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Go/pflag boolean syntax: bare `--flag`, or `--flag=true|false|1|0|t|f`.
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("invalid boolean {s:?}: use true or false")),
+    }
+}
+
+macro_rules! go_bool {
+    () => {
+        ArgAction::Set
+    };
+}
+
+/// Which io driver the workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IoDriver {
+    /// io_uring when the kernel supports it, else epoll.
+    Auto,
+    Uring,
+    Epoll,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RestrictionFormat {
+    Glob,
+    Regexp,
+}
+
+/// Kubernetes API access (kube2iam's flags).
+#[derive(Debug, Clone, ClapArgs)]
+pub struct KubeArgs {
+    /// Path to a kubeconfig (default: in-cluster configuration)
+    #[arg(long, env = "IAMLET_KUBECONFIG", value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Endpoint for the api server
+    #[arg(long, env = "IAMLET_API_SERVER", value_name = "URL")]
+    pub api_server: Option<String>,
+    /// Token to authenticate with the api server
+    #[arg(long, env = "IAMLET_API_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Kubernetes server should be accessed without verifying the TLS. Testing only
+    #[arg(long, env = "IAMLET_INSECURE", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub insecure: bool,
+    /// Name of the node where iamlet is running (watch only its pods)
+    #[arg(long, env = "IAMLET_NODE", value_name = "NAME")]
+    pub node: Option<String>,
+    /// Kubernetes caches resync period (accepted for compatibility; watches never need it)
+    #[arg(long, env = "IAMLET_CACHE_RESYNC_PERIOD", default_value = "30m", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub cache_resync_period: Duration,
+    /// Queries the k8s api server to find the source of truth when the pod cache contains multiple pods with the same IP (superseded: owners are decided by phase and age)
+    #[arg(long, env = "IAMLET_RESOLVE_DUPLICATE_CACHE_IPS", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub resolve_duplicate_cache_ips: bool,
+    /// Read pods (and namespaces) from this file instead of the API server: the output of
+    /// `kubectl get pods,namespaces -A -o yaml` (YAML or JSON, List or multi-document),
+    /// re-read when it changes
+    #[arg(long, env = "IAMLET_PODS_FROM", value_name = "FILE")]
+    pub pods_from: Option<PathBuf>,
+}
+
+/// Roles and credentials (kube2iam's flags).
+#[derive(Debug, Clone, ClapArgs)]
+pub struct IamArgs {
+    /// Base role ARN
+    #[arg(long, env = "IAMLET_BASE_ROLE_ARN", value_name = "ARN")]
+    pub base_role_arn: Option<String>,
+    /// Fallback role to use when annotation is not set
+    #[arg(long, env = "IAMLET_DEFAULT_ROLE", value_name = "ROLE")]
+    pub default_role: Option<String>,
+    /// Pod annotation key used to retrieve the IAM role
+    #[arg(long, env = "IAMLET_IAM_ROLE_KEY", default_value = "iam.amazonaws.com/role", value_name = "KEY")]
+    pub iam_role_key: String,
+    /// Pod annotation key used to retrieve the IAM ExternalId
+    #[arg(long, env = "IAMLET_IAM_EXTERNAL_ID", default_value = "iam.amazonaws.com/external-id", value_name = "KEY")]
+    pub iam_external_id: String,
+    /// TTL for the assume role session (sessions last twice this; refreshed when less is left)
+    #[arg(long, env = "IAMLET_IAM_ROLE_SESSION_TTL", default_value = "15m", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub iam_role_session_ttl: Duration,
+    /// How long an AssumeRole failure is served before STS is asked again
+    #[arg(long, env = "IAMLET_IAM_ROLE_ERROR_TTL", default_value = "10s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub iam_role_error_ttl: Duration,
+    /// Queries EC2 Metadata to determine the base ARN
+    #[arg(long, env = "IAMLET_AUTO_DISCOVER_BASE_ARN", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub auto_discover_base_arn: bool,
+    /// Queries EC2 Metadata to determine the default Iam Role and base ARN, cannot be used with --default-role, overwrites any previous setting for --base-role-arn
+    #[arg(long, env = "IAMLET_AUTO_DISCOVER_DEFAULT_ROLE", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub auto_discover_default_role: bool,
+    /// Enable namespace restrictions
+    #[arg(long, env = "IAMLET_NAMESPACE_RESTRICTIONS", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub namespace_restrictions: bool,
+    /// Namespace Restriction Format (glob/regexp)
+    #[arg(long, env = "IAMLET_NAMESPACE_RESTRICTION_FORMAT", value_enum, default_value = "glob")]
+    pub namespace_restriction_format: RestrictionFormat,
+    /// Namespace annotation key used to retrieve the IAM roles allowed (value in annotation should be json array)
+    #[arg(long, env = "IAMLET_NAMESPACE_KEY", default_value = "iam.amazonaws.com/allowed-roles", value_name = "KEY")]
+    pub namespace_key: String,
+    /// use the regional sts endpoint if AWS_REGION is set (iamlet always does)
+    #[arg(long, env = "IAMLET_USE_REGIONAL_STS_ENDPOINT", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub use_regional_sts_endpoint: bool,
+    /// Max interval for backoff when querying for role.
+    #[arg(long, env = "IAMLET_BACKOFF_MAX_INTERVAL", default_value = "1s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub backoff_max_interval: Duration,
+    /// Max elapsed time for backoff when querying for role (how long a request from an unknown IP waits for the pod to appear)
+    #[arg(long, env = "IAMLET_BACKOFF_MAX_ELAPSED_TIME", default_value = "2s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub backoff_max_elapsed_time: Duration,
+}
+
+/// Node and network (kube2iam's flags).
+#[derive(Debug, Clone, ClapArgs)]
+pub struct NodeArgs {
+    /// iamlet server http port
+    #[arg(long, env = "IAMLET_APP_PORT", default_value_t = 8181, value_name = "PORT")]
+    pub app_port: u16,
+    /// Metrics server http port (default: same as the server port)
+    #[arg(long, env = "IAMLET_METRICS_PORT", value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+    /// Address for the ec2 metadata (host[:port])
+    #[arg(long, env = "IAMLET_METADATA_ADDR", default_value = "169.254.169.254", value_name = "HOST[:PORT]")]
+    pub metadata_addr: String,
+    /// Add iptables rule (also requires --host-ip)
+    #[arg(long, env = "IAMLET_IPTABLES", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub iptables: bool,
+    /// Host interface for proxying AWS metadata
+    #[arg(long, env = "IAMLET_HOST_INTERFACE", default_value = "docker0", value_name = "IFACE")]
+    pub host_interface: String,
+    /// IP address of host
+    #[arg(long, env = "IAMLET_HOST_IP", value_name = "IP")]
+    pub host_ip: Option<String>,
+}
+
+/// Data-plane tuning (iamlet's own).
+#[derive(Debug, Clone, ClapArgs)]
+pub struct ProxyArgs {
+    /// Worker threads, one io runtime each (default: one per core)
+    #[arg(long, env = "IAMLET_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+    /// Worker io driver
+    #[arg(long, env = "IAMLET_IO_DRIVER", value_enum, default_value = "auto")]
+    pub io_driver: IoDriver,
+}
+
+/// Logging and debugging (kube2iam's flags).
+#[derive(Debug, Clone, ClapArgs)]
+pub struct LogArgs {
+    /// Log format (text/json)
+    #[arg(long, env = "IAMLET_LOG_FORMAT", value_enum, default_value = "text", ignore_case = true)]
+    pub log_format: LogFormat,
+    /// Log level (trace, debug, info, warn, error; logrus names accepted)
+    #[arg(long, env = "IAMLET_LOG_LEVEL", default_value = "info", value_name = "LEVEL")]
+    pub log_level: String,
+    /// Enable debug features (/debug/store)
+    #[arg(long, env = "IAMLET_DEBUG", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub debug: bool,
+    /// Verbose (log level debug)
+    #[arg(long, env = "IAMLET_VERBOSE", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub verbose: bool,
+}
+
+/// Per-pod AWS IAM credentials for Kubernetes nodes (a kube2iam drop-in).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "iamlet", version, about, max_term_width = 100)]
+pub struct Args {
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    #[command(flatten)]
+    pub iam: IamArgs,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Parse and validate the flags, touch no network, exit 0 (valid) or 64 (invalid)
+    #[arg(long, env = "IAMLET_CHECK_CONFIG", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub check_config: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("iamlet").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_match_kube2iam() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.node.app_port, 8181);
+        assert_eq!(a.node.metadata_addr, "169.254.169.254");
+        assert_eq!(a.node.host_interface, "docker0");
+        assert!(!a.node.iptables);
+        assert_eq!(a.iam.iam_role_key, "iam.amazonaws.com/role");
+        assert_eq!(a.iam.iam_external_id, "iam.amazonaws.com/external-id");
+        assert_eq!(a.iam.namespace_key, "iam.amazonaws.com/allowed-roles");
+        assert_eq!(a.iam.namespace_restriction_format, RestrictionFormat::Glob);
+        assert_eq!(a.iam.iam_role_session_ttl, Duration::from_secs(900));
+        assert_eq!(a.kube.cache_resync_period, Duration::from_secs(1800));
+        assert_eq!(a.iam.backoff_max_interval, Duration::from_secs(1));
+        assert_eq!(a.iam.backoff_max_elapsed_time, Duration::from_secs(2));
+        assert_eq!(a.log.log_format, LogFormat::Text);
+        assert_eq!(a.log.log_level, "info");
+    }
+
+    #[test]
+    fn seed_daemonset_args_parse() {
+        let a = parse(&[
+            "--app-port=8181",
+            "--auto-discover-base-arn",
+            "--iptables=true",
+            "--host-ip=10.0.0.1",
+            "--host-interface=weave",
+            "--use-regional-sts-endpoint",
+            "--auto-discover-default-role",
+            "--log-level=info",
+        ])
+        .unwrap();
+        assert!(a.iam.auto_discover_base_arn && a.node.iptables && a.iam.use_regional_sts_endpoint);
+        assert!(a.iam.auto_discover_default_role);
+        assert_eq!(a.node.host_ip.as_deref(), Some("10.0.0.1"));
+        assert_eq!(a.node.host_interface, "weave");
+    }
+
+    #[test]
+    fn value_flags_take_equals_or_a_separate_value() {
+        let a = parse(&["--app-port", "9000", "--base-role-arn", "arn:aws:iam::123456789012:role/", "--iam-role-session-ttl", "1h30m"]).unwrap();
+        assert_eq!(a.node.app_port, 9000);
+        assert_eq!(a.iam.iam_role_session_ttl, Duration::from_secs(5400));
+        let b = parse(&["--app-port=9001", "--backoff-max-elapsed-time=500ms"]).unwrap();
+        assert_eq!(b.node.app_port, 9001);
+        assert_eq!(b.iam.backoff_max_elapsed_time, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn booleans_accept_bare_and_explicit_values() {
+        assert!(parse(&["--iptables"]).unwrap().node.iptables);
+        assert!(parse(&["--iptables=true"]).unwrap().node.iptables);
+        assert!(!parse(&["--iptables=false"]).unwrap().node.iptables);
+        assert!(parse(&["--debug=1"]).unwrap().log.debug);
+        assert!(!parse(&["--verbose=F"]).unwrap().log.verbose);
+        assert!(parse(&["--iptables=maybe"]).is_err());
+    }
+
+    #[test]
+    fn every_kube2iam_flag_is_accepted() {
+        let all = [
+            "--kubeconfig=/k", "--api-server=https://10.0.0.1:6443", "--api-token=t", "--insecure",
+            "--app-port=8181", "--metrics-port=8182", "--base-role-arn=arn:aws:iam::123456789012:role/",
+            "--default-role=d", "--iam-role-key=k", "--iam-external-id=e", "--iam-role-session-ttl=15m",
+            "--iam-role-error-ttl=5s", "--metadata-addr=127.0.0.1:1", "--iptables", "--host-interface=cali+",
+            "--host-ip=10.0.0.1", "--auto-discover-base-arn=false", "--auto-discover-default-role=false",
+            "--namespace-restrictions", "--namespace-restriction-format=regexp", "--namespace-key=n",
+            "--cache-resync-period=1h", "--resolve-duplicate-cache-ips", "--node=n1",
+            "--backoff-max-interval=1s", "--backoff-max-elapsed-time=2s", "--log-format=json",
+            "--log-level=debug", "--use-regional-sts-endpoint", "--debug", "--verbose",
+        ];
+        let a = parse(&all).unwrap();
+        assert_eq!(a.iam.namespace_restriction_format, RestrictionFormat::Regexp);
+        assert_eq!(a.node.metrics_port, Some(8182));
+        assert_eq!(a.kube.node.as_deref(), Some("n1"));
+        assert!(parse(&["--version"]).is_err_and(|e| e.kind() == clap::error::ErrorKind::DisplayVersion));
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(parse(&["--app-port=http"]).is_err());
+        assert!(parse(&["--iam-role-session-ttl=15"]).is_err());
+        assert!(parse(&["--io-driver=kqueue"]).is_err());
+        assert!(parse(&["--no-such-flag"]).is_err());
+    }
+}

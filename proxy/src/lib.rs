@@ -1,0 +1,17 @@
+//! iamlet's data plane: a thread-per-core monoio HTTP/1.1 server that answers pods' instance
+//! metadata requests from the resolver's lock-free snapshot and passes other paths to the
+//! real metadata service. It holds no tokio or kube type; the control plane is in
+//! `iamlet-resolver`.
+
+pub mod args;
+pub mod config;
+pub mod conn;
+pub mod discover;
+pub mod duration;
+pub mod handler;
+pub mod metrics;
+pub mod passthrough;
+pub mod respond;
+pub mod route;
+pub mod server;
+pub mod worker;

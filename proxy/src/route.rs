@@ -1,0 +1,214 @@
+//! Request targets → canonical paths → routes. Pure functions; every routing, deny and
+//! forwarding decision uses the canonical path.
+
+use std::borrow::Cow;
+
+/// Why a target was refused (400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    NotAPath,
+    BadEscape,
+    EncodedSeparator,
+    Backslash,
+    ControlByte,
+    AboveRoot,
+}
+
+/// Canonicalises a request target: absolute-form targets keep only their path; query and
+/// fragment are dropped; `//` collapses; `.`/`..` resolve; percent-escapes of unreserved
+/// characters are decoded. Encoded `/`, `\`, NUL or control bytes, raw backslashes, bad
+/// escapes and `..` above the root are errors. Borrowed when already canonical.
+pub fn canonicalize(target: &str) -> Result<Cow<'_, str>, PathError> {
+    let mut path = target;
+    if let Some(rest) = path.strip_prefix("http://").or_else(|| path.strip_prefix("https://")) {
+        path = rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
+    }
+    let end = path.find(['?', '#']).unwrap_or(path.len());
+    let path = &path[..end];
+    if !path.starts_with('/') {
+        return Err(PathError::NotAPath);
+    }
+    let bytes = path.as_bytes();
+    if bytes.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return Err(PathError::ControlByte);
+    }
+    if path.contains('\\') {
+        return Err(PathError::Backslash);
+    }
+    let needs_work = path.contains('%') || path.contains("//") || path.split('/').any(|s| s == "." || s == "..");
+    if !needs_work {
+        return Ok(Cow::Borrowed(path));
+    }
+    let decoded = decode_unreserved(path)?;
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    for seg in &segments {
+        match *seg {
+            "" | "." => {}
+            ".." => {
+                if out.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    let mut s = String::with_capacity(decoded.len());
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if trailing || s.is_empty() {
+        s.push('/');
+    }
+    Ok(Cow::Owned(s))
+}
+
+fn decode_unreserved(path: &str) -> Result<String, PathError> {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
+            let v = std::str::from_utf8(hex)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or(PathError::BadEscape)?;
+            match v {
+                b'/' => return Err(PathError::EncodedSeparator),
+                b'\\' => return Err(PathError::Backslash),
+                0..=0x1f | 0x7f => return Err(PathError::ControlByte),
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(v as char),
+                _ => {
+                    out.push('%');
+                    out.push_str(&hex.iter().map(|c| c.to_ascii_uppercase() as char).collect::<String>());
+                }
+            }
+            i += 3;
+        } else {
+            let ch = path[i..].chars().next().unwrap_or('\u{fffd}');
+            out.push(ch);
+            i += ch.len_utf8();
+        }
+    }
+    Ok(out)
+}
+
+/// Where a canonical path goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    Healthz,
+    Ready,
+    Metrics,
+    DebugStore,
+    /// `/{v}/meta-data/iam/security-credentials[/]`
+    RoleList,
+    /// `/{v}/meta-data/iam/security-credentials/{role}[/]`
+    Credentials(&'a str),
+    /// Anything under `iam/` or any other credential-bearing path that iamlet does not
+    /// answer: 404, never forwarded.
+    Denied,
+    /// Everything else goes to the upstream metadata service.
+    Forward,
+}
+
+const CREDS: &str = "meta-data/iam/security-credentials";
+
+/// Routes a canonical path.
+pub fn route(path: &str) -> Route<'_> {
+    match path {
+        "/healthz" => return Route::Healthz,
+        "/ready" => return Route::Ready,
+        "/metrics" => return Route::Metrics,
+        "/debug/store" => return Route::DebugStore,
+        _ => {}
+    }
+    // "/{version}/…"
+    if let Some(rest) = path.strip_prefix('/').and_then(|p| p.split_once('/')).map(|(_, r)| r) {
+        if let Some(after) = rest.strip_prefix(CREDS) {
+            if after.is_empty() || after == "/" {
+                return Route::RoleList;
+            }
+            if let Some(role) = after.strip_prefix('/') {
+                let role = role.strip_suffix('/').unwrap_or(role);
+                return Route::Credentials(role);
+            }
+        }
+    }
+    if is_sensitive(path) { Route::Denied } else { Route::Forward }
+}
+
+/// Paths that must never reach the upstream whatever their spelling: IAM and identity
+/// credentials, in any case.
+pub fn is_sensitive(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    lower.contains("/iam/")
+        || lower.ends_with("/iam")
+        || lower.contains("security-credentials")
+        || lower.contains("identity-credentials")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_forms() {
+        let ok = [
+            ("/latest/meta-data/", "/latest/meta-data/"),
+            ("//latest//meta-data", "/latest/meta-data"),
+            ("/latest/./meta-data/../meta-data/iam/", "/latest/meta-data/iam/"),
+            ("/latest/meta-data/iam/..", "/latest/meta-data/"),
+            ("/latest/%6Deta-data", "/latest/meta-data"),
+            ("/latest/meta-data?x=1#f", "/latest/meta-data"),
+            ("http://169.254.169.254/latest/meta-data/instance-id", "/latest/meta-data/instance-id"),
+            ("http://evil.example", "/"),
+            ("/a%20b", "/a%20b"),
+            ("/a%2a", "/a%2A"),
+            ("/", "/"),
+        ];
+        for (input, want) in ok {
+            assert_eq!(canonicalize(input).as_deref(), Ok(want), "{input}");
+        }
+        let bad = [
+            ("/latest/meta-data/iam%2fsecurity-credentials", PathError::EncodedSeparator),
+            ("/latest%5cmeta-data", PathError::Backslash),
+            ("/latest\\meta-data", PathError::Backslash),
+            ("/latest/%00", PathError::ControlByte),
+            ("/latest/%zz", PathError::BadEscape),
+            ("/latest/%4", PathError::BadEscape),
+            ("/../etc", PathError::AboveRoot),
+            ("/latest/../../x", PathError::AboveRoot),
+            ("latest/meta-data", PathError::NotAPath),
+            ("*", PathError::NotAPath),
+        ];
+        for (input, want) in bad {
+            assert_eq!(canonicalize(input), Err(want), "{input}");
+        }
+    }
+
+    #[test]
+    fn already_canonical_paths_are_borrowed() {
+        assert!(matches!(canonicalize("/latest/meta-data/iam/security-credentials/r"), Ok(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("/latest/meta-data/iam/security-credentials"), Route::RoleList);
+        assert_eq!(route("/2016-09-02/meta-data/iam/security-credentials/"), Route::RoleList);
+        assert_eq!(route("/latest/meta-data/iam/security-credentials/app"), Route::Credentials("app"));
+        assert_eq!(route("/latest/meta-data/iam/security-credentials/app/"), Route::Credentials("app"));
+        assert_eq!(route("/latest/meta-data/iam/security-credentials/team/app"), Route::Credentials("team/app"));
+        assert_eq!(route("/latest/meta-data/iam/info"), Route::Denied);
+        assert_eq!(route("/latest/meta-data/iam/security-credentials-extended/app"), Route::Denied);
+        assert_eq!(route("/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance"), Route::Denied);
+        assert_eq!(route("/latest/meta-data/IAM/Security-Credentials/"), Route::Denied);
+        assert_eq!(route("/meta-data/iam/security-credentials/"), Route::Denied);
+        assert_eq!(route("/latest/meta-data/instance-id"), Route::Forward);
+        assert_eq!(route("/latest/user-data"), Route::Forward);
+        assert_eq!(route("/healthz"), Route::Healthz);
+        assert_eq!(route("/metrics"), Route::Metrics);
+    }
+}
