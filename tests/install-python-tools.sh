@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs the Python-side test tools into <repo>/.venv (idempotent): moto's server (STS),
+# boto3 and the AWS CLI (unmodified SDK clients).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="$ROOT/.venv"
+if [ ! -x "$VENV/bin/python3" ]; then
+  python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python3" -c 'import moto, boto3, awscli, flask' 2>/dev/null; then
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]' boto3 awscli
+fi
