@@ -52,7 +52,12 @@ pub struct KubeArgs {
     #[arg(long, env = "IAMLET_API_SERVER", value_name = "URL")]
     pub api_server: Option<String>,
     /// Token to authenticate with the api server
-    #[arg(long, env = "IAMLET_API_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "IAMLET_API_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     pub api_token: Option<String>,
     /// Kubernetes server should be accessed without verifying the TLS. Testing only
     #[arg(long, env = "IAMLET_INSECURE", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
@@ -83,10 +88,20 @@ pub struct IamArgs {
     #[arg(long, env = "IAMLET_DEFAULT_ROLE", value_name = "ROLE")]
     pub default_role: Option<String>,
     /// Pod annotation key used to retrieve the IAM role
-    #[arg(long, env = "IAMLET_IAM_ROLE_KEY", default_value = "iam.amazonaws.com/role", value_name = "KEY")]
+    #[arg(
+        long,
+        env = "IAMLET_IAM_ROLE_KEY",
+        default_value = "iam.amazonaws.com/role",
+        value_name = "KEY"
+    )]
     pub iam_role_key: String,
     /// Pod annotation key used to retrieve the IAM ExternalId
-    #[arg(long, env = "IAMLET_IAM_EXTERNAL_ID", default_value = "iam.amazonaws.com/external-id", value_name = "KEY")]
+    #[arg(
+        long,
+        env = "IAMLET_IAM_EXTERNAL_ID",
+        default_value = "iam.amazonaws.com/external-id",
+        value_name = "KEY"
+    )]
     pub iam_external_id: String,
     /// TTL for the assume role session (sessions last twice this; refreshed when less is left)
     #[arg(long, env = "IAMLET_IAM_ROLE_SESSION_TTL", default_value = "15m", value_parser = parse_go_duration, value_name = "DURATION")]
@@ -104,10 +119,20 @@ pub struct IamArgs {
     #[arg(long, env = "IAMLET_NAMESPACE_RESTRICTIONS", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub namespace_restrictions: bool,
     /// Namespace Restriction Format (glob/regexp)
-    #[arg(long, env = "IAMLET_NAMESPACE_RESTRICTION_FORMAT", value_enum, default_value = "glob")]
+    #[arg(
+        long,
+        env = "IAMLET_NAMESPACE_RESTRICTION_FORMAT",
+        value_enum,
+        default_value = "glob"
+    )]
     pub namespace_restriction_format: RestrictionFormat,
     /// Namespace annotation key used to retrieve the IAM roles allowed (value in annotation should be json array)
-    #[arg(long, env = "IAMLET_NAMESPACE_KEY", default_value = "iam.amazonaws.com/allowed-roles", value_name = "KEY")]
+    #[arg(
+        long,
+        env = "IAMLET_NAMESPACE_KEY",
+        default_value = "iam.amazonaws.com/allowed-roles",
+        value_name = "KEY"
+    )]
     pub namespace_key: String,
     /// use the regional sts endpoint if AWS_REGION is set (iamlet always does)
     #[arg(long, env = "IAMLET_USE_REGIONAL_STS_ENDPOINT", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
@@ -124,19 +149,34 @@ pub struct IamArgs {
 #[derive(Debug, Clone, ClapArgs)]
 pub struct NodeArgs {
     /// iamlet server http port
-    #[arg(long, env = "IAMLET_APP_PORT", default_value_t = 8181, value_name = "PORT")]
+    #[arg(
+        long,
+        env = "IAMLET_APP_PORT",
+        default_value_t = 8181,
+        value_name = "PORT"
+    )]
     pub app_port: u16,
     /// Metrics server http port (default: same as the server port)
     #[arg(long, env = "IAMLET_METRICS_PORT", value_name = "PORT")]
     pub metrics_port: Option<u16>,
     /// Address for the ec2 metadata (host[:port])
-    #[arg(long, env = "IAMLET_METADATA_ADDR", default_value = "169.254.169.254", value_name = "HOST[:PORT]")]
+    #[arg(
+        long,
+        env = "IAMLET_METADATA_ADDR",
+        default_value = "169.254.169.254",
+        value_name = "HOST[:PORT]"
+    )]
     pub metadata_addr: String,
     /// Add iptables rule (also requires --host-ip)
     #[arg(long, env = "IAMLET_IPTABLES", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub iptables: bool,
     /// Host interface for proxying AWS metadata
-    #[arg(long, env = "IAMLET_HOST_INTERFACE", default_value = "docker0", value_name = "IFACE")]
+    #[arg(
+        long,
+        env = "IAMLET_HOST_INTERFACE",
+        default_value = "docker0",
+        value_name = "IFACE"
+    )]
     pub host_interface: String,
     /// IP address of host
     #[arg(long, env = "IAMLET_HOST_IP", value_name = "IP")]
@@ -158,10 +198,21 @@ pub struct ProxyArgs {
 #[derive(Debug, Clone, ClapArgs)]
 pub struct LogArgs {
     /// Log format (text/json)
-    #[arg(long, env = "IAMLET_LOG_FORMAT", value_enum, default_value = "text", ignore_case = true)]
+    #[arg(
+        long,
+        env = "IAMLET_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        ignore_case = true
+    )]
     pub log_format: LogFormat,
     /// Log level (trace, debug, info, warn, error; logrus names accepted)
-    #[arg(long, env = "IAMLET_LOG_LEVEL", default_value = "info", value_name = "LEVEL")]
+    #[arg(
+        long,
+        env = "IAMLET_LOG_LEVEL",
+        default_value = "info",
+        value_name = "LEVEL"
+    )]
     pub log_level: String,
     /// Enable debug features (/debug/store)
     #[arg(long, env = "IAMLET_DEBUG", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
@@ -238,7 +289,15 @@ mod tests {
 
     #[test]
     fn value_flags_take_equals_or_a_separate_value() {
-        let a = parse(&["--app-port", "9000", "--base-role-arn", "arn:aws:iam::123456789012:role/", "--iam-role-session-ttl", "1h30m"]).unwrap();
+        let a = parse(&[
+            "--app-port",
+            "9000",
+            "--base-role-arn",
+            "arn:aws:iam::123456789012:role/",
+            "--iam-role-session-ttl",
+            "1h30m",
+        ])
+        .unwrap();
         assert_eq!(a.node.app_port, 9000);
         assert_eq!(a.iam.iam_role_session_ttl, Duration::from_secs(5400));
         let b = parse(&["--app-port=9001", "--backoff-max-elapsed-time=500ms"]).unwrap();
@@ -259,21 +318,49 @@ mod tests {
     #[test]
     fn every_kube2iam_flag_is_accepted() {
         let all = [
-            "--kubeconfig=/k", "--api-server=https://10.0.0.1:6443", "--api-token=t", "--insecure",
-            "--app-port=8181", "--metrics-port=8182", "--base-role-arn=arn:aws:iam::123456789012:role/",
-            "--default-role=d", "--iam-role-key=k", "--iam-external-id=e", "--iam-role-session-ttl=15m",
-            "--iam-role-error-ttl=5s", "--metadata-addr=127.0.0.1:1", "--iptables", "--host-interface=cali+",
-            "--host-ip=10.0.0.1", "--auto-discover-base-arn=false", "--auto-discover-default-role=false",
-            "--namespace-restrictions", "--namespace-restriction-format=regexp", "--namespace-key=n",
-            "--cache-resync-period=1h", "--resolve-duplicate-cache-ips", "--node=n1",
-            "--backoff-max-interval=1s", "--backoff-max-elapsed-time=2s", "--log-format=json",
-            "--log-level=debug", "--use-regional-sts-endpoint", "--debug", "--verbose",
+            "--kubeconfig=/k",
+            "--api-server=https://10.0.0.1:6443",
+            "--api-token=t",
+            "--insecure",
+            "--app-port=8181",
+            "--metrics-port=8182",
+            "--base-role-arn=arn:aws:iam::123456789012:role/",
+            "--default-role=d",
+            "--iam-role-key=k",
+            "--iam-external-id=e",
+            "--iam-role-session-ttl=15m",
+            "--iam-role-error-ttl=5s",
+            "--metadata-addr=127.0.0.1:1",
+            "--iptables",
+            "--host-interface=cali+",
+            "--host-ip=10.0.0.1",
+            "--auto-discover-base-arn=false",
+            "--auto-discover-default-role=false",
+            "--namespace-restrictions",
+            "--namespace-restriction-format=regexp",
+            "--namespace-key=n",
+            "--cache-resync-period=1h",
+            "--resolve-duplicate-cache-ips",
+            "--node=n1",
+            "--backoff-max-interval=1s",
+            "--backoff-max-elapsed-time=2s",
+            "--log-format=json",
+            "--log-level=debug",
+            "--use-regional-sts-endpoint",
+            "--debug",
+            "--verbose",
         ];
         let a = parse(&all).unwrap();
-        assert_eq!(a.iam.namespace_restriction_format, RestrictionFormat::Regexp);
+        assert_eq!(
+            a.iam.namespace_restriction_format,
+            RestrictionFormat::Regexp
+        );
         assert_eq!(a.node.metrics_port, Some(8182));
         assert_eq!(a.kube.node.as_deref(), Some("n1"));
-        assert!(parse(&["--version"]).is_err_and(|e| e.kind() == clap::error::ErrorKind::DisplayVersion));
+        assert!(
+            parse(&["--version"])
+                .is_err_and(|e| e.kind() == clap::error::ErrorKind::DisplayVersion)
+        );
     }
 
     #[test]

@@ -47,7 +47,9 @@ impl Config {
                 ));
             }
         }
-        if a.iam.auto_discover_default_role && a.iam.default_role.as_deref().is_some_and(|d| !d.is_empty()) {
+        if a.iam.auto_discover_default_role
+            && a.iam.default_role.as_deref().is_some_and(|d| !d.is_empty())
+        {
             return Err(err(
                 "--default-role and --auto-discover-default-role cannot be used together; drop one of them.",
             ));
@@ -64,14 +66,26 @@ impl Config {
             ));
         }
         if a.node.host_interface.trim().is_empty() {
-            return Err(err("--host-interface is empty; name the pods' interface (e.g. cali+, eni+, weave, cni0)."));
+            return Err(err(
+                "--host-interface is empty; name the pods' interface (e.g. cali+, eni+, weave, cni0).",
+            ));
         }
         let metadata_hostport = metadata_hostport(&a.node.metadata_addr)?;
         let workers = match a.proxy.workers {
-            Some(0) => return Err(err("--workers must be at least 1; omit it for one worker per core.")),
-            Some(n) if n > 1024 => return Err(err("--workers is larger than 1024; omit it for one worker per core.")),
+            Some(0) => {
+                return Err(err(
+                    "--workers must be at least 1; omit it for one worker per core.",
+                ));
+            }
+            Some(n) if n > 1024 => {
+                return Err(err(
+                    "--workers is larger than 1024; omit it for one worker per core.",
+                ));
+            }
             Some(n) => n,
-            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         };
         let log_filter = log_filter(&a.log.log_level, a.log.verbose)?;
         if a.iam.backoff_max_elapsed_time.is_zero() {
@@ -79,22 +93,36 @@ impl Config {
                 "--backoff-max-elapsed-time must be greater than 0; use e.g. 2s (how long a new pod's first request may wait).",
             ));
         }
-        if a.kube.pods_from.is_some() && (a.kube.api_server.is_some() || a.kube.kubeconfig.is_some()) {
+        if a.kube.pods_from.is_some()
+            && (a.kube.api_server.is_some() || a.kube.kubeconfig.is_some())
+        {
             return Err(err(
                 "--pods-from cannot be combined with --api-server or --kubeconfig; use the file (local mode) or the API server, not both.",
             ));
         }
         let metrics_port = a.node.metrics_port.unwrap_or(a.node.app_port);
         if a.proxy.io_driver == IoDriver::Uring && !cfg!(target_os = "linux") {
-            return Err(err("--io-driver=uring needs Linux; use --io-driver=epoll or auto."));
+            return Err(err(
+                "--io-driver=uring needs Linux; use --io-driver=epoll or auto.",
+            ));
         }
-        Ok(Config { workers, metrics_port, host_ip, metadata_hostport, log_filter, args })
+        Ok(Config {
+            workers,
+            metrics_port,
+            host_ip,
+            metadata_hostport,
+            log_filter,
+            args,
+        })
     }
 }
 
 /// `--metadata-addr` is `host[:port]` (kube2iam accepts a bare host); port 80 by default.
 pub fn metadata_hostport(addr: &str) -> Result<String, ConfigError> {
-    let a = addr.trim().trim_start_matches("http://").trim_end_matches('/');
+    let a = addr
+        .trim()
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
     let bad = || {
         err(format!(
             "--metadata-addr {addr:?} is not host[:port]; use e.g. 169.254.169.254 or 127.0.0.1:1338."
@@ -106,7 +134,11 @@ pub fn metadata_hostport(addr: &str) -> Result<String, ConfigError> {
     if a.parse::<SocketAddr>().is_ok() {
         return Ok(a.to_owned());
     }
-    if let Ok(ip) = a.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+    if let Ok(ip) = a
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
         return Ok(SocketAddr::new(ip, 80).to_string());
     }
     match a.rsplit_once(':') {
@@ -137,7 +169,11 @@ pub fn log_filter(level: &str, verbose: bool) -> Result<String, ConfigError> {
             )));
         }
     };
-    let lvl = if verbose && matches!(lvl, "error" | "warn" | "info") { "debug" } else { lvl };
+    let lvl = if verbose && matches!(lvl, "error" | "warn" | "info") {
+        "debug"
+    } else {
+        lvl
+    };
     Ok(format!("warn,iamlet={lvl},iamlet_resolver={lvl}"))
 }
 
@@ -147,14 +183,21 @@ mod tests {
     use clap::Parser;
 
     fn check(args: &[&str]) -> Result<Config, ConfigError> {
-        Config::validate(Args::try_parse_from(std::iter::once("iamlet").chain(args.iter().copied())).unwrap())
+        Config::validate(
+            Args::try_parse_from(std::iter::once("iamlet").chain(args.iter().copied())).unwrap(),
+        )
     }
 
     #[test]
     fn seed_daemonset_args_pass_check_config() {
         let c = check(&[
-            "--app-port=8181", "--auto-discover-base-arn", "--iptables=true", "--host-ip=10.0.0.1",
-            "--host-interface=weave", "--use-regional-sts-endpoint", "--auto-discover-default-role",
+            "--app-port=8181",
+            "--auto-discover-base-arn",
+            "--iptables=true",
+            "--host-ip=10.0.0.1",
+            "--host-interface=weave",
+            "--use-regional-sts-endpoint",
+            "--auto-discover-default-role",
             "--log-level=info",
         ])
         .unwrap();
@@ -165,9 +208,21 @@ mod tests {
     #[test]
     fn kube2iam_validations_name_the_flag_and_the_fix() {
         let cases: &[(&[&str], &str)] = &[
-            (&["--base-role-arn=arn:aws:iam::123:role/"], "--base-role-arn"),
-            (&["--base-role-arn=arn:aws:iam::123456789012:role/", "--auto-discover-base-arn"], "--auto-discover-base-arn cannot be used with --base-role-arn"),
-            (&["--default-role=x", "--auto-discover-default-role"], "--default-role and --auto-discover-default-role"),
+            (
+                &["--base-role-arn=arn:aws:iam::123:role/"],
+                "--base-role-arn",
+            ),
+            (
+                &[
+                    "--base-role-arn=arn:aws:iam::123456789012:role/",
+                    "--auto-discover-base-arn",
+                ],
+                "--auto-discover-base-arn cannot be used with --base-role-arn",
+            ),
+            (
+                &["--default-role=x", "--auto-discover-default-role"],
+                "--default-role and --auto-discover-default-role",
+            ),
             (&["--iptables"], "--iptables needs --host-ip"),
             (&["--host-ip=node-1"], "--host-ip"),
             (&["--metadata-addr=http://1.2.3.4/x"], "--metadata-addr"),
@@ -184,18 +239,36 @@ mod tests {
 
     #[test]
     fn metadata_addr_forms() {
-        assert_eq!(metadata_hostport("169.254.169.254").unwrap(), "169.254.169.254:80");
-        assert_eq!(metadata_hostport("127.0.0.1:1338").unwrap(), "127.0.0.1:1338");
+        assert_eq!(
+            metadata_hostport("169.254.169.254").unwrap(),
+            "169.254.169.254:80"
+        );
+        assert_eq!(
+            metadata_hostport("127.0.0.1:1338").unwrap(),
+            "127.0.0.1:1338"
+        );
         assert_eq!(metadata_hostport("localhost:99").unwrap(), "localhost:99");
-        assert_eq!(metadata_hostport("[fd00:ec2::254]").unwrap(), "[fd00:ec2::254]:80");
+        assert_eq!(
+            metadata_hostport("[fd00:ec2::254]").unwrap(),
+            "[fd00:ec2::254]:80"
+        );
         assert_eq!(metadata_hostport("imds").unwrap(), "imds:80");
         assert!(metadata_hostport("a:b").is_err());
     }
 
     #[test]
     fn logrus_levels_map_to_tracing() {
-        assert_eq!(log_filter("warning", false).unwrap(), "warn,iamlet=warn,iamlet_resolver=warn");
-        assert_eq!(log_filter("info", true).unwrap(), "warn,iamlet=debug,iamlet_resolver=debug");
-        assert_eq!(log_filter("FATAL", false).unwrap(), "warn,iamlet=error,iamlet_resolver=error");
+        assert_eq!(
+            log_filter("warning", false).unwrap(),
+            "warn,iamlet=warn,iamlet_resolver=warn"
+        );
+        assert_eq!(
+            log_filter("info", true).unwrap(),
+            "warn,iamlet=debug,iamlet_resolver=debug"
+        );
+        assert_eq!(
+            log_filter("FATAL", false).unwrap(),
+            "warn,iamlet=error,iamlet_resolver=error"
+        );
     }
 }

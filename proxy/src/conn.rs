@@ -30,7 +30,9 @@ fn framing(req: &httparse::Request<'_, '_>) -> Framing {
         if h.name.eq_ignore_ascii_case("content-length") {
             let v = std::str::from_utf8(h.value).ok().and_then(|v| {
                 let v = v.trim();
-                (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).then(|| v.parse::<usize>().ok()).flatten()
+                (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| v.parse::<usize>().ok())
+                    .flatten()
             });
             match (v, len) {
                 (None, _) => return Framing::Reject(respond::BAD_REQUEST),
@@ -48,7 +50,11 @@ fn framing(req: &httparse::Request<'_, '_>) -> Framing {
 fn persistence(req: &httparse::Request<'_, '_>) -> Persist {
     let http10 = req.version == Some(0);
     let (mut close, mut keep) = (false, false);
-    for h in req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")) {
+    for h in req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+    {
         for tok in h.value.split(|&b| b == b',') {
             let tok = tok.trim_ascii();
             close |= tok.eq_ignore_ascii_case(b"close");
@@ -137,7 +143,8 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
         }
         start = 0;
         let len = rbuf.len();
-        let read = monoio::time::timeout(w.shared.idle_timeout, stream.read(rbuf.slice_mut(len..))).await;
+        let read =
+            monoio::time::timeout(w.shared.idle_timeout, stream.read(rbuf.slice_mut(len..))).await;
         match read {
             Ok((Ok(n), slice)) => {
                 rbuf = slice.into_inner();
@@ -151,6 +158,14 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
 }
 
 fn reject(w: &Worker, out: &mut Vec<u8>, status: respond::Status) {
-    w.metrics.request(crate::metrics::RouteLabel::Invalid, status.0);
-    respond::write(out, status, respond::TEXT, status.1.as_bytes(), Persist::Close, false);
+    w.metrics
+        .request(crate::metrics::RouteLabel::Invalid, status.0);
+    respond::write(
+        out,
+        status,
+        respond::TEXT,
+        status.1.as_bytes(),
+        Persist::Close,
+        false,
+    );
 }

@@ -20,12 +20,16 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
     let mut total_ns: u128 = 0;
     let mut rest = t;
     while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
         let (num, tail) = rest.split_at(num_end);
         if num.is_empty() || num == "." || num.matches('.').count() > 1 {
             return Err(bad());
         }
-        let unit_end = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_end);
         let unit_ns: u128 = match unit {
             "ns" => 1,
@@ -37,7 +41,11 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
             _ => return Err(bad()),
         };
         let (int, frac) = num.split_once('.').unwrap_or((num, ""));
-        let int: u128 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
+        let int: u128 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| bad())?
+        };
         let mut frac_ns: u128 = 0;
         let mut scale = unit_ns;
         for d in frac.bytes().take(18) {
@@ -65,7 +73,11 @@ pub fn format_go_duration(d: Duration) -> String {
     let secs = d.as_secs();
     let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
     let frac = d.subsec_millis();
-    let s = if frac > 0 { format!("{s}.{frac:03}").trim_end_matches('0').to_owned() } else { s.to_string() };
+    let s = if frac > 0 {
+        format!("{s}.{frac:03}").trim_end_matches('0').to_owned()
+    } else {
+        s.to_string()
+    };
     match (h, m) {
         (0, 0) => format!("{s}s"),
         (0, m) => format!("{m}m{s}s"),

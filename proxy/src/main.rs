@@ -23,10 +23,21 @@ fn main() {
 
     let args = match Args::try_parse() {
         Ok(a) => a,
-        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => e.exit(),
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            e.exit()
+        }
         Err(e) => {
             let first = e.to_string();
-            let first = first.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            let first = first
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
             eprintln!("iamlet: {first}; run `iamlet --help` for the flags.");
             std::process::exit(EX_USAGE);
         }
@@ -52,8 +63,11 @@ fn main() {
 
 fn init_tracing(config: &Config) {
     let filter = std::env::var("IAMLET_LOG").unwrap_or_else(|_| config.log_filter.clone());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.args.log.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_ansi(false).init(),
@@ -61,7 +75,13 @@ fn init_tracing(config: &Config) {
 }
 
 fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
-    let Config { args, workers, metrics_port, metadata_hostport, .. } = config;
+    let Config {
+        args,
+        workers,
+        metrics_port,
+        metadata_hostport,
+        ..
+    } = config;
     let upstream = config::resolve_metadata(&metadata_hostport)?;
     let mut base_arn = args.iam.base_role_arn.clone();
     let mut default_role = args.iam.default_role.clone();
@@ -71,7 +91,8 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         base_arn = Some(arn);
     }
     if args.iam.auto_discover_default_role {
-        let role = discover::instance_role(upstream, &metadata_hostport).map_err(anyhow::Error::msg)?;
+        let role =
+            discover::instance_role(upstream, &metadata_hostport).map_err(anyhow::Error::msg)?;
         tracing::info!(default_role = %role, "using the instance's role as the default role");
         default_role = Some(role);
     }
@@ -86,13 +107,21 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
             node: args.kube.node.clone(),
         }),
     };
-    let node_name = args.kube.node.clone().or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()).unwrap_or_else(|| "iamlet".into());
+    let node_name = args
+        .kube
+        .node
+        .clone()
+        .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok())
+        .unwrap_or_else(|| "iamlet".into());
 
     let mut registry = Registry::default();
     let resolver = iamlet_resolver::start(
         iamlet_resolver::Config {
             rules: rules.clone(),
-            keys: AnnotationKeys { role: args.iam.iam_role_key.clone(), external_id: args.iam.iam_external_id.clone() },
+            keys: AnnotationKeys {
+                role: args.iam.iam_role_key.clone(),
+                external_id: args.iam.iam_external_id.clone(),
+            },
             source,
             creds: CredPolicy {
                 session_ttl: args.iam.iam_role_session_ttl,
@@ -108,7 +137,8 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
 
     let driver = server::resolve_driver(args.proxy.io_driver).map_err(anyhow::Error::msg)?;
     let app_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.node.app_port));
-    let app = server::bind(app_addr, workers).map_err(|e| bind_error(e, args.node.app_port, "--app-port"))?;
+    let app = server::bind(app_addr, workers)
+        .map_err(|e| bind_error(e, args.node.app_port, "--app-port"))?;
     let app_bound = app[0].local_addr().context("listener address")?;
     let admin = if metrics_port != args.node.app_port {
         let l = server::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, metrics_port)), 1)

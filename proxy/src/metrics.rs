@@ -72,11 +72,31 @@ impl ProxyMetrics {
             ip_waits: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("iamlet");
-        r.register("http_requests", "HTTP requests answered, by route and status class", m.requests.clone());
-        r.register("http_connections", "Connections accepted", m.connections.clone());
-        r.register("credential_cache_hits", "Credential requests answered from the cache", m.cache_hits.clone());
-        r.register("credential_cache_misses", "Credential requests that had to wait for STS", m.cache_misses.clone());
-        r.register("ip_waits", "Requests from an IP not yet known, by outcome", m.ip_waits.clone());
+        r.register(
+            "http_requests",
+            "HTTP requests answered, by route and status class",
+            m.requests.clone(),
+        );
+        r.register(
+            "http_connections",
+            "Connections accepted",
+            m.connections.clone(),
+        );
+        r.register(
+            "credential_cache_hits",
+            "Credential requests answered from the cache",
+            m.cache_hits.clone(),
+        );
+        r.register(
+            "credential_cache_misses",
+            "Credential requests that had to wait for STS",
+            m.cache_misses.clone(),
+        );
+        r.register(
+            "ip_waits",
+            "Requests from an IP not yet known, by outcome",
+            m.ip_waits.clone(),
+        );
         m
     }
 
@@ -84,14 +104,22 @@ impl ProxyMetrics {
     pub fn worker(&self) -> WorkerMetrics {
         let requests = RouteLabel::ALL.map(|r| {
             CLASSES.map(|status| {
-                let c = self.requests.get_or_create(&RequestLabels { route: r.as_str(), status }).clone();
-                c
+                Counter::clone(&self.requests.get_or_create(&RequestLabels {
+                    route: r.as_str(),
+                    status,
+                }))
             })
         });
         // One statement per lookup: a `get_or_create` guard held across a second lookup of the
         // same family deadlocks against another worker's insert.
-        let ip_found = self.ip_waits.get_or_create(&OutcomeLabels { outcome: "found" }).clone();
-        let ip_timeout = self.ip_waits.get_or_create(&OutcomeLabels { outcome: "timeout" }).clone();
+        let ip_found = self
+            .ip_waits
+            .get_or_create(&OutcomeLabels { outcome: "found" })
+            .clone();
+        let ip_timeout = self
+            .ip_waits
+            .get_or_create(&OutcomeLabels { outcome: "timeout" })
+            .clone();
         WorkerMetrics {
             requests,
             connections: self.connections.clone(),

@@ -3,8 +3,8 @@
 
 use crate::respond::{self, Persist};
 use crate::worker::Worker;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::io::Write;
 use std::time::Duration;
@@ -34,6 +34,7 @@ fn is_hop_by_hop(name: &str) -> bool {
 }
 
 /// Result of a forward: the status written.
+#[allow(clippy::too_many_arguments)] // the request's parts, borrowed from the read buffer
 pub async fn forward(
     w: &Worker,
     method: &str,
@@ -46,9 +47,17 @@ pub async fn forward(
 ) -> u16 {
     let shared = &w.shared;
     let mut req: Vec<u8> = Vec::with_capacity(256 + body.len());
-    let _ = write!(req, "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", shared.upstream_host);
+    let _ = write!(
+        req,
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+        shared.upstream_host
+    );
     for h in headers {
-        if is_hop_by_hop(h.name) || STRIPPED_REQUEST.iter().any(|s| h.name.eq_ignore_ascii_case(s)) {
+        if is_hop_by_hop(h.name)
+            || STRIPPED_REQUEST
+                .iter()
+                .any(|s| h.name.eq_ignore_ascii_case(s))
+        {
             continue;
         }
         req.extend_from_slice(h.name.as_bytes());
@@ -62,28 +71,70 @@ pub async fn forward(
     req.extend_from_slice(b"\r\n");
     req.extend_from_slice(body);
 
-    let stream = match monoio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect_addr(shared.upstream)).await {
+    let stream = match monoio::time::timeout(
+        CONNECT_TIMEOUT,
+        TcpStream::connect_addr(shared.upstream),
+    )
+    .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, upstream = %shared.upstream, "upstream connect failed");
-            return fail(out, respond::BAD_GATEWAY, "UpstreamUnavailable", "the instance metadata service is unreachable", persist);
+            return fail(
+                out,
+                respond::BAD_GATEWAY,
+                "UpstreamUnavailable",
+                "the instance metadata service is unreachable",
+                persist,
+            );
         }
         Err(_) => {
-            return fail(out, respond::GATEWAY_TIMEOUT, "UpstreamTimeout", "the instance metadata service did not accept the connection in time", persist);
+            return fail(
+                out,
+                respond::GATEWAY_TIMEOUT,
+                "UpstreamTimeout",
+                "the instance metadata service did not accept the connection in time",
+                persist,
+            );
         }
     };
     match monoio::time::timeout(RESPONSE_TIMEOUT, exchange(stream, req)).await {
         Ok(Ok(resp)) => relay(&resp, out, persist, head_only, method == "HEAD"),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "upstream exchange failed");
-            fail(out, respond::BAD_GATEWAY, "UpstreamError", "the instance metadata service sent no valid response", persist)
+            fail(
+                out,
+                respond::BAD_GATEWAY,
+                "UpstreamError",
+                "the instance metadata service sent no valid response",
+                persist,
+            )
         }
-        Err(_) => fail(out, respond::GATEWAY_TIMEOUT, "UpstreamTimeout", "the instance metadata service did not answer in time", persist),
+        Err(_) => fail(
+            out,
+            respond::GATEWAY_TIMEOUT,
+            "UpstreamTimeout",
+            "the instance metadata service did not answer in time",
+            persist,
+        ),
     }
 }
 
-fn fail(out: &mut Vec<u8>, status: respond::Status, code: &str, msg: &str, persist: Persist) -> u16 {
-    respond::write(out, status, respond::JSON, &respond::error_json(code, msg), persist, false);
+fn fail(
+    out: &mut Vec<u8>,
+    status: respond::Status,
+    code: &str,
+    msg: &str,
+    persist: Persist,
+) -> u16 {
+    respond::write(
+        out,
+        status,
+        respond::JSON,
+        &respond::error_json(code, msg),
+        persist,
+        false,
+    );
     status.0
 }
 
@@ -124,7 +175,13 @@ fn complete_len(buf: &[u8]) -> Option<usize> {
         .headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())?;
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })?;
     (buf.len() >= head + cl).then_some(head + cl)
 }
 
@@ -133,14 +190,28 @@ fn relay(raw: &[u8], out: &mut Vec<u8>, persist: Persist, head_only: bool, was_h
     let mut resp = httparse::Response::new(&mut headers);
     let head = match resp.parse(raw) {
         Ok(httparse::Status::Complete(n)) => n,
-        _ => return fail(out, respond::BAD_GATEWAY, "UpstreamError", "the instance metadata service sent a malformed response", persist),
+        _ => {
+            return fail(
+                out,
+                respond::BAD_GATEWAY,
+                "UpstreamError",
+                "the instance metadata service sent a malformed response",
+                persist,
+            );
+        }
     };
     if resp
         .headers
         .iter()
         .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
     {
-        return fail(out, respond::BAD_GATEWAY, "UpstreamError", "chunked upstream responses are not relayed", persist);
+        return fail(
+            out,
+            respond::BAD_GATEWAY,
+            "UpstreamError",
+            "chunked upstream responses are not relayed",
+            persist,
+        );
     }
     let code = resp.code.unwrap_or(502);
     let body = if was_head { &[][..] } else { &raw[head..] };
@@ -148,8 +219,18 @@ fn relay(raw: &[u8], out: &mut Vec<u8>, persist: Persist, head_only: bool, was_h
         .headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok());
-    let len = if was_head { declared.unwrap_or(0) } else { body.len() };
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        });
+    let len = if was_head {
+        declared.unwrap_or(0)
+    } else {
+        body.len()
+    };
     let _ = write!(out, "HTTP/1.1 {} {}\r\n", code, resp.reason.unwrap_or(""));
     for h in resp.headers.iter() {
         if is_hop_by_hop(h.name) {
@@ -190,7 +271,13 @@ mod tests {
 
     #[test]
     fn complete_len_waits_for_the_whole_body() {
-        assert_eq!(complete_len(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab"), None);
-        assert_eq!(complete_len(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"), Some(41));
+        assert_eq!(
+            complete_len(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab"),
+            None
+        );
+        assert_eq!(
+            complete_len(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"),
+            Some(41)
+        );
     }
 }

@@ -36,7 +36,14 @@ pub enum Persist {
 }
 
 /// Appends a complete response. `head_only` answers HEAD (headers, no body).
-pub fn write(out: &mut Vec<u8>, status: Status, content_type: &str, body: &[u8], persist: Persist, head_only: bool) {
+pub fn write(
+    out: &mut Vec<u8>,
+    status: Status,
+    content_type: &str,
+    body: &[u8],
+    persist: Persist,
+    head_only: bool,
+) {
     write_head(out, status, content_type, body.len(), persist, &[]);
     if !head_only {
         out.extend_from_slice(body);

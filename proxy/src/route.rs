@@ -20,7 +20,10 @@ pub enum PathError {
 /// escapes and `..` above the root are errors. Borrowed when already canonical.
 pub fn canonicalize(target: &str) -> Result<Cow<'_, str>, PathError> {
     let mut path = target;
-    if let Some(rest) = path.strip_prefix("http://").or_else(|| path.strip_prefix("https://")) {
+    if let Some(rest) = path
+        .strip_prefix("http://")
+        .or_else(|| path.strip_prefix("https://"))
+    {
         path = rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
     }
     let end = path.find(['?', '#']).unwrap_or(path.len());
@@ -35,7 +38,8 @@ pub fn canonicalize(target: &str) -> Result<Cow<'_, str>, PathError> {
     if path.contains('\\') {
         return Err(PathError::Backslash);
     }
-    let needs_work = path.contains('%') || path.contains("//") || path.split('/').any(|s| s == "." || s == "..");
+    let needs_work =
+        path.contains('%') || path.contains("//") || path.split('/').any(|s| s == "." || s == "..");
     if !needs_work {
         return Ok(Cow::Borrowed(path));
     }
@@ -80,10 +84,16 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
                 b'/' => return Err(PathError::EncodedSeparator),
                 b'\\' => return Err(PathError::Backslash),
                 0..=0x1f | 0x7f => return Err(PathError::ControlByte),
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(v as char),
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    out.push(v as char)
+                }
                 _ => {
                     out.push('%');
-                    out.push_str(&hex.iter().map(|c| c.to_ascii_uppercase() as char).collect::<String>());
+                    out.push_str(
+                        &hex.iter()
+                            .map(|c| c.to_ascii_uppercase() as char)
+                            .collect::<String>(),
+                    );
                 }
             }
             i += 3;
@@ -126,18 +136,23 @@ pub fn route(path: &str) -> Route<'_> {
         _ => {}
     }
     // "/{version}/…"
-    if let Some(rest) = path.strip_prefix('/').and_then(|p| p.split_once('/')).map(|(_, r)| r) {
-        if let Some(after) = rest.strip_prefix(CREDS) {
-            if after.is_empty() || after == "/" {
-                return Route::RoleList;
-            }
-            if let Some(role) = after.strip_prefix('/') {
-                let role = role.strip_suffix('/').unwrap_or(role);
-                return Route::Credentials(role);
-            }
+    let rest = path
+        .strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .map(|(_, r)| r);
+    if let Some(after) = rest.and_then(|r| r.strip_prefix(CREDS)) {
+        if after.is_empty() || after == "/" {
+            return Route::RoleList;
+        }
+        if let Some(role) = after.strip_prefix('/') {
+            return Route::Credentials(role.strip_suffix('/').unwrap_or(role));
         }
     }
-    if is_sensitive(path) { Route::Denied } else { Route::Forward }
+    if is_sensitive(path) {
+        Route::Denied
+    } else {
+        Route::Forward
+    }
 }
 
 /// Paths that must never reach the upstream whatever their spelling: IAM and identity
@@ -159,11 +174,17 @@ mod tests {
         let ok = [
             ("/latest/meta-data/", "/latest/meta-data/"),
             ("//latest//meta-data", "/latest/meta-data"),
-            ("/latest/./meta-data/../meta-data/iam/", "/latest/meta-data/iam/"),
+            (
+                "/latest/./meta-data/../meta-data/iam/",
+                "/latest/meta-data/iam/",
+            ),
             ("/latest/meta-data/iam/..", "/latest/meta-data/"),
             ("/latest/%6Deta-data", "/latest/meta-data"),
             ("/latest/meta-data?x=1#f", "/latest/meta-data"),
-            ("http://169.254.169.254/latest/meta-data/instance-id", "/latest/meta-data/instance-id"),
+            (
+                "http://169.254.169.254/latest/meta-data/instance-id",
+                "/latest/meta-data/instance-id",
+            ),
             ("http://evil.example", "/"),
             ("/a%20b", "/a%20b"),
             ("/a%2a", "/a%2A"),
@@ -173,7 +194,10 @@ mod tests {
             assert_eq!(canonicalize(input).as_deref(), Ok(want), "{input}");
         }
         let bad = [
-            ("/latest/meta-data/iam%2fsecurity-credentials", PathError::EncodedSeparator),
+            (
+                "/latest/meta-data/iam%2fsecurity-credentials",
+                PathError::EncodedSeparator,
+            ),
             ("/latest%5cmeta-data", PathError::Backslash),
             ("/latest\\meta-data", PathError::Backslash),
             ("/latest/%00", PathError::ControlByte),
@@ -191,20 +215,47 @@ mod tests {
 
     #[test]
     fn already_canonical_paths_are_borrowed() {
-        assert!(matches!(canonicalize("/latest/meta-data/iam/security-credentials/r"), Ok(Cow::Borrowed(_))));
+        assert!(matches!(
+            canonicalize("/latest/meta-data/iam/security-credentials/r"),
+            Ok(Cow::Borrowed(_))
+        ));
     }
 
     #[test]
     fn routes() {
-        assert_eq!(route("/latest/meta-data/iam/security-credentials"), Route::RoleList);
-        assert_eq!(route("/2016-09-02/meta-data/iam/security-credentials/"), Route::RoleList);
-        assert_eq!(route("/latest/meta-data/iam/security-credentials/app"), Route::Credentials("app"));
-        assert_eq!(route("/latest/meta-data/iam/security-credentials/app/"), Route::Credentials("app"));
-        assert_eq!(route("/latest/meta-data/iam/security-credentials/team/app"), Route::Credentials("team/app"));
+        assert_eq!(
+            route("/latest/meta-data/iam/security-credentials"),
+            Route::RoleList
+        );
+        assert_eq!(
+            route("/2016-09-02/meta-data/iam/security-credentials/"),
+            Route::RoleList
+        );
+        assert_eq!(
+            route("/latest/meta-data/iam/security-credentials/app"),
+            Route::Credentials("app")
+        );
+        assert_eq!(
+            route("/latest/meta-data/iam/security-credentials/app/"),
+            Route::Credentials("app")
+        );
+        assert_eq!(
+            route("/latest/meta-data/iam/security-credentials/team/app"),
+            Route::Credentials("team/app")
+        );
         assert_eq!(route("/latest/meta-data/iam/info"), Route::Denied);
-        assert_eq!(route("/latest/meta-data/iam/security-credentials-extended/app"), Route::Denied);
-        assert_eq!(route("/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance"), Route::Denied);
-        assert_eq!(route("/latest/meta-data/IAM/Security-Credentials/"), Route::Denied);
+        assert_eq!(
+            route("/latest/meta-data/iam/security-credentials-extended/app"),
+            Route::Denied
+        );
+        assert_eq!(
+            route("/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance"),
+            Route::Denied
+        );
+        assert_eq!(
+            route("/latest/meta-data/IAM/Security-Credentials/"),
+            Route::Denied
+        );
         assert_eq!(route("/meta-data/iam/security-credentials/"), Route::Denied);
         assert_eq!(route("/latest/meta-data/instance-id"), Route::Forward);
         assert_eq!(route("/latest/user-data"), Route::Forward);

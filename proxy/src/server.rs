@@ -113,7 +113,11 @@ async fn accept_loop(l: std::net::TcpListener, shared: Arc<Shared>, admin_only: 
             Ok((stream, peer)) => {
                 worker.metrics.connections.inc();
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(conn::serve(stream, peer.ip().to_canonical(), worker.clone()));
+                monoio::spawn(conn::serve(
+                    stream,
+                    peer.ip().to_canonical(),
+                    worker.clone(),
+                ));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");

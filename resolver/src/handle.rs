@@ -57,7 +57,9 @@ impl Handle {
     }
 
     pub fn reader(&self) -> SnapshotReader {
-        SnapshotReader { cache: Cache::new(self.shared.snapshot.clone()) }
+        SnapshotReader {
+            cache: Cache::new(self.shared.snapshot.clone()),
+        }
     }
 
     /// The current snapshot (allocation-free, but takes a reference count).

@@ -104,7 +104,9 @@ mod tests {
     }
 
     fn owner_of<'a>(idx: &'a PodIndex, ip: &str) -> Option<&'a str> {
-        idx.owners().get(&ip.parse::<IpAddr>().unwrap()).map(|p| p.uid.as_str())
+        idx.owners()
+            .get(&ip.parse::<IpAddr>().unwrap())
+            .map(|p| p.uid.as_str())
     }
 
     #[test]

@@ -85,7 +85,10 @@ pub fn start(config: Config, registry: &mut Registry) -> Result<Resolver, StartE
     std::thread::Builder::new()
         .name("iamlet-resolver".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = tx.send(Err(StartError::Thread(e)));
@@ -95,7 +98,10 @@ pub fn start(config: Config, registry: &mut Registry) -> Result<Resolver, StartE
             rt.block_on(run(config, shared, metrics, tx));
         })
         .map_err(StartError::Thread)?;
-    Ok(Resolver { handle, first_sync: rx })
+    Ok(Resolver {
+        handle,
+        first_sync: rx,
+    })
 }
 
 async fn run(
@@ -104,7 +110,14 @@ async fn run(
     metrics: ResolverMetrics,
     tx: std_mpsc::Sender<Result<(), StartError>>,
 ) {
-    let Config { rules, keys, source, creds, metadata_addr, sts_timeout } = config;
+    let Config {
+        rules,
+        keys,
+        source,
+        creds,
+        metadata_addr,
+        sts_timeout,
+    } = config;
     let sts = match creds::sts::Sts::new(&metadata_addr, sts_timeout).await {
         Ok(s) => s,
         Err(e) => {
@@ -114,7 +127,12 @@ async fn run(
     };
     tracing::info!(region = sts.region(), "STS client ready");
     let (req_tx, req_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(creds::manager::run(req_rx, Arc::new(sts), Arc::new(creds), metrics.clone()));
+    tokio::spawn(creds::manager::run(
+        req_rx,
+        Arc::new(sts),
+        Arc::new(creds),
+        metrics.clone(),
+    ));
     let st = state::State::new(rules, req_tx, shared, metrics.clone());
     let first = move |r| {
         let _ = tx.send(r);

@@ -38,12 +38,36 @@ impl ResolverMetrics {
             assume_role_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
         };
         let r = registry.sub_registry_with_prefix("iamlet");
-        r.register("pods_indexed", "Pods with at least one IP mapped in the published snapshot", m.pods_indexed.clone());
-        r.register("ips_indexed", "Pod IPs mapped in the published snapshot", m.ips_indexed.clone());
-        r.register("credential_keys", "Credential keys (role, external ID) held for live pods", m.roles_cached.clone());
-        r.register("snapshot_publishes", "Identity snapshots published to the workers", m.publishes.clone());
-        r.register("pod_source_errors", "Failed reads of the pod source (API server or pods file)", m.source_errors.clone());
-        r.register("sts_assume_role", "STS AssumeRole calls by outcome", m.assume_role.clone());
+        r.register(
+            "pods_indexed",
+            "Pods with at least one IP mapped in the published snapshot",
+            m.pods_indexed.clone(),
+        );
+        r.register(
+            "ips_indexed",
+            "Pod IPs mapped in the published snapshot",
+            m.ips_indexed.clone(),
+        );
+        r.register(
+            "credential_keys",
+            "Credential keys (role, external ID) held for live pods",
+            m.roles_cached.clone(),
+        );
+        r.register(
+            "snapshot_publishes",
+            "Identity snapshots published to the workers",
+            m.publishes.clone(),
+        );
+        r.register(
+            "pod_source_errors",
+            "Failed reads of the pod source (API server or pods file)",
+            m.source_errors.clone(),
+        );
+        r.register(
+            "sts_assume_role",
+            "STS AssumeRole calls by outcome",
+            m.assume_role.clone(),
+        );
         r.register_with_unit(
             "sts_assume_role_duration",
             "STS AssumeRole latency",
@@ -55,7 +79,9 @@ impl ResolverMetrics {
 
     pub(crate) fn observe_assume_role(&self, ok: bool, took: Duration) {
         let outcome = if ok { "success" } else { "error" };
-        self.assume_role.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.assume_role
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
         self.assume_role_seconds.observe(took.as_secs_f64());
     }
 

@@ -56,7 +56,10 @@ impl PodInfo {
         let meta = &pod.metadata;
         let name = meta.name.clone()?;
         let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
-        let uid = meta.uid.clone().unwrap_or_else(|| format!("{namespace}/{name}"));
+        let uid = meta
+            .uid
+            .clone()
+            .unwrap_or_else(|| format!("{namespace}/{name}"));
         let annotations = meta.annotations.as_ref();
         let ann = |k: &str| annotations.and_then(|a| a.get(k)).cloned();
         let spec = pod.spec.as_ref();
@@ -85,7 +88,11 @@ impl PodInfo {
             ips,
             phase,
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-            created: meta.creation_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0),
+            created: meta
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second())
+                .unwrap_or(0),
             terminating: meta.deletion_timestamp.is_some(),
             role: ann(&keys.role),
             external_id: ann(&keys.external_id),
@@ -125,11 +132,17 @@ impl NamespaceInfo {
 #[derive(Debug, Error)]
 pub enum PodsFileError {
     #[error("cannot read pods file {path}: {source}; check --pods-from")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(
         "pods file {path} is not a Pod, Namespace or List in YAML or JSON ({source}); produce it with `kubectl get pods,namespaces -A -o yaml`"
     )]
-    Parse { path: String, source: serde_yaml::Error },
+    Parse {
+        path: String,
+        source: serde_yaml::Error,
+    },
 }
 
 /// Objects found in a pods file.
@@ -149,7 +162,10 @@ struct Kinded {
 /// Objects of other kinds are ignored.
 pub fn parse_pods_file(path: &str, text: &str) -> Result<PodsFile, PodsFileError> {
     let mut out = PodsFile::default();
-    let perr = |source| PodsFileError::Parse { path: path.to_owned(), source };
+    let perr = |source| PodsFileError::Parse {
+        path: path.to_owned(),
+        source,
+    };
     for doc in serde_yaml::Deserializer::from_str(text) {
         let value = serde_yaml::Value::deserialize(doc).map_err(perr)?;
         if value.is_null() {
@@ -226,10 +242,19 @@ items:
         assert_eq!(p.service_account.as_deref(), Some("web-sa"));
         assert_eq!(p.phase, Phase::Running);
         assert_eq!(p.created, 1_704_164_645);
-        assert_eq!(p.ips, vec!["10.0.0.5".parse::<IpAddr>().unwrap(), "fd00::5".parse().unwrap()]);
+        assert_eq!(
+            p.ips,
+            vec![
+                "10.0.0.5".parse::<IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
         assert!(p.is_mappable());
         let ns = NamespaceInfo::from_namespace(&f.namespaces[0]).unwrap();
-        assert_eq!(ns.annotations["iam.amazonaws.com/allowed-roles"], "[\"web-*\"]");
+        assert_eq!(
+            ns.annotations["iam.amazonaws.com/allowed-roles"],
+            "[\"web-*\"]"
+        );
     }
 
     #[test]

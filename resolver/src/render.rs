@@ -35,7 +35,8 @@ pub fn imds_timestamp(t: SystemTime) -> String {
     };
     let dt = OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH);
     let fmt = format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
-    dt.format(&fmt).unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
+    dt.format(&fmt)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
 }
 
 /// The body of `GET …/security-credentials/<role>`, byte for byte as EC2's IMDS writes it.
@@ -81,7 +82,10 @@ mod tests {
     #[test]
     fn timestamps_are_whole_seconds_utc_with_literal_z() {
         // 2024-02-29T23:59:59.999Z from STS must not become 2024-03-01T00:00:00Z.
-        assert_eq!(imds_timestamp(at(1_709_251_199, 999_000_000)), "2024-02-29T23:59:59Z");
+        assert_eq!(
+            imds_timestamp(at(1_709_251_199, 999_000_000)),
+            "2024-02-29T23:59:59Z"
+        );
         assert_eq!(imds_timestamp(at(0, 0)), "1970-01-01T00:00:00Z");
         assert_eq!(imds_timestamp(at(1_893_456_000, 1)), "2030-01-01T00:00:00Z");
     }

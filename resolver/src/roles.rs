@@ -24,18 +24,30 @@ pub struct RoleRules {
 
 impl RoleRules {
     /// Builds the rules; the base ARN is validated and given a trailing `/`.
-    pub fn new(base_arn: Option<&str>, default_role: Option<&str>) -> Result<Self, RoleConfigError> {
+    pub fn new(
+        base_arn: Option<&str>,
+        default_role: Option<&str>,
+    ) -> Result<Self, RoleConfigError> {
         let base_arn = match base_arn.filter(|b| !b.is_empty()) {
             Some(b) => {
                 if !is_valid_base_arn(b) {
                     return Err(RoleConfigError::InvalidBaseArn(b.to_owned()));
                 }
-                Some(if b.ends_with('/') { b.to_owned() } else { format!("{b}/") })
+                Some(if b.ends_with('/') {
+                    b.to_owned()
+                } else {
+                    format!("{b}/")
+                })
             }
             None => None,
         };
-        let mut rules = RoleRules { base_arn, default_role: None };
-        rules.default_role = default_role.filter(|r| !r.is_empty()).map(|r| rules.role_arn(r));
+        let mut rules = RoleRules {
+            base_arn,
+            default_role: None,
+        };
+        rules.default_role = default_role
+            .filter(|r| !r.is_empty())
+            .map(|r| rules.role_arn(r));
         Ok(rules)
     }
 
@@ -71,7 +83,10 @@ impl RoleRules {
     /// elsewhere (another account, or no base ARN configured).
     pub fn listing_name<'a>(&self, arn: &'a str) -> &'a str {
         match &self.base_arn {
-            Some(base) => arn.strip_prefix(base.as_str()).filter(|r| !r.is_empty()).unwrap_or(arn),
+            Some(base) => arn
+                .strip_prefix(base.as_str())
+                .filter(|r| !r.is_empty())
+                .unwrap_or(arn),
             None => arn,
         }
     }
@@ -84,20 +99,36 @@ impl RoleRules {
 
 /// `arn:<partition>:iam::<12 digits>:role/<optional path>`, as kube2iam's `ARNRegexp`.
 pub fn is_valid_base_arn(arn: &str) -> bool {
-    let Some(rest) = arn.strip_prefix("arn:") else { return false };
-    let Some((partition, rest)) = rest.split_once(':') else { return false };
-    if !partition.starts_with("aws") || !partition.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+    let Some(rest) = arn.strip_prefix("arn:") else {
+        return false;
+    };
+    let Some((partition, rest)) = rest.split_once(':') else {
+        return false;
+    };
+    if !partition.starts_with("aws")
+        || !partition
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
         return false;
     }
-    let Some(rest) = rest.strip_prefix("iam::") else { return false };
-    let Some((account, rest)) = rest.split_once(':') else { return false };
+    let Some(rest) = rest.strip_prefix("iam::") else {
+        return false;
+    };
+    let Some((account, rest)) = rest.split_once(':') else {
+        return false;
+    };
     if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
         return false;
     }
-    let Some(path) = rest.strip_prefix("role") else { return false };
+    let Some(path) = rest.strip_prefix("role") else {
+        return false;
+    };
     path.is_empty()
         || (path.starts_with('/')
-            && path.chars().all(|c| c.is_ascii_alphanumeric() || "/+=,.@_-".contains(c)))
+            && path
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/+=,.@_-".contains(c)))
 }
 
 #[cfg(test)]
@@ -127,7 +158,10 @@ mod tests {
         let r = RoleRules::new(Some("arn:aws:iam::123456789012:role"), None).unwrap();
         assert_eq!(r.base_arn(), Some(BASE));
         let r = RoleRules::new(Some("arn:aws:iam::123456789012:role/path"), Some("d")).unwrap();
-        assert_eq!(r.default_role(), Some("arn:aws:iam::123456789012:role/path/d"));
+        assert_eq!(
+            r.default_role(),
+            Some("arn:aws:iam::123456789012:role/path/d")
+        );
     }
 
     #[test]
@@ -144,7 +178,10 @@ mod tests {
         let r = RoleRules::new(Some(BASE), None).unwrap();
         assert_eq!(r.listing_name(&format!("{BASE}team/app")), "team/app");
         let no_base = RoleRules::new(None, None).unwrap();
-        assert_eq!(no_base.listing_name(&format!("{BASE}app")), format!("{BASE}app"));
+        assert_eq!(
+            no_base.listing_name(&format!("{BASE}app")),
+            format!("{BASE}app")
+        );
     }
 
     #[test]

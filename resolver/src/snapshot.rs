@@ -73,6 +73,9 @@ impl Snapshot {
     /// Same mapping (used to skip publishing an unchanged state).
     pub fn same_as(&self, other: &Snapshot) -> bool {
         self.by_ip.len() == other.by_ip.len()
-            && self.by_ip.iter().all(|(ip, id)| other.by_ip.get(ip).is_some_and(|o| **o == **id))
+            && self
+                .by_ip
+                .iter()
+                .all(|(ip, id)| other.by_ip.get(ip).is_some_and(|o| **o == **id))
     }
 }

@@ -29,7 +29,14 @@ impl State {
         shared: Arc<Shared>,
         metrics: ResolverMetrics,
     ) -> Self {
-        State { index: PodIndex::default(), rules, roles: AHashMap::new(), requests, shared, metrics }
+        State {
+            index: PodIndex::default(),
+            rules,
+            roles: AHashMap::new(),
+            requests,
+            shared,
+            metrics,
+        }
     }
 
     /// Builds a snapshot from the index; new credential keys are prefetched.
@@ -43,15 +50,24 @@ impl State {
                 .entry(pod.uid.as_str())
                 .or_insert_with(|| {
                     let role = self.rules.resolve(pod.role.as_deref()).map(|arn| {
-                        let key = CredKey { role_arn: arn, external_id: pod.external_id.clone() };
+                        let key = CredKey {
+                            role_arn: arn,
+                            external_id: pod.external_id.clone(),
+                        };
                         live.entry(key.clone())
                             .or_insert_with(|| match self.roles.get(&key) {
                                 Some(e) => e.clone(),
                                 None => {
-                                    let listing = Bytes::from(self.rules.listing_name(&key.role_arn).to_owned());
+                                    let listing = Bytes::from(
+                                        self.rules.listing_name(&key.role_arn).to_owned(),
+                                    );
                                     let slot = CredSlot::new(key.clone(), self.requests.clone());
                                     slot.request(); // prefetch: the pod's first ask is a cache hit
-                                    Arc::new(RoleEntry { arn: key.role_arn.clone(), listing, slot })
+                                    Arc::new(RoleEntry {
+                                        arn: key.role_arn.clone(),
+                                        listing,
+                                        slot,
+                                    })
                                 }
                             })
                             .clone()
@@ -120,14 +136,22 @@ mod tests {
         let (mut st, mut rx, shared) = state();
         st.index.apply(pod("a", "10.0.0.1", Some("app"), None));
         st.index.apply(pod("b", "10.0.0.2", Some("app"), None));
-        st.index.apply(pod("c", "10.0.0.3", Some("app"), Some("tenant-2")));
+        st.index
+            .apply(pod("c", "10.0.0.3", Some("app"), Some("tenant-2")));
         st.index.apply(pod("d", "10.0.0.4", None, None));
         st.publish();
         let snap = shared.snapshot.load();
         let role = |ip: &str| snap.get(&ip.parse().unwrap()).unwrap().role.clone();
-        let (a, b, c) = (role("10.0.0.1").unwrap(), role("10.0.0.2").unwrap(), role("10.0.0.3").unwrap());
+        let (a, b, c) = (
+            role("10.0.0.1").unwrap(),
+            role("10.0.0.2").unwrap(),
+            role("10.0.0.3").unwrap(),
+        );
         assert!(Arc::ptr_eq(&a, &b));
-        assert!(!Arc::ptr_eq(&a.slot, &c.slot), "external ID must be part of the key");
+        assert!(
+            !Arc::ptr_eq(&a.slot, &c.slot),
+            "external ID must be part of the key"
+        );
         assert_eq!(&a.listing[..], b"app");
         assert!(role("10.0.0.4").is_none());
         let mut fetched = 0;
@@ -149,9 +173,23 @@ mod tests {
         st.publish();
         let second = shared.snapshot.load_full();
         assert!(!Arc::ptr_eq(&first, &second));
-        let slot = |s: &Snapshot, ip: &str| s.get(&ip.parse().unwrap()).unwrap().role.clone().unwrap().slot.clone();
-        assert!(Arc::ptr_eq(&slot(&first, "10.0.0.1"), &slot(&second, "10.0.0.2")));
+        let slot = |s: &Snapshot, ip: &str| {
+            s.get(&ip.parse().unwrap())
+                .unwrap()
+                .role
+                .clone()
+                .unwrap()
+                .slot
+                .clone()
+        };
+        assert!(Arc::ptr_eq(
+            &slot(&first, "10.0.0.1"),
+            &slot(&second, "10.0.0.2")
+        ));
         assert!(rx.try_recv().is_ok());
-        assert!(rx.try_recv().is_err(), "an existing key must not be fetched again");
+        assert!(
+            rx.try_recv().is_err(),
+            "an existing key must not be fetched again"
+        );
     }
 }

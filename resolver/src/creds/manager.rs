@@ -52,11 +52,18 @@ pub(crate) async fn run(
     }
 }
 
-async fn fetch(slot: Arc<CredSlot>, sts: Arc<Sts>, policy: Arc<CredPolicy>, metrics: ResolverMetrics) {
+async fn fetch(
+    slot: Arc<CredSlot>,
+    sts: Arc<Sts>,
+    policy: Arc<CredPolicy>,
+    metrics: ResolverMetrics,
+) {
     let key = slot.key().clone();
     let session = session_name(&policy.session_prefix, &key.role_arn);
     let started = Instant::now();
-    let result = sts.assume_role(&key, &session, policy.session_duration()).await;
+    let result = sts
+        .assume_role(&key, &session, policy.session_duration())
+        .await;
     metrics.observe_assume_role(result.is_ok(), started.elapsed());
     let now = Instant::now();
     let wall = SystemTime::now();
@@ -79,12 +86,15 @@ async fn fetch(slot: Arc<CredSlot>, sts: Arc<Sts>, policy: Arc<CredPolicy>, metr
                 access_key_id: creds.access_key_id.clone(),
             };
             slot.publish(Some(Arc::new(answer)));
-            let after = policy.refresh_after(lifetime, jitter(&key.role_arn, Duration::from_secs(30)));
+            let after =
+                policy.refresh_after(lifetime, jitter(&key.role_arn, Duration::from_secs(30)));
             schedule(&slot, after);
         }
         Err(StsError { code, message }) => {
             tracing::warn!(role = %key.role_arn, %code, %message, "AssumeRole failed");
-            let still_valid = slot.current(now).is_some_and(|a| matches!(&*a, CredAnswer::Ready { .. }));
+            let still_valid = slot
+                .current(now)
+                .is_some_and(|a| matches!(&*a, CredAnswer::Ready { .. }));
             let retry_in = policy.error_ttl.max(Duration::from_secs(1));
             if still_valid {
                 // Static stability: keep serving what we have; try again later.
@@ -149,7 +159,10 @@ mod tests {
         assert_eq!(after, Duration::from_secs(1800 - 900 - 60 - 10));
         assert!(life - after > p.session_ttl + CredPolicy::REFRESH_MARGIN);
         // Credentials that already live shorter than the TTL are refreshed almost at once.
-        assert_eq!(p.refresh_after(Duration::from_secs(600), Duration::ZERO), Duration::from_secs(1));
+        assert_eq!(
+            p.refresh_after(Duration::from_secs(600), Duration::ZERO),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]

@@ -19,9 +19,19 @@ pub struct CredKey {
 #[derive(Debug)]
 pub enum CredAnswer {
     /// Credentials: the exact response body, servable until `serve_until`.
-    Ready { body: Bytes, expiration: SystemTime, serve_until: Instant, access_key_id: String },
+    Ready {
+        body: Bytes,
+        expiration: SystemTime,
+        serve_until: Instant,
+        access_key_id: String,
+    },
     /// STS failed and nothing valid is cached: an IMDS-style JSON error body.
-    Failed { status: u16, body: Bytes, at: Instant, retry_after: Instant },
+    Failed {
+        status: u16,
+        body: Bytes,
+        at: Instant,
+        retry_after: Instant,
+    },
 }
 
 impl CredAnswer {
@@ -45,7 +55,9 @@ pub struct CredSlot {
 
 impl std::fmt::Debug for CredSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CredSlot").field("key", &self.key).finish_non_exhaustive()
+        f.debug_struct("CredSlot")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
     }
 }
 
@@ -91,10 +103,10 @@ impl CredSlot {
                 }
                 // A failure that happened after we asked is our answer, even with a zero
                 // error TTL; asking again would spin on STS.
-                if let (CredAnswer::Failed { at, .. }, Some(asked)) = (&*a, asked_at) {
-                    if *at >= asked {
-                        return a;
-                    }
+                if let (CredAnswer::Failed { at, .. }, Some(asked)) = (&*a, asked_at)
+                    && *at >= asked
+                {
+                    return a;
                 }
             }
             if asked_at.is_none() {
@@ -107,7 +119,8 @@ impl CredSlot {
 
     /// Asks the resolver to fetch, unless a fetch for this key is already in flight.
     pub fn request(self: &Arc<Self>) {
-        if !self.in_flight.swap(true, Ordering::AcqRel) && self.requests.send(self.clone()).is_err() {
+        if !self.in_flight.swap(true, Ordering::AcqRel) && self.requests.send(self.clone()).is_err()
+        {
             self.in_flight.store(false, Ordering::Release);
         }
     }
@@ -137,20 +150,30 @@ mod tests {
     }
 
     fn key() -> CredKey {
-        CredKey { role_arn: "arn:aws:iam::123456789012:role/a".into(), external_id: None }
+        CredKey {
+            role_arn: "arn:aws:iam::123456789012:role/a".into(),
+            external_id: None,
+        }
     }
 
     #[tokio::test]
     async fn concurrent_waiters_cause_one_request_and_all_get_the_answer() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let slot = CredSlot::new(key(), tx);
-        let waiters: Vec<_> = (0..50).map(|_| tokio::spawn({
-            let s = slot.clone();
-            async move { s.get().await }
-        })).collect();
+        let waiters: Vec<_> = (0..50)
+            .map(|_| {
+                tokio::spawn({
+                    let s = slot.clone();
+                    async move { s.get().await }
+                })
+            })
+            .collect();
         let asked = rx.recv().await.unwrap();
         tokio::task::yield_now().await;
-        assert!(rx.try_recv().is_err(), "a second fetch was requested while one was in flight");
+        assert!(
+            rx.try_recv().is_err(),
+            "a second fetch was requested while one was in flight"
+        );
         asked.publish(Some(ready(Duration::from_secs(60))));
         for w in waiters {
             assert!(matches!(&*w.await.unwrap(), CredAnswer::Ready { .. }));
@@ -174,7 +197,10 @@ mod tests {
             at: now,
             retry_after: now,
         })));
-        assert!(matches!(&*w.await.unwrap(), CredAnswer::Failed { status: 500, .. }));
+        assert!(matches!(
+            &*w.await.unwrap(),
+            CredAnswer::Failed { status: 500, .. }
+        ));
         assert!(rx.try_recv().is_err());
     }
 

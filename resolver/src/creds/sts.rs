@@ -54,7 +54,11 @@ impl Sts {
         let region = RegionProviderChain::first_try(
             aws_config::environment::region::EnvironmentVariableRegionProvider::new(),
         )
-        .or_else(aws_config::imds::region::ImdsRegionProvider::builder().imds_client(imds.clone()).build());
+        .or_else(
+            aws_config::imds::region::ImdsRegionProvider::builder()
+                .imds_client(imds.clone())
+                .build(),
+        );
         let creds = aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
             .configure(provider)
             .imds_client(imds)
@@ -71,8 +75,14 @@ impl Sts {
             .timeout_config(timeouts)
             .load()
             .await;
-        let region = conf.region().map(Region::to_string).ok_or(StsSetupError::NoRegion)?;
-        Ok(Sts { client: aws_sdk_sts::Client::new(&conf), region })
+        let region = conf
+            .region()
+            .map(Region::to_string)
+            .ok_or(StsSetupError::NoRegion)?;
+        Ok(Sts {
+            client: aws_sdk_sts::Client::new(&conf),
+            region,
+        })
     }
 
     pub fn region(&self) -> &str {
@@ -136,7 +146,13 @@ pub fn session_name(prefix: &str, role_arn: &str) -> String {
     let raw = format!("{prefix}-{role}");
     let mut s: String = raw
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "+=,.@_-".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "+=,.@_-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(64)
         .collect();
     while s.len() < 2 {
@@ -151,8 +167,14 @@ mod tests {
 
     #[test]
     fn session_names_are_sanitised_and_bounded() {
-        assert_eq!(session_name("node-1", "arn:aws:iam::1:role/team/app"), "node-1-app");
-        assert_eq!(session_name("ip-10-0-0-1.ec2.internal", "arn:aws:iam::1:role/a b"), "ip-10-0-0-1.ec2.internal-a-b");
+        assert_eq!(
+            session_name("node-1", "arn:aws:iam::1:role/team/app"),
+            "node-1-app"
+        );
+        assert_eq!(
+            session_name("ip-10-0-0-1.ec2.internal", "arn:aws:iam::1:role/a b"),
+            "ip-10-0-0-1.ec2.internal-a-b"
+        );
         let long = session_name(&"n".repeat(100), "arn:aws:iam::1:role/r");
         assert_eq!(long.len(), 64);
         assert_eq!(session_name("", "/"), "--");

@@ -23,17 +23,36 @@ struct Stamp {
 
 fn stamp(path: &Path) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
-    Some(Stamp { ino: m.ino(), len: m.len(), mtime: m.mtime(), mtime_ns: m.mtime_nsec(), ctime_ns: m.ctime_nsec() })
+    Some(Stamp {
+        ino: m.ino(),
+        len: m.len(),
+        mtime: m.mtime(),
+        mtime_ns: m.mtime_nsec(),
+        ctime_ns: m.ctime_nsec(),
+    })
 }
 
 fn load(path: &Path, keys: &AnnotationKeys, state: &mut State) -> Result<usize, StartError> {
     let display = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| StartError::Source(crate::pod::PodsFileError::Read { path: display.clone(), source }.to_string()))?;
+    let text = std::fs::read_to_string(path).map_err(|source| {
+        StartError::Source(
+            crate::pod::PodsFileError::Read {
+                path: display.clone(),
+                source,
+            }
+            .to_string(),
+        )
+    })?;
     let file = parse_pods_file(&display, &text).map_err(|e| StartError::Source(e.to_string()))?;
     let n = file.pods.len();
-    state.index.reset(file.pods.iter().filter_map(|p| PodInfo::from_pod(p, keys)));
-    state.index.reset_namespaces(file.namespaces.iter().filter_map(NamespaceInfo::from_namespace));
+    state
+        .index
+        .reset(file.pods.iter().filter_map(|p| PodInfo::from_pod(p, keys)));
+    state.index.reset_namespaces(
+        file.namespaces
+            .iter()
+            .filter_map(NamespaceInfo::from_namespace),
+    );
     state.publish();
     Ok(n)
 }

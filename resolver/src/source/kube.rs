@@ -25,15 +25,22 @@ pub struct KubeOptions {
 async fn client(opts: &KubeOptions) -> Result<Client, StartError> {
     let err = |what: &str, e: String| StartError::Source(format!("{what}: {e}"));
     let mut config = if let Some(path) = &opts.kubeconfig {
-        let kc = kube::config::Kubeconfig::read_from(path)
-            .map_err(|e| err(&format!("cannot read --kubeconfig {}", path.display()), e.to_string()))?;
+        let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+            err(
+                &format!("cannot read --kubeconfig {}", path.display()),
+                e.to_string(),
+            )
+        })?;
         kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
             .await
             .map_err(|e| err("invalid --kubeconfig", e.to_string()))?
     } else if let Some(server) = &opts.api_server {
-        let uri = server
-            .parse()
-            .map_err(|e| err(&format!("invalid --api-server {server:?} (expected https://host:port)"), format!("{e}")))?;
+        let uri = server.parse().map_err(|e| {
+            err(
+                &format!("invalid --api-server {server:?} (expected https://host:port)"),
+                format!("{e}"),
+            )
+        })?;
         let mut c = kube::Config::new(uri);
         if let Some(token) = &opts.api_token {
             c.auth_info = serde_json::from_value(serde_json::json!({ "token": token }))
@@ -82,7 +89,11 @@ pub(crate) async fn run(
                 let n = init.len();
                 state.index.reset(init.drain(..));
                 state.publish();
-                tracing::info!(pods = n, node = opts.node.as_deref().unwrap_or("<all>"), "pod list synced");
+                tracing::info!(
+                    pods = n,
+                    node = opts.node.as_deref().unwrap_or("<all>"),
+                    "pod list synced"
+                );
                 if let Some(f) = first.take() {
                     f(Ok(()));
                 }
