@@ -183,6 +183,35 @@ pub struct NodeArgs {
     pub host_ip: Option<String>,
 }
 
+/// IMDSv2 handling for pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Imdsv2Mode {
+    /// Tokens are minted and checked when sent; tokenless requests are served.
+    Optional,
+    /// Requests without a valid token get 401.
+    Required,
+    /// The token PUT gets 403, so SDKs fall back to IMDSv1.
+    Disabled,
+}
+
+/// What happens to non-credential metadata paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetadataPolicy {
+    /// Forward everything except credential paths.
+    Passthrough,
+    /// Forward only paths matching --allow-metadata-path; everything else 404.
+    Allowlist,
+}
+
+/// Session naming for AssumeRole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SessionName {
+    /// One session per (role, external ID) on the node, named `<node>-<role>`.
+    Node,
+    /// One session per pod, named `<namespace>.<pod>`.
+    Pod,
+}
+
 /// Data-plane tuning (iamlet's own).
 #[derive(Debug, Clone, ClapArgs)]
 pub struct ProxyArgs {
@@ -192,6 +221,62 @@ pub struct ProxyArgs {
     /// Worker io driver
     #[arg(long, env = "IAMLET_IO_DRIVER", value_enum, default_value = "auto")]
     pub io_driver: IoDriver,
+    /// IMDSv2 session tokens for pods
+    #[arg(long, env = "IAMLET_IMDSV2", value_enum, default_value = "optional")]
+    pub imdsv2: Imdsv2Mode,
+    /// File holding the key that signs pod tokens (created if missing), so tokens survive a restart
+    #[arg(long, env = "IAMLET_IMDS_TOKEN_KEY_FILE", value_name = "PATH")]
+    pub imds_token_key_file: Option<PathBuf>,
+    /// Which non-credential metadata paths are forwarded
+    #[arg(long, env = "IAMLET_METADATA_POLICY", value_enum, default_value = "passthrough")]
+    pub metadata_policy: MetadataPolicy,
+    /// With --metadata-policy=allowlist: a regular expression a canonical path must match to be forwarded (repeatable)
+    #[arg(long, env = "IAMLET_ALLOW_METADATA_PATH", value_name = "REGEX", value_delimiter = ',')]
+    pub allow_metadata_path: Vec<String>,
+    /// Never forward user-data
+    #[arg(long, env = "IAMLET_BLOCK_USER_DATA", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub block_user_data: bool,
+    /// Largest request line plus headers, in bytes
+    #[arg(long, env = "IAMLET_MAX_REQUEST_HEAD", default_value_t = 8192, value_name = "BYTES")]
+    pub max_request_head: usize,
+    /// Largest request body (only PUT may have one), in bytes
+    #[arg(long, env = "IAMLET_MAX_REQUEST_BODY", default_value_t = 1024, value_name = "BYTES")]
+    pub max_request_body: usize,
+    /// How long a client may take to send a request's head
+    #[arg(long, env = "IAMLET_HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub header_read_timeout: Duration,
+    /// How long an idle keep-alive connection is kept
+    #[arg(long, env = "IAMLET_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub idle_timeout: Duration,
+    /// Most concurrent connections per worker; more are closed at once
+    #[arg(long, env = "IAMLET_MAX_CONNECTIONS_PER_WORKER", default_value_t = 4096, value_name = "N")]
+    pub max_connections_per_worker: usize,
+    /// Bound on connecting to --metadata-addr
+    #[arg(long, env = "IAMLET_UPSTREAM_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub upstream_connect_timeout: Duration,
+    /// Bound on the metadata service's answer
+    #[arg(long, env = "IAMLET_UPSTREAM_TIMEOUT", default_value = "3s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub upstream_timeout: Duration,
+    /// On SIGTERM/SIGINT: how long in-flight requests may finish before exit
+    #[arg(long, env = "IAMLET_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub shutdown_grace: Duration,
+}
+
+/// STS tuning (iamlet's own).
+#[derive(Debug, Clone, ClapArgs)]
+pub struct StsArgs {
+    /// Session naming: one shared session per role on the node, or one per pod
+    #[arg(long, env = "IAMLET_SESSION_NAME", value_enum, default_value = "node")]
+    pub session_name: SessionName,
+    /// Add kubernetes-namespace, kubernetes-pod-name and kubernetes-service-account session tags (needs sts:TagSession; implies per-pod sessions)
+    #[arg(long, env = "IAMLET_SESSION_TAGS", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub session_tags: bool,
+    /// Most AssumeRole calls per second from this node
+    #[arg(long, env = "IAMLET_STS_RATE_LIMIT", default_value_t = 20.0, value_name = "PER_SECOND")]
+    pub sts_rate_limit: f64,
+    /// Bound on one AssumeRole call
+    #[arg(long, env = "IAMLET_STS_TIMEOUT", default_value = "5s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub sts_timeout: Duration,
 }
 
 /// Logging and debugging (kube2iam's flags).
@@ -234,6 +319,8 @@ pub struct Args {
     pub node: NodeArgs,
     #[command(flatten)]
     pub proxy: ProxyArgs,
+    #[command(flatten)]
+    pub sts: StsArgs,
     #[command(flatten)]
     pub log: LogArgs,
     /// Parse and validate the flags, touch no network, exit 0 (valid) or 64 (invalid)

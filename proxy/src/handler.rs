@@ -78,7 +78,7 @@ pub async fn handle(
             head_only,
         ),
         Route::Ready => {
-            if w.shared.handle.is_ready() {
+            if w.shared.handle.is_ready() && w.shared.node_ready.load(std::sync::atomic::Ordering::Acquire) {
                 answer(
                     w,
                     out,

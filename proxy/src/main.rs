@@ -12,6 +12,7 @@ use nix::sys::signal::{SigSet, Signal};
 use prometheus_client::registry::Registry;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 fn main() {
@@ -161,6 +162,7 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         registry: Arc::new(registry),
         metrics,
         idle_timeout: Duration::from_secs(60),
+        node_ready: Arc::new(AtomicBool::new(true)),
     });
     let mut threads = server::spawn("iamlet-worker", app, shared.clone(), driver, false)?;
     if let Some(admin) = admin {

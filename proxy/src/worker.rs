@@ -6,6 +6,7 @@ use prometheus_client::registry::Registry;
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 /// Immutable settings shared by every worker.
@@ -23,6 +24,9 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub metrics: ProxyMetrics,
     pub idle_timeout: Duration,
+    /// Node-side readiness (with --iptables: the rule is installed); `/ready` needs it and
+    /// the resolver's first publish.
+    pub node_ready: Arc<AtomicBool>,
 }
 
 /// One worker thread's state (`!Send`: lives on its runtime only).
