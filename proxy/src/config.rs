@@ -101,6 +101,19 @@ impl Config {
             ));
         }
         let metrics_port = a.node.metrics_port.unwrap_or(a.node.app_port);
+        allow_paths(&a.proxy.allow_metadata_path)?;
+        if a.proxy.metadata_policy == crate::args::MetadataPolicy::Allowlist
+            && a.proxy.allow_metadata_path.is_empty()
+        {
+            return Err(err(
+                "--metadata-policy=allowlist forwards nothing without --allow-metadata-path; add at least one pattern, e.g. --allow-metadata-path='^/latest/meta-data/placement/'.",
+            ));
+        }
+        if a.proxy.max_request_head < 256 || a.proxy.max_request_body > 64 * 1024 {
+            return Err(err(
+                "--max-request-head must be at least 256 and --max-request-body at most 65536; the defaults (8192, 1024) suit every AWS SDK.",
+            ));
+        }
         if a.proxy.io_driver == IoDriver::Uring && !cfg!(target_os = "linux") {
             return Err(err(
                 "--io-driver=uring needs Linux; use --io-driver=epoll or auto.",
@@ -146,6 +159,20 @@ pub fn metadata_hostport(addr: &str) -> Result<String, ConfigError> {
         Some(_) => Err(bad()),
         None => Ok(format!("{a}:80")),
     }
+}
+
+/// Compiles `--allow-metadata-path` patterns.
+pub fn allow_paths(patterns: &[String]) -> Result<Vec<regex::Regex>, ConfigError> {
+    patterns
+        .iter()
+        .map(|p| {
+            regex::Regex::new(p).map_err(|e| {
+                let first = e.to_string();
+                let first = first.lines().last().unwrap_or("invalid").trim().to_owned();
+                err(format!("--allow-metadata-path {p:?} is not a regular expression ({first}); fix the pattern, e.g. ^/latest/meta-data/placement/.*"))
+            })
+        })
+        .collect()
 }
 
 /// Resolves the metadata address once at start-up.

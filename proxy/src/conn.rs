@@ -8,41 +8,46 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::time::Instant;
 
-/// Request line plus headers.
-pub const MAX_HEAD: usize = 8 * 1024;
-/// Request bodies (only PUT has one).
-pub const MAX_BODY: usize = 1024;
+/// Header slots per request (hyper uses 100; IMDS clients send fewer than ten).
 pub const MAX_HEADERS: usize = 32;
 
 enum Framing {
     Body(usize),
-    Reject(respond::Status),
+    Reject(respond::Status, &'static str),
 }
 
-fn framing(req: &httparse::Request<'_, '_>) -> Framing {
+/// Request-body framing. Only Content-Length bodies are accepted; Transfer-Encoding and any
+/// repeated or malformed Content-Length are refused (request smuggling).
+fn framing(req: &httparse::Request<'_, '_>, max_body: usize) -> Framing {
     let mut len: Option<usize> = None;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Framing::Reject(respond::BAD_REQUEST);
+            return Framing::Reject(respond::BAD_REQUEST, "transfer_encoding");
         }
         if h.name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(h.value).ok().and_then(|v| {
-                let v = v.trim();
-                (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                    .then(|| v.parse::<usize>().ok())
-                    .flatten()
-            });
-            match (v, len) {
-                (None, _) => return Framing::Reject(respond::BAD_REQUEST),
-                (Some(a), Some(b)) if a != b => return Framing::Reject(respond::BAD_REQUEST),
-                (Some(a), _) => len = Some(a),
+            if len.is_some() {
+                return Framing::Reject(respond::BAD_REQUEST, "duplicate_content_length");
+            }
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .map(str::trim)
+                .filter(|v| {
+                    !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit())
+                });
+            match v.and_then(|v| v.parse::<usize>().ok()) {
+                Some(n) => len = Some(n),
+                None => return Framing::Reject(respond::BAD_REQUEST, "bad_content_length"),
             }
         }
     }
     match len.unwrap_or(0) {
-        n if n > MAX_BODY => Framing::Reject(respond::PAYLOAD_TOO_LARGE),
+        0 => Framing::Body(0),
+        _ if req.method != Some("PUT") => Framing::Reject(respond::BAD_REQUEST, "body_not_allowed"),
+        n if n > max_body => Framing::Reject(respond::PAYLOAD_TOO_LARGE, "body_too_large"),
         n => Framing::Body(n),
     }
 }
@@ -71,9 +76,13 @@ fn persistence(req: &httparse::Request<'_, '_>) -> Persist {
 
 /// Serves one connection until the peer closes, errs, idles out, or asks to close.
 pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
-    let mut rbuf: Vec<u8> = Vec::with_capacity(MAX_HEAD + MAX_BODY);
+    let _tracked = w.track(stream.as_raw_fd());
+    let limits = &w.shared.limits;
+    let mut rbuf: Vec<u8> = Vec::with_capacity(limits.max_head + limits.max_body);
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     let mut start = 0usize;
+    // When the first byte of a not-yet-complete request arrived (slowloris bound).
+    let mut head_started: Option<Instant> = None;
     loop {
         let mut close = false;
         while start < rbuf.len() {
@@ -83,32 +92,38 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
             let head_len = match req.parse(avail) {
                 Ok(httparse::Status::Complete(n)) => n,
                 Ok(httparse::Status::Partial) => {
-                    if avail.len() >= MAX_HEAD {
-                        reject(&w, &mut out, respond::HEADERS_TOO_LARGE);
+                    if avail.len() >= limits.max_head {
+                        let uri_only = !avail.contains(&b'\n');
+                        let status = if uri_only {
+                            respond::URI_TOO_LONG
+                        } else {
+                            respond::HEADERS_TOO_LARGE
+                        };
+                        reject(&w, &mut out, status, "head_too_large");
                         close = true;
                     }
                     break;
                 }
                 Err(httparse::Error::TooManyHeaders) => {
-                    reject(&w, &mut out, respond::HEADERS_TOO_LARGE);
+                    reject(&w, &mut out, respond::HEADERS_TOO_LARGE, "too_many_headers");
                     close = true;
                     break;
                 }
                 Err(_) => {
-                    reject(&w, &mut out, respond::BAD_REQUEST);
+                    reject(&w, &mut out, respond::BAD_REQUEST, "malformed");
                     close = true;
                     break;
                 }
             };
-            if head_len > MAX_HEAD {
-                reject(&w, &mut out, respond::HEADERS_TOO_LARGE);
+            if head_len > limits.max_head {
+                reject(&w, &mut out, respond::HEADERS_TOO_LARGE, "head_too_large");
                 close = true;
                 break;
             }
-            let body_len = match framing(&req) {
+            let body_len = match framing(&req, limits.max_body) {
                 Framing::Body(n) => n,
-                Framing::Reject(status) => {
-                    reject(&w, &mut out, status);
+                Framing::Reject(status, kind) => {
+                    reject(&w, &mut out, status, kind);
                     close = true;
                     break;
                 }
@@ -116,10 +131,14 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
             if avail.len() < head_len + body_len {
                 break; // wait for the rest of the body
             }
-            let persist = persistence(&req);
-            let body = &avail[head_len..head_len + body_len];
-            handle(&w, peer, &req, body, persist, &mut out).await;
+            let persist = if w.stopping() {
+                Persist::Close
+            } else {
+                persistence(&req)
+            };
+            handle(&w, peer, &req, persist, &mut out).await;
             start += head_len + body_len;
+            head_started = None;
             if persist == Persist::Close {
                 close = true;
                 break;
@@ -133,7 +152,7 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
                 return;
             }
         }
-        if close {
+        if close || w.stopping() {
             return;
         }
         if start == rbuf.len() {
@@ -142,24 +161,47 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
             rbuf.drain(..start);
         }
         start = 0;
+        // A partial request must complete within the header timeout; an idle connection may
+        // wait for the idle timeout.
+        let timeout = if rbuf.is_empty() {
+            limits.idle_timeout
+        } else {
+            let started = *head_started.get_or_insert_with(Instant::now);
+            match limits.header_timeout.checked_sub(started.elapsed()) {
+                Some(left) => left,
+                None => {
+                    w.metrics.downstream_error("header_timeout");
+                    return;
+                }
+            }
+        };
         let len = rbuf.len();
-        let read =
-            monoio::time::timeout(w.shared.idle_timeout, stream.read(rbuf.slice_mut(len..))).await;
+        let read = monoio::time::timeout(timeout, stream.read(rbuf.slice_mut(len..))).await;
         match read {
             Ok((Ok(n), slice)) => {
                 rbuf = slice.into_inner();
                 if n == 0 {
                     return;
                 }
+                if head_started.is_none() && len == 0 {
+                    head_started = Some(Instant::now());
+                }
             }
-            Ok((Err(_), _)) | Err(_) => return,
+            Ok((Err(_), _)) => return,
+            Err(_) => {
+                if len > 0 {
+                    w.metrics.downstream_error("header_timeout");
+                }
+                return;
+            }
         }
     }
 }
 
-fn reject(w: &Worker, out: &mut Vec<u8>, status: respond::Status) {
+fn reject(w: &Worker, out: &mut Vec<u8>, status: respond::Status, kind: &'static str) {
     w.metrics
         .request(crate::metrics::RouteLabel::Invalid, status.0);
+    w.metrics.downstream_error(kind);
     respond::write(
         out,
         status,
@@ -168,4 +210,80 @@ fn reject(w: &Worker, out: &mut Vec<u8>, status: respond::Status) {
         Persist::Close,
         false,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_framing(raw: &[u8]) -> Result<usize, u16> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        req.parse(raw).unwrap();
+        match framing(&req, 1024) {
+            Framing::Body(n) => Ok(n),
+            Framing::Reject(s, _) => Err(s.0),
+        }
+    }
+
+    #[test]
+    fn body_framing_table() {
+        assert_eq!(parse_framing(b"GET / HTTP/1.1\r\n\r\n"), Ok(0));
+        assert_eq!(
+            parse_framing(b"PUT / HTTP/1.1\r\nContent-Length: 3\r\n\r\n"),
+            Ok(3)
+        );
+        assert_eq!(
+            parse_framing(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
+            Ok(0)
+        );
+        assert_eq!(
+            parse_framing(b"GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\n"),
+            Err(400)
+        );
+        assert_eq!(
+            parse_framing(b"PUT / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"),
+            Err(400)
+        );
+        assert_eq!(
+            parse_framing(b"PUT / HTTP/1.1\r\nContent-Length: +3\r\n\r\n"),
+            Err(400)
+        );
+        assert_eq!(
+            parse_framing(b"PUT / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n"),
+            Err(400)
+        );
+        assert_eq!(
+            parse_framing(b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Err(400)
+        );
+        assert_eq!(
+            parse_framing(b"PUT / HTTP/1.1\r\nContent-Length: 2000\r\n\r\n"),
+            Err(413)
+        );
+    }
+
+    #[test]
+    fn persistence_table() {
+        let p = |raw: &[u8]| {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            req.parse(raw).unwrap();
+            persistence(&req)
+        };
+        assert_eq!(p(b"GET / HTTP/1.1\r\n\r\n"), Persist::KeepAlive);
+        assert_eq!(
+            p(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"),
+            Persist::Close
+        );
+        assert_eq!(p(b"GET / HTTP/1.0\r\n\r\n"), Persist::Close);
+        assert_eq!(
+            p(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"),
+            Persist::KeepAlive10
+        );
+        assert_eq!(
+            p(b"GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n"),
+            Persist::Close
+        );
+    }
 }

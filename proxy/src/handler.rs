@@ -1,44 +1,67 @@
-//! Answers one parsed request: admin paths, the role listing and credentials from the
-//! snapshot, everything else through the pass-through.
+//! Answers one parsed request: admin paths, IMDSv2 tokens, the role listing, credentials and
+//! `iam/info` from the snapshot; everything else through the pass-through (or 404 by policy).
 
+use crate::args::{Imdsv2Mode, MetadataPolicy};
 use crate::metrics::RouteLabel;
 use crate::passthrough;
 use crate::respond::{self, Persist, Status};
 use crate::route::{Route, canonicalize, route};
+use crate::token::{self, TokenCheck};
 use crate::worker::Worker;
-use iamlet_resolver::CredAnswer;
+use iamlet_resolver::render::imds_timestamp;
+use iamlet_resolver::{CredAnswer, RoleEntry};
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 const WRONG_ROLE: &[u8] = b"Forbidden: the requested role is not this pod's role\n";
 const NOT_READY: &str = "credentials for this role are still being fetched from STS; retry shortly";
+const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+const UNAUTHORIZED: Status = Status(401, "Unauthorized");
+const METHOD_NOT_ALLOWED: Status = Status(405, "Method Not Allowed");
 
-#[allow(clippy::too_many_arguments)] // one call shape for every answer; a struct would only rename them
-fn answer(
-    w: &Worker,
-    out: &mut Vec<u8>,
-    label: RouteLabel,
-    status: Status,
-    ctype: &str,
-    body: &[u8],
+/// One request's context.
+struct Req<'a, 'r> {
+    w: &'a Worker,
+    peer: IpAddr,
     persist: Persist,
     head_only: bool,
-) {
-    w.metrics.request(label, status.0);
-    respond::write(out, status, ctype, body, persist, head_only);
+    out: &'a mut Vec<u8>,
+    headers: &'r [httparse::Header<'r>],
 }
 
-fn not_found(w: &Worker, out: &mut Vec<u8>, label: RouteLabel, persist: Persist, head_only: bool) {
-    answer(
-        w,
-        out,
-        label,
-        respond::NOT_FOUND,
-        respond::HTML,
-        respond::NOT_FOUND_BODY,
-        persist,
-        head_only,
-    );
+impl Req<'_, '_> {
+    fn answer(&mut self, label: RouteLabel, status: Status, ctype: &str, body: &[u8]) {
+        self.w.metrics.request(label, status.0);
+        respond::write(self.out, status, ctype, body, self.persist, self.head_only);
+    }
+
+    fn text(&mut self, label: RouteLabel, status: Status, body: &[u8]) {
+        self.answer(label, status, respond::TEXT, body);
+    }
+
+    fn not_found(&mut self, label: RouteLabel) {
+        self.answer(
+            label,
+            respond::NOT_FOUND,
+            respond::HTML,
+            respond::NOT_FOUND_BODY,
+        );
+    }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Writes the response for `req` into `out`.
@@ -46,174 +69,195 @@ pub async fn handle(
     w: &Worker,
     peer: IpAddr,
     req: &httparse::Request<'_, '_>,
-    body: &[u8],
     persist: Persist,
     out: &mut Vec<u8>,
 ) {
     let method = req.method.unwrap_or("");
-    let head_only = method == "HEAD";
+    let mut r = Req {
+        w,
+        peer,
+        persist,
+        head_only: method == "HEAD",
+        out,
+        headers: req.headers,
+    };
     let Ok(path) = canonicalize(req.path.unwrap_or("")) else {
-        return answer(
-            w,
-            out,
+        w.metrics.downstream_error("invalid_path");
+        r.head_only = false;
+        return r.text(
             RouteLabel::Invalid,
             respond::BAD_REQUEST,
-            respond::TEXT,
             b"Bad Request: invalid path\n",
-            persist,
-            false,
         );
     };
-    let r = route(&path);
+    let rt = route(&path);
     let admin_allowed = w.admin_only || w.shared.admin_on_app_port;
-    match r {
-        Route::Healthz => answer(
-            w,
-            out,
-            RouteLabel::Admin,
-            respond::OK,
-            respond::TEXT,
-            b"ok\n",
-            persist,
-            head_only,
-        ),
+    match rt {
+        Route::Healthz => return r.text(RouteLabel::Admin, respond::OK, b"ok\n"),
         Route::Ready => {
-            if w.shared.handle.is_ready() && w.shared.node_ready.load(std::sync::atomic::Ordering::Acquire) {
-                answer(
-                    w,
-                    out,
-                    RouteLabel::Admin,
-                    respond::OK,
-                    respond::TEXT,
-                    b"ready\n",
-                    persist,
-                    head_only,
-                )
+            let ready = w.shared.handle.is_ready()
+                && w.shared
+                    .node_ready
+                    .load(std::sync::atomic::Ordering::Acquire);
+            return if ready {
+                r.text(RouteLabel::Admin, respond::OK, b"ready\n")
             } else {
-                answer(
-                    w,
-                    out,
+                r.text(
                     RouteLabel::Admin,
                     respond::UNAVAILABLE,
-                    respond::TEXT,
                     b"not ready: waiting for the first pod list\n",
-                    persist,
-                    head_only,
                 )
-            }
+            };
         }
         Route::Metrics if admin_allowed => {
             let mut text = String::with_capacity(16 * 1024);
             let _ = prometheus_client::encoding::text::encode(&mut text, &w.shared.registry);
-            answer(
-                w,
-                out,
+            return r.answer(
                 RouteLabel::Admin,
                 respond::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 text.as_bytes(),
-                persist,
-                head_only,
-            )
+            );
         }
         Route::DebugStore if admin_allowed && w.shared.debug => {
             let json = w.shared.handle.store_json();
-            answer(
-                w,
-                out,
+            return r.answer(
                 RouteLabel::Admin,
                 respond::OK,
                 respond::JSON,
                 json.as_bytes(),
-                persist,
-                head_only,
-            )
+            );
         }
-        _ if w.admin_only => not_found(w, out, RouteLabel::Admin, persist, head_only),
-        Route::Metrics | Route::DebugStore | Route::Denied => {
-            not_found(w, out, RouteLabel::Denied, persist, head_only)
+        _ if w.admin_only => return r.not_found(RouteLabel::Admin),
+        Route::Metrics | Route::DebugStore => return r.not_found(RouteLabel::Denied),
+        Route::Token => return mint_token(&mut r, method),
+        Route::VersionedToken => {
+            return r.text(RouteLabel::Token, respond::FORBIDDEN, b"Forbidden\n");
         }
-        Route::RoleList | Route::Credentials(_) => {
-            if method != "GET" && method != "HEAD" {
-                return answer(
-                    w,
-                    out,
-                    RouteLabel::Denied,
-                    Status(405, "Method Not Allowed"),
-                    respond::TEXT,
-                    b"Method Not Allowed\n",
-                    persist,
-                    false,
-                );
+        _ => {}
+    }
+    // Everything below is metadata: tokens are checked first.
+    if !token_ok(&mut r) {
+        r.head_only = false;
+        return r.answer(RouteLabel::Token, UNAUTHORIZED, respond::HTML, b"");
+    }
+    if method != "GET" && method != "HEAD" {
+        r.head_only = false;
+        w.metrics.downstream_error("method");
+        return r.text(
+            RouteLabel::Invalid,
+            METHOD_NOT_ALLOWED,
+            b"Method Not Allowed\n",
+        );
+    }
+    match rt {
+        Route::RoleList
+        | Route::Credentials(_)
+        | Route::ExtendedCredentials(_)
+        | Route::IamInfo => credentials(&mut r, rt).await,
+        Route::Denied => r.not_found(RouteLabel::Denied),
+        Route::UserData if w.shared.block_user_data => r.not_found(RouteLabel::Denied),
+        _ => {
+            if w.shared.policy == MetadataPolicy::Allowlist
+                && !w.allow_paths.iter().any(|re| re.is_match(&path))
+            {
+                return r.not_found(RouteLabel::Denied);
             }
-            credentials(w, peer, r, persist, head_only, out).await
-        }
-        Route::Forward => {
-            if !matches!(method, "GET" | "HEAD" | "PUT") {
-                return answer(
-                    w,
-                    out,
-                    RouteLabel::Passthrough,
-                    Status(405, "Method Not Allowed"),
-                    respond::TEXT,
-                    b"Method Not Allowed\n",
-                    persist,
-                    false,
-                );
-            }
-            let status =
-                passthrough::forward(w, method, &path, req.headers, body, out, persist, head_only)
-                    .await;
+            let status = passthrough::forward(w, method, &path, req.headers, r.out, persist).await;
             w.metrics.request(RouteLabel::Passthrough, status);
         }
     }
 }
 
-async fn credentials(
-    w: &Worker,
-    peer: IpAddr,
-    r: Route<'_>,
-    persist: Persist,
-    head_only: bool,
-    out: &mut Vec<u8>,
-) {
-    let label = if matches!(r, Route::RoleList) {
+/// `PUT /latest/api/token`: a token bound to the caller's IP.
+fn mint_token(r: &mut Req<'_, '_>, method: &str) {
+    r.head_only = false;
+    if method != "PUT" {
+        return r.text(
+            RouteLabel::Token,
+            METHOD_NOT_ALLOWED,
+            b"Method Not Allowed\n",
+        );
+    }
+    if r.w.shared.imdsv2 == Imdsv2Mode::Disabled {
+        return r.text(
+            RouteLabel::Token,
+            respond::FORBIDDEN,
+            b"Forbidden: IMDSv2 is disabled on this node\n",
+        );
+    }
+    // IMDS refuses token requests that went through a proxy.
+    if r.header("x-forwarded-for").is_some() {
+        r.w.metrics.downstream_error("token_forwarded");
+        return r.text(RouteLabel::Token, respond::FORBIDDEN, b"Forbidden\n");
+    }
+    let Some(ttl) = r.header(TTL_HEADER).and_then(token::parse_ttl) else {
+        r.w.metrics.downstream_error("token_ttl");
+        return r.text(
+            RouteLabel::Token,
+            respond::BAD_REQUEST,
+            b"Bad Request: X-aws-ec2-metadata-token-ttl-seconds must be 1..21600\n",
+        );
+    };
+    let t = r.w.shared.token_key.mint(r.peer, unix_now() + ttl);
+    r.w.metrics.tokens_issued.inc();
+    r.w.metrics.request(RouteLabel::Token, 200);
+    let ttl_text = ttl.to_string();
+    respond::write_head(
+        r.out,
+        respond::OK,
+        respond::TEXT,
+        t.len(),
+        r.persist,
+        &[(b"X-Aws-Ec2-Metadata-Token-Ttl-Seconds", ttl_text.as_bytes())],
+    );
+    r.out.extend_from_slice(t.as_bytes());
+}
+
+/// Checks the IMDSv2 token, if any (and requires one in `required` mode).
+fn token_ok(r: &mut Req<'_, '_>) -> bool {
+    match r.header(TOKEN_HEADER) {
+        Some(t) => match r.w.shared.token_key.verify(t, r.peer, unix_now()) {
+            TokenCheck::Valid => true,
+            TokenCheck::Expired => {
+                r.w.metrics.token_rejected("expired");
+                false
+            }
+            TokenCheck::Invalid => {
+                r.w.metrics.token_rejected("invalid");
+                false
+            }
+        },
+        None if r.w.shared.imdsv2 == Imdsv2Mode::Required => {
+            r.w.metrics.token_rejected("missing");
+            false
+        }
+        None => true,
+    }
+}
+
+async fn credentials(r: &mut Req<'_, '_>, rt: Route<'_>) {
+    let w = r.w;
+    let label = if matches!(rt, Route::RoleList) {
         RouteLabel::RoleList
     } else {
         RouteLabel::Credentials
     };
-    let Some(id) = w.wait_identity(peer).await else {
-        return not_found(w, out, label, persist, head_only);
+    let Some(id) = w.wait_identity(r.peer).await else {
+        return r.not_found(label);
     };
     let Some(role) = id.role.as_ref() else {
-        return not_found(w, out, label, persist, head_only);
+        return r.not_found(label);
     };
-    let requested = match r {
-        Route::Credentials(requested) => requested,
-        _ => {
-            return answer(
-                w,
-                out,
-                label,
-                respond::OK,
-                respond::TEXT,
-                &role.listing,
-                persist,
-                head_only,
-            );
-        }
+    let (requested, extended) = match rt {
+        Route::RoleList => return r.text(label, respond::OK, &role.listing),
+        Route::IamInfo => return r.text(label, respond::OK, iam_info(role).as_bytes()),
+        Route::Credentials(requested) => (requested, false),
+        Route::ExtendedCredentials(requested) => (requested, true),
+        _ => return r.not_found(label),
     };
     if !w.shared.rules.names(requested, &role.arn) {
-        return answer(
-            w,
-            out,
-            label,
-            respond::FORBIDDEN,
-            respond::TEXT,
-            WRONG_ROLE,
-            persist,
-            head_only,
-        );
+        return r.text(label, respond::FORBIDDEN, WRONG_ROLE);
     }
     let ans = match role.slot.current(Instant::now()) {
         Some(a) => {
@@ -226,38 +270,78 @@ async fn credentials(
                 Ok(a) => a,
                 Err(_) => {
                     let body = respond::error_json("ServiceUnavailable", NOT_READY);
-                    return answer(
-                        w,
-                        out,
-                        label,
-                        respond::INTERNAL,
-                        respond::JSON,
-                        &body,
-                        persist,
-                        head_only,
-                    );
+                    return r.answer(label, respond::INTERNAL, respond::JSON, &body);
                 }
             }
         }
     };
     match &*ans {
-        CredAnswer::Ready { body, .. } => answer(
-            w,
-            out,
-            label,
-            respond::OK,
-            respond::TEXT,
-            body,
-            persist,
-            head_only,
-        ),
+        CredAnswer::Ready { body, .. } if extended => {
+            let doc = with_account_id(body, account_of(&role.arn));
+            r.text(label, respond::OK, &doc)
+        }
+        CredAnswer::Ready { body, .. } => r.text(label, respond::OK, body),
         CredAnswer::Failed { status, body, .. } => {
             let s = if *status == 500 {
                 respond::INTERNAL
             } else {
                 Status(*status, "Error")
             };
-            answer(w, out, label, s, respond::JSON, body, persist, head_only)
+            r.answer(label, s, respond::JSON, body)
         }
+    }
+}
+
+/// The account ID in a role ARN (`arn:aws:iam::123456789012:role/x`).
+fn account_of(arn: &str) -> &str {
+    arn.split(':').nth(4).unwrap_or("")
+}
+
+/// The credentials document plus `AccountId`, as IMDS's extended path answers.
+fn with_account_id(doc: &[u8], account: &str) -> Vec<u8> {
+    let end = doc.iter().rposition(|&b| b == b'}').unwrap_or(doc.len());
+    let head = doc[..end].trim_ascii_end();
+    let mut out = Vec::with_capacity(doc.len() + 40);
+    out.extend_from_slice(head);
+    out.extend_from_slice(format!(",\n  \"AccountId\" : \"{account}\"\n}}").as_bytes());
+    out
+}
+
+/// `iam/info` for a pod: its role presented as an instance profile of the same name.
+fn iam_info(role: &RoleEntry) -> String {
+    let arn = &role.arn;
+    let name = arn.rsplit('/').next().unwrap_or(arn);
+    let partition = arn.split(':').nth(1).unwrap_or("aws");
+    let account = account_of(arn);
+    // A stable, IAM-shaped ID derived from the ARN (FNV-1a, base-32 digits).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in arn.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    const DIGITS: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let id: String = (0..17)
+        .map(|i| DIGITS[((h >> ((i * 5) % 60)) & 31) as usize] as char)
+        .collect();
+    format!(
+        "{{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"{}\",\n  \"InstanceProfileArn\" : \"arn:{partition}:iam::{account}:instance-profile/{name}\",\n  \"InstanceProfileId\" : \"AIPA{id}\"\n}}",
+        imds_timestamp(SystemTime::now())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extended_document_adds_the_account_id() {
+        let doc = b"{\n  \"Code\" : \"Success\",\n  \"Token\" : \"t\"\n}";
+        let ext = with_account_id(doc, "123456789012");
+        let v: serde_json::Value = serde_json::from_slice(&ext).unwrap();
+        assert_eq!(v["AccountId"], "123456789012");
+        assert_eq!(v["Token"], "t");
+        assert_eq!(
+            account_of("arn:aws:iam::210987654321:role/x"),
+            "210987654321"
+        );
     }
 }

@@ -14,4 +14,6 @@ pub mod passthrough;
 pub mod respond;
 pub mod route;
 pub mod server;
+pub mod token;
+pub mod upstream;
 pub mod worker;

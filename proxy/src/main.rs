@@ -5,14 +5,16 @@ use anyhow::Context;
 use clap::Parser;
 use iamlet::args::{Args, LogFormat};
 use iamlet::config::{self, Config, EX_USAGE};
-use iamlet::{discover, metrics::ProxyMetrics, server, worker::Shared};
+use iamlet::token::TokenKey;
+use iamlet::worker::{Limits, Shared, UpstreamConfig};
+use iamlet::{discover, metrics::ProxyMetrics, server};
 use iamlet_resolver::source::kube::KubeOptions;
 use iamlet_resolver::{AnnotationKeys, CredPolicy, PodSource, RoleRules};
 use nix::sys::signal::{SigSet, Signal};
 use prometheus_client::registry::Registry;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 fn main() {
@@ -97,6 +99,7 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         tracing::info!(default_role = %role, "using the instance's role as the default role");
         default_role = Some(role);
     }
+    let allow_paths = config::allow_paths(&args.proxy.allow_metadata_path)?;
     let rules = RoleRules::new(base_arn.as_deref(), default_role.as_deref())?;
     let source = match &args.kube.pods_from {
         Some(path) => PodSource::File(path.clone()),
@@ -151,18 +154,41 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
 
     resolver.wait_first_sync()?;
 
+    let token_key = match &args.proxy.imds_token_key_file {
+        Some(path) => TokenKey::from_file(path),
+        None => TokenKey::random(),
+    }
+    .map_err(anyhow::Error::msg)?;
+    let stopping = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared {
         handle: resolver.handle.clone(),
         rules,
-        upstream,
-        upstream_host: metadata_hostport,
+        upstream: UpstreamConfig {
+            addr: upstream,
+            host: metadata_hostport,
+            connect_timeout: args.proxy.upstream_connect_timeout,
+            response_timeout: args.proxy.upstream_timeout,
+        },
         wait_ip: args.iam.backoff_max_elapsed_time,
         debug: args.log.debug,
         admin_on_app_port: admin.is_none(),
         registry: Arc::new(registry),
         metrics,
-        idle_timeout: Duration::from_secs(60),
+        limits: Limits {
+            max_head: args.proxy.max_request_head,
+            max_body: args.proxy.max_request_body,
+            header_timeout: args.proxy.header_read_timeout,
+            idle_timeout: args.proxy.idle_timeout,
+            max_connections: args.proxy.max_connections_per_worker,
+        },
+        imdsv2: args.proxy.imdsv2,
+        token_key,
+        policy: args.proxy.metadata_policy,
+        allow_paths,
+        block_user_data: args.proxy.block_user_data,
         node_ready: Arc::new(AtomicBool::new(true)),
+        stopping: stopping.clone(),
+        shutdown_grace: args.proxy.shutdown_grace,
     });
     let mut threads = server::spawn("iamlet-worker", app, shared.clone(), driver, false)?;
     if let Some(admin) = admin {
@@ -173,7 +199,21 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     tracing::info!(addr = %app_bound, workers, %driver, "listening");
 
     let sig = signals.wait().context("waiting for signals")?;
-    tracing::info!(signal = ?sig, "stopping");
+    tracing::info!(signal = ?sig, grace = ?args.proxy.shutdown_grace, "stopping: no new connections, finishing in-flight requests");
+    stopping.store(true, Ordering::SeqCst);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+        let _ = done_tx.send(());
+    });
+    if done_rx
+        .recv_timeout(args.proxy.shutdown_grace + Duration::from_secs(1))
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within --shutdown-grace; exiting");
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use prometheus_client::registry::Registry;
 /// Bounded route labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteLabel {
+    Token,
     Credentials,
     RoleList,
     Passthrough,
@@ -18,7 +19,8 @@ pub enum RouteLabel {
 }
 
 impl RouteLabel {
-    const ALL: [RouteLabel; 6] = [
+    const ALL: [RouteLabel; 7] = [
+        RouteLabel::Token,
         RouteLabel::Credentials,
         RouteLabel::RoleList,
         RouteLabel::Passthrough,
@@ -29,6 +31,7 @@ impl RouteLabel {
 
     fn as_str(self) -> &'static str {
         match self {
+            RouteLabel::Token => "token",
             RouteLabel::Credentials => "credentials",
             RouteLabel::RoleList => "role_list",
             RouteLabel::Passthrough => "passthrough",
@@ -55,6 +58,17 @@ pub struct ProxyMetrics {
     cache_hits: Counter,
     cache_misses: Counter,
     ip_waits: Family<OutcomeLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    token_rejections: Family<OutcomeLabels, Counter>,
+    tokens_issued: Counter,
+    connections_rejected: Counter,
+}
+
+/// Error classes and kinds, both bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    class: &'static str,
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,6 +84,10 @@ impl ProxyMetrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             ip_waits: Family::default(),
+            errors: Family::default(),
+            token_rejections: Family::default(),
+            tokens_issued: Counter::default(),
+            connections_rejected: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("iamlet");
         r.register(
@@ -121,6 +139,9 @@ impl ProxyMetrics {
             .get_or_create(&OutcomeLabels { outcome: "timeout" })
             .clone();
         WorkerMetrics {
+            shared: self.clone(),
+            tokens_issued: self.tokens_issued.clone(),
+            connections_rejected: self.connections_rejected.clone(),
             requests,
             connections: self.connections.clone(),
             cache_hits: self.cache_hits.clone(),
@@ -133,7 +154,10 @@ impl ProxyMetrics {
 
 /// Resolved counters for one worker.
 pub struct WorkerMetrics {
-    requests: [[Counter; 5]; 6],
+    shared: ProxyMetrics,
+    pub tokens_issued: Counter,
+    pub connections_rejected: Counter,
+    requests: [[Counter; 5]; 7],
     pub connections: Counter,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
@@ -146,5 +170,35 @@ impl WorkerMetrics {
     pub fn request(&self, route: RouteLabel, status: u16) {
         let class = usize::from((status / 100).clamp(1, 5) - 1);
         self.requests[route as usize][class].inc();
+    }
+
+    /// Counts an upstream failure (error path only: takes the family's lock).
+    pub fn upstream_error(&self, kind: &'static str) {
+        self.shared
+            .errors
+            .get_or_create(&ErrorLabels {
+                class: "upstream",
+                kind,
+            })
+            .inc();
+    }
+
+    /// Counts a request the pod got wrong (error path only).
+    pub fn downstream_error(&self, kind: &'static str) {
+        self.shared
+            .errors
+            .get_or_create(&ErrorLabels {
+                class: "downstream",
+                kind,
+            })
+            .inc();
+    }
+
+    /// Counts a refused IMDSv2 token: `missing`, `invalid` or `expired`.
+    pub fn token_rejected(&self, outcome: &'static str) {
+        self.shared
+            .token_rejections
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 }

@@ -1,18 +1,12 @@
-//! Pass-through of non-credential paths to `--metadata-addr`, with bounded connect and
-//! response times. Hop-by-hop headers are stripped both ways; no X-Forwarded-For is added.
+//! Pass-through of non-credential paths to `--metadata-addr`: canonical path, hop-by-hop
+//! headers and any pod token stripped, iamlet's own upstream token added, no
+//! X-Forwarded-For. Failures answer 502/504 with a small IMDS-style body.
 
+use crate::metrics::RouteLabel;
 use crate::respond::{self, Persist};
+use crate::upstream::{UpstreamError, UpstreamResponse};
 use crate::worker::Worker;
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
-use monoio::net::TcpStream;
 use std::io::Write;
-use std::time::Duration;
-
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Largest upstream response relayed (user-data is at most 16 KiB).
-pub const MAX_RESPONSE: usize = 1 << 20;
 
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -26,31 +20,31 @@ const HOP_BY_HOP: [&str; 9] = [
     "content-length",
 ];
 
-/// Headers a pod may not pass to the upstream.
-const STRIPPED_REQUEST: [&str; 3] = ["host", "x-forwarded-for", "forwarded"];
+/// Request headers a pod may not pass to the upstream.
+const STRIPPED_REQUEST: [&str; 5] = [
+    "host",
+    "x-forwarded-for",
+    "forwarded",
+    "x-aws-ec2-metadata-token",
+    "x-aws-ec2-metadata-token-ttl-seconds",
+];
 
 fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
-/// Result of a forward: the status written.
-#[allow(clippy::too_many_arguments)] // the request's parts, borrowed from the read buffer
-pub async fn forward(
+fn build(
     w: &Worker,
     method: &str,
     path: &str,
     headers: &[httparse::Header<'_>],
-    body: &[u8],
-    out: &mut Vec<u8>,
-    persist: Persist,
-    head_only: bool,
-) -> u16 {
-    let shared = &w.shared;
-    let mut req: Vec<u8> = Vec::with_capacity(256 + body.len());
+    token: Option<&str>,
+) -> Vec<u8> {
+    let mut req: Vec<u8> = Vec::with_capacity(256);
     let _ = write!(
         req,
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-        shared.upstream_host
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\n",
+        w.upstream.host()
     );
     for h in headers {
         if is_hop_by_hop(h.name)
@@ -65,68 +59,63 @@ pub async fn forward(
         req.extend_from_slice(h.value);
         req.extend_from_slice(b"\r\n");
     }
-    if !body.is_empty() || method == "PUT" {
-        let _ = write!(req, "Content-Length: {}\r\n", body.len());
+    if let Some(t) = token {
+        let _ = write!(req, "X-aws-ec2-metadata-token: {t}\r\n");
     }
     req.extend_from_slice(b"\r\n");
-    req.extend_from_slice(body);
+    req
+}
 
-    let stream = match monoio::time::timeout(
-        CONNECT_TIMEOUT,
-        TcpStream::connect_addr(shared.upstream),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, upstream = %shared.upstream, "upstream connect failed");
-            return fail(
-                out,
-                respond::BAD_GATEWAY,
-                "UpstreamUnavailable",
-                "the instance metadata service is unreachable",
-                persist,
-            );
+/// Forwards a GET or HEAD and writes the relayed answer; returns the status written.
+pub async fn forward(
+    w: &Worker,
+    method: &str,
+    path: &str,
+    headers: &[httparse::Header<'_>],
+    out: &mut Vec<u8>,
+    persist: Persist,
+) -> u16 {
+    let head_only = method == "HEAD";
+    for attempt in 0..2 {
+        let token = w.upstream.token().await;
+        let req = build(w, method, path, headers, token.as_deref());
+        match w.upstream.exchange(req).await {
+            Ok(resp) if resp.status == 401 && attempt == 0 => {
+                // Our token expired early, or the upstream started requiring tokens.
+                w.upstream.invalidate_token();
+            }
+            Ok(resp) => return relay(&resp, out, persist, head_only),
+            Err(e) => return fail(w, out, e, persist),
         }
-        Err(_) => {
-            return fail(
-                out,
-                respond::GATEWAY_TIMEOUT,
-                "UpstreamTimeout",
-                "the instance metadata service did not accept the connection in time",
-                persist,
-            );
-        }
-    };
-    match monoio::time::timeout(RESPONSE_TIMEOUT, exchange(stream, req)).await {
-        Ok(Ok(resp)) => relay(&resp, out, persist, head_only, method == "HEAD"),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "upstream exchange failed");
-            fail(
-                out,
-                respond::BAD_GATEWAY,
-                "UpstreamError",
-                "the instance metadata service sent no valid response",
-                persist,
-            )
-        }
-        Err(_) => fail(
-            out,
+    }
+    fail(w, out, UpstreamError::Protocol, persist)
+}
+
+fn fail(w: &Worker, out: &mut Vec<u8>, e: UpstreamError, persist: Persist) -> u16 {
+    w.metrics.upstream_error(e.label());
+    let (status, code, msg) = match e {
+        UpstreamError::Connect => (
+            respond::BAD_GATEWAY,
+            "UpstreamUnavailable",
+            "the instance metadata service is unreachable",
+        ),
+        UpstreamError::ConnectTimeout => (
+            respond::GATEWAY_TIMEOUT,
+            "UpstreamTimeout",
+            "the instance metadata service did not accept the connection in time",
+        ),
+        UpstreamError::Timeout => (
             respond::GATEWAY_TIMEOUT,
             "UpstreamTimeout",
             "the instance metadata service did not answer in time",
-            persist,
         ),
-    }
-}
-
-fn fail(
-    out: &mut Vec<u8>,
-    status: respond::Status,
-    code: &str,
-    msg: &str,
-    persist: Persist,
-) -> u16 {
+        UpstreamError::Protocol => (
+            respond::BAD_GATEWAY,
+            "UpstreamError",
+            "the instance metadata service sent no valid response",
+        ),
+    };
+    w.metrics.request(RouteLabel::Passthrough, status.0);
     respond::write(
         out,
         status,
@@ -138,84 +127,14 @@ fn fail(
     status.0
 }
 
-/// Sends the request and reads the whole response (the upstream closes after it).
-async fn exchange(mut stream: TcpStream, req: Vec<u8>) -> std::io::Result<Vec<u8>> {
-    let (res, _) = stream.write_all(req).await;
-    res?;
-    let mut buf: Vec<u8> = Vec::with_capacity(8192);
-    loop {
-        if buf.len() > MAX_RESPONSE {
-            return Err(std::io::Error::other("upstream response too large"));
-        }
-        if let Some(total) = complete_len(&buf) {
-            buf.truncate(total);
-            return Ok(buf);
-        }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(buf.capacity());
-        }
-        let len = buf.len();
-        let (res, slice) = stream.read(buf.slice_mut(len..)).await;
-        buf = slice.into_inner();
-        if res? == 0 {
-            return Ok(buf);
-        }
-    }
-}
-
-/// Length of a complete response with Content-Length, if buffered.
-fn complete_len(buf: &[u8]) -> Option<usize> {
+fn relay(resp: &UpstreamResponse, out: &mut Vec<u8>, persist: Persist, head_only: bool) -> u16 {
     let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        _ => return None,
-    };
-    let cl = resp
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .and_then(|h| {
-            std::str::from_utf8(h.value)
-                .ok()?
-                .trim()
-                .parse::<usize>()
-                .ok()
-        })?;
-    (buf.len() >= head + cl).then_some(head + cl)
-}
-
-fn relay(raw: &[u8], out: &mut Vec<u8>, persist: Persist, head_only: bool, was_head: bool) -> u16 {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head = match resp.parse(raw) {
-        Ok(httparse::Status::Complete(n)) => n,
-        _ => {
-            return fail(
-                out,
-                respond::BAD_GATEWAY,
-                "UpstreamError",
-                "the instance metadata service sent a malformed response",
-                persist,
-            );
-        }
-    };
-    if resp
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
-    {
-        return fail(
-            out,
-            respond::BAD_GATEWAY,
-            "UpstreamError",
-            "chunked upstream responses are not relayed",
-            persist,
-        );
+    let mut parsed = httparse::Response::new(&mut headers);
+    if !matches!(parsed.parse(&resp.raw), Ok(httparse::Status::Complete(_))) {
+        return 502;
     }
-    let code = resp.code.unwrap_or(502);
-    let body = if was_head { &[][..] } else { &raw[head..] };
-    let declared = resp
+    let body = &resp.raw[resp.head_len..];
+    let declared = parsed
         .headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("content-length"))
@@ -226,13 +145,18 @@ fn relay(raw: &[u8], out: &mut Vec<u8>, persist: Persist, head_only: bool, was_h
                 .parse::<usize>()
                 .ok()
         });
-    let len = if was_head {
-        declared.unwrap_or(0)
+    let len = if head_only {
+        declared.unwrap_or(body.len())
     } else {
         body.len()
     };
-    let _ = write!(out, "HTTP/1.1 {} {}\r\n", code, resp.reason.unwrap_or(""));
-    for h in resp.headers.iter() {
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        resp.status,
+        parsed.reason.unwrap_or("")
+    );
+    for h in parsed.headers.iter() {
         if is_hop_by_hop(h.name) {
             continue;
         }
@@ -251,7 +175,7 @@ fn relay(raw: &[u8], out: &mut Vec<u8>, persist: Persist, head_only: bool, was_h
     if !head_only {
         out.extend_from_slice(body);
     }
-    code
+    resp.status
 }
 
 #[cfg(test)]
@@ -260,24 +184,15 @@ mod tests {
 
     #[test]
     fn relay_strips_hop_by_hop_and_reframes() {
-        let raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\nKeep-Alive: x\r\nServer: EC2ws\r\nContent-Length: 5\r\n\r\nhello";
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\nKeep-Alive: x\r\nServer: EC2ws\r\nContent-Length: 5\r\n\r\nhello".to_vec();
+        let head_len = raw.len() - 5;
+        let resp = UpstreamResponse {
+            raw,
+            head_len,
+            status: 200,
+        };
         let mut out = Vec::new();
-        assert_eq!(relay(raw, &mut out, Persist::KeepAlive, false, false), 200);
-        assert_eq!(
-            out,
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nServer: EC2ws\r\nContent-Length: 5\r\n\r\nhello"
-        );
-    }
-
-    #[test]
-    fn complete_len_waits_for_the_whole_body() {
-        assert_eq!(
-            complete_len(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab"),
-            None
-        );
-        assert_eq!(
-            complete_len(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"),
-            Some(41)
-        );
+        assert_eq!(relay(&resp, &mut out, Persist::KeepAlive, false), 200);
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nServer: EC2ws\r\nContent-Length: 5\r\n\r\nhello");
     }
 }

@@ -113,18 +113,40 @@ pub enum Route<'a> {
     Ready,
     Metrics,
     DebugStore,
+    /// `PUT /latest/api/token`: mint a pod-bound IMDSv2 token.
+    Token,
+    /// `/{v}/api/token` for a version other than `latest`: 403, as IMDS does.
+    VersionedToken,
     /// `/{v}/meta-data/iam/security-credentials[/]`
     RoleList,
     /// `/{v}/meta-data/iam/security-credentials/{role}[/]`
     Credentials(&'a str),
-    /// Anything under `iam/` or any other credential-bearing path that iamlet does not
-    /// answer: 404, never forwarded.
+    /// `/{v}/meta-data/iam/security-credentials-extended/{role}[/]`: the pod's credentials
+    /// plus `AccountId`.
+    ExtendedCredentials(&'a str),
+    /// `/{v}/meta-data/iam/info`: synthesised from the pod's role.
+    IamInfo,
+    /// Anything else under `iam/`, identity credentials, any other spelling of a credential
+    /// path: 404, never forwarded.
     Denied,
+    /// `/{v}/user-data[/…]` (blocked by `--block-user-data`).
+    UserData,
     /// Everything else goes to the upstream metadata service.
     Forward,
 }
 
 const CREDS: &str = "meta-data/iam/security-credentials";
+const CREDS_EXT: &str = "meta-data/iam/security-credentials-extended";
+
+/// `…/{role}[/]` after a credentials prefix: `Some("")` for the listing.
+fn role_suffix<'a>(rest: &'a str, prefix: &str) -> Option<&'a str> {
+    let after = rest.strip_prefix(prefix)?;
+    if after.is_empty() || after == "/" {
+        return Some("");
+    }
+    let role = after.strip_prefix('/')?;
+    Some(role.strip_suffix('/').unwrap_or(role))
+}
 
 /// Routes a canonical path.
 pub fn route(path: &str) -> Route<'_> {
@@ -133,26 +155,48 @@ pub fn route(path: &str) -> Route<'_> {
         "/ready" => return Route::Ready,
         "/metrics" => return Route::Metrics,
         "/debug/store" => return Route::DebugStore,
+        "/latest/api/token" => return Route::Token,
         _ => {}
     }
     // "/{version}/…"
-    let rest = path
-        .strip_prefix('/')
-        .and_then(|p| p.split_once('/'))
-        .map(|(_, r)| r);
-    if let Some(after) = rest.and_then(|r| r.strip_prefix(CREDS)) {
-        if after.is_empty() || after == "/" {
-            return Route::RoleList;
-        }
-        if let Some(role) = after.strip_prefix('/') {
-            return Route::Credentials(role.strip_suffix('/').unwrap_or(role));
-        }
+    let Some((version, rest)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return if is_sensitive(path) {
+            Route::Denied
+        } else {
+            Route::Forward
+        };
+    };
+    if rest == "api/token" || rest == "api/token/" {
+        return if version == "latest" {
+            Route::Token
+        } else {
+            Route::VersionedToken
+        };
+    }
+    if let Some(role) = role_suffix(rest, CREDS_EXT) {
+        return if role.is_empty() {
+            Route::Denied
+        } else {
+            Route::ExtendedCredentials(role)
+        };
+    }
+    if let Some(role) = role_suffix(rest, CREDS) {
+        return if role.is_empty() {
+            Route::RoleList
+        } else {
+            Route::Credentials(role)
+        };
+    }
+    if rest == "meta-data/iam/info" || rest == "meta-data/iam/info/" {
+        return Route::IamInfo;
     }
     if is_sensitive(path) {
-        Route::Denied
-    } else {
-        Route::Forward
+        return Route::Denied;
     }
+    if rest == "user-data" || rest.starts_with("user-data/") {
+        return Route::UserData;
+    }
+    Route::Forward
 }
 
 /// Paths that must never reach the upstream whatever their spelling: IAM and identity
@@ -243,11 +287,22 @@ mod tests {
             route("/latest/meta-data/iam/security-credentials/team/app"),
             Route::Credentials("team/app")
         );
-        assert_eq!(route("/latest/meta-data/iam/info"), Route::Denied);
+        assert_eq!(route("/latest/meta-data/iam/info"), Route::IamInfo);
+        assert_eq!(route("/2009-04-04/meta-data/iam/info/"), Route::IamInfo);
         assert_eq!(
             route("/latest/meta-data/iam/security-credentials-extended/app"),
+            Route::ExtendedCredentials("app")
+        );
+        assert_eq!(
+            route("/latest/meta-data/iam/security-credentials-extended/"),
             Route::Denied
         );
+        assert_eq!(route("/latest/meta-data/iam/"), Route::Denied);
+        assert_eq!(route("/latest/meta-data/iam"), Route::Denied);
+        assert_eq!(route("/latest/api/token"), Route::Token);
+        assert_eq!(route("/2021-01-03/api/token"), Route::VersionedToken);
+        assert_eq!(route("/latest/user-data"), Route::UserData);
+        assert_eq!(route("/2009-04-04/user-data/"), Route::UserData);
         assert_eq!(
             route("/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance"),
             Route::Denied
@@ -258,7 +313,6 @@ mod tests {
         );
         assert_eq!(route("/meta-data/iam/security-credentials/"), Route::Denied);
         assert_eq!(route("/latest/meta-data/instance-id"), Route::Forward);
-        assert_eq!(route("/latest/user-data"), Route::Forward);
         assert_eq!(route("/healthz"), Route::Healthz);
         assert_eq!(route("/metrics"), Route::Metrics);
     }

@@ -108,21 +108,43 @@ async fn accept_loop(l: std::net::TcpListener, shared: Arc<Shared>, admin_only: 
         }
     };
     let worker = Rc::new(Worker::new(shared, admin_only));
+    let max = worker.shared.limits.max_connections;
+    let mut stop = std::pin::pin!(stopped(worker.clone()));
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                worker.metrics.connections.inc();
-                let _ = stream.set_nodelay(true);
-                monoio::spawn(conn::serve(
-                    stream,
-                    peer.ip().to_canonical(),
-                    worker.clone(),
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                monoio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
+        monoio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    worker.metrics.connections.inc();
+                    if worker.open_connections() >= max {
+                        worker.metrics.connections_rejected.inc();
+                        drop(stream);
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    monoio::spawn(conn::serve(stream, peer.ip().to_canonical(), worker.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            },
+            _ = &mut stop => break,
         }
+    }
+    // Graceful stop: no more accepts; idle keep-alive connections are closed, busy ones
+    // finish their answer, bounded by --shutdown-grace.
+    drop(listener);
+    worker.close_reads();
+    let deadline = std::time::Instant::now() + worker.shared.shutdown_grace;
+    while worker.open_connections() > 0 && std::time::Instant::now() < deadline {
+        monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Resolves once the process is stopping. Checks a flag every 50 ms: one timer per worker
+/// for its whole life, nothing per connection or request.
+async fn stopped(worker: Rc<Worker>) {
+    while !worker.stopping() {
+        monoio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
