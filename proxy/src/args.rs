@@ -2,7 +2,7 @@
 //! own. Every flag also reads an `IAMLET_*` environment variable.
 
 use crate::duration::parse_go_duration;
-use clap::{ArgAction, Args as ClapArgs, Parser, ValueEnum};
+use clap::{ArgAction, Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -170,17 +170,77 @@ pub struct NodeArgs {
     /// Add iptables rule (also requires --host-ip)
     #[arg(long, env = "IAMLET_IPTABLES", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub iptables: bool,
-    /// Host interface for proxying AWS metadata
+    /// Host interface for proxying AWS metadata: a name, `name+` (prefix wildcard), `!name`
+    /// (every interface but this one) or `auto` (detect the CNI's pod interfaces);
+    /// comma-separated or repeated, one DNAT rule each
     #[arg(
         long,
         env = "IAMLET_HOST_INTERFACE",
         default_value = "docker0",
-        value_name = "IFACE"
+        value_name = "IFACE",
+        value_delimiter = ',',
+        action = ArgAction::Append
     )]
-    pub host_interface: String,
+    pub host_interface: Vec<String>,
     /// IP address of host
     #[arg(long, env = "IAMLET_HOST_IP", value_name = "IP")]
     pub host_ip: Option<String>,
+    /// How often the iptables rule is checked and restored if removed or moved
+    #[arg(long, env = "IAMLET_IPTABLES_VERIFY_INTERVAL", default_value = "10s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub iptables_verify_interval: Duration,
+    /// Remove the iptables rule on exit (fail-open: pods reach the node's role while iamlet is down); by default it stays (fail-closed)
+    #[arg(long, env = "IAMLET_IPTABLES_REMOVE_ON_EXIT", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub iptables_remove_on_exit: bool,
+    /// iptables backend: the one the host uses (auto), or nft / legacy
+    #[arg(
+        long,
+        env = "IAMLET_IPTABLES_BACKEND",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub iptables_backend: IptablesBackend,
+    /// Also serve the IPv6 metadata address fd00:ec2::254: listen on [::] and, with --iptables, redirect it with ip6tables
+    #[arg(long, env = "IAMLET_IPV6", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub ipv6: bool,
+    /// IPv6 address of host for the ip6tables DNAT (default: REDIRECT to --app-port on the arriving interface)
+    #[arg(long, env = "IAMLET_HOST_IPV6", value_name = "IP")]
+    pub host_ipv6: Option<String>,
+}
+
+/// Which iptables implementation `--iptables` drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IptablesBackend {
+    /// The one the host already uses (rules present, kube-proxy's hint), else the system default.
+    Auto,
+    /// iptables-nft (nf_tables kernel API).
+    Nft,
+    /// iptables-legacy (x_tables kernel API).
+    Legacy,
+}
+
+/// Subcommands (kube2iam has none; without one, iamlet runs the agent).
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Remove every iptables rule and chain iamlet installed (IPv4 and IPv6, nft and legacy backends); exit 0 also when there was nothing
+    Cleanup(CleanupArgs),
+    /// Check this node's setup with the agent's flags: one line per check (OK, WARN or FAIL and what to do); exit 1 on any FAIL
+    Doctor(DoctorArgs),
+}
+
+/// `iamlet cleanup`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct CleanupArgs {
+    /// Also remove kube2iam's DNAT rules to the metadata address from nat PREROUTING
+    #[arg(long)]
+    pub kube2iam: bool,
+}
+
+/// `iamlet doctor`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct DoctorArgs {
+    /// Role (name or ARN) to AssumeRole as a test (default: --default-role; skipped without one)
+    #[arg(long, value_name = "ROLE")]
+    pub test_role: Option<String>,
 }
 
 /// IMDSv2 handling for pods.
@@ -326,6 +386,8 @@ pub struct Args {
     /// Parse and validate the flags, touch no network, exit 0 (valid) or 64 (invalid)
     #[arg(long, env = "IAMLET_CHECK_CONFIG", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub check_config: bool,
+    #[command(subcommand)]
+    pub command: Option<Command>,
 }
 
 #[cfg(test)]
@@ -341,7 +403,7 @@ mod tests {
         let a = parse(&[]).unwrap();
         assert_eq!(a.node.app_port, 8181);
         assert_eq!(a.node.metadata_addr, "169.254.169.254");
-        assert_eq!(a.node.host_interface, "docker0");
+        assert_eq!(a.node.host_interface, ["docker0"]);
         assert!(!a.node.iptables);
         assert_eq!(a.iam.iam_role_key, "iam.amazonaws.com/role");
         assert_eq!(a.iam.iam_external_id, "iam.amazonaws.com/external-id");
@@ -371,7 +433,7 @@ mod tests {
         assert!(a.iam.auto_discover_base_arn && a.node.iptables && a.iam.use_regional_sts_endpoint);
         assert!(a.iam.auto_discover_default_role);
         assert_eq!(a.node.host_ip.as_deref(), Some("10.0.0.1"));
-        assert_eq!(a.node.host_interface, "weave");
+        assert_eq!(a.node.host_interface, ["weave"]);
     }
 
     #[test]

@@ -65,11 +65,7 @@ impl Config {
                 "--iptables needs --host-ip to know where to redirect metadata traffic; add --host-ip=$(HOST_IP) (status.hostIP from the Downward API).",
             ));
         }
-        if a.node.host_interface.trim().is_empty() {
-            return Err(err(
-                "--host-interface is empty; name the pods' interface (e.g. cali+, eni+, weave, cni0).",
-            ));
-        }
+        crate::node::validate(&a.node, host_ip).map_err(err)?;
         let metadata_hostport = metadata_hostport(&a.node.metadata_addr)?;
         let workers = match a.proxy.workers {
             Some(0) => {

@@ -45,6 +45,9 @@ fn main() {
             std::process::exit(EX_USAGE);
         }
     };
+    if let Some(cmd) = &args.command {
+        std::process::exit(iamlet::node::run_command(cmd, &args));
+    }
     let config = match Config::validate(args) {
         Ok(c) => c,
         Err(e) => {
@@ -83,9 +86,14 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         workers,
         metrics_port,
         metadata_hostport,
+        host_ip,
         ..
     } = config;
     let upstream = config::resolve_metadata(&metadata_hostport)?;
+    // --iptables: interfaces and backend checked now; the rule goes in once we listen.
+    let node_ready = Arc::new(AtomicBool::new(!args.node.iptables));
+    let redirect = iamlet::node::prepare(&args.node, host_ip, node_ready.clone())
+        .map_err(anyhow::Error::msg)?;
     let mut base_arn = args.iam.base_role_arn.clone();
     let mut default_role = args.iam.default_role.clone();
     if args.iam.auto_discover_base_arn || args.iam.auto_discover_default_role {
@@ -138,12 +146,23 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         &mut registry,
     )?;
     let metrics = ProxyMetrics::register(&mut registry);
+    if let Some(r) = &redirect {
+        r.metrics().register(&mut registry);
+    }
 
     let driver = server::resolve_driver(args.proxy.io_driver).map_err(anyhow::Error::msg)?;
     let app_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.node.app_port));
     let app = server::bind(app_addr, workers)
         .map_err(|e| bind_error(e, args.node.app_port, "--app-port"))?;
     let app_bound = app[0].local_addr().context("listener address")?;
+    let app6 = if args.node.ipv6 {
+        Some(
+            iamlet::node::bind_v6(app_bound.port(), workers)
+                .map_err(|e| bind_error(e, app_bound.port(), "--app-port"))?,
+        )
+    } else {
+        None
+    };
     let admin = if metrics_port != args.node.app_port {
         let l = server::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, metrics_port)), 1)
             .map_err(|e| bind_error(e, metrics_port, "--metrics-port"))?;
@@ -186,21 +205,30 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         policy: args.proxy.metadata_policy,
         allow_paths,
         block_user_data: args.proxy.block_user_data,
-        node_ready: Arc::new(AtomicBool::new(true)),
+        node_ready,
         stopping: stopping.clone(),
         shutdown_grace: args.proxy.shutdown_grace,
     });
     let mut threads = server::spawn("iamlet-worker", app, shared.clone(), driver, false)?;
+    if let Some(app6) = app6 {
+        threads.extend(server::spawn("iamlet-worker6", app6, shared.clone(), driver, false)?);
+    }
     if let Some(admin) = admin {
         let bound = admin[0].local_addr()?;
         threads.extend(server::spawn("iamlet-admin", admin, shared, driver, true)?);
         tracing::info!(addr = %bound, "admin listening");
+    }
+    if let Some(r) = &redirect {
+        iamlet::node::start(r, args.node.iptables_verify_interval).map_err(anyhow::Error::msg)?;
     }
     tracing::info!(addr = %app_bound, workers, %driver, "listening");
 
     let sig = signals.wait().context("waiting for signals")?;
     tracing::info!(signal = ?sig, grace = ?args.proxy.shutdown_grace, "stopping: no new connections, finishing in-flight requests");
     stopping.store(true, Ordering::SeqCst);
+    if let Some(r) = &redirect {
+        r.stop();
+    }
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for t in threads {
@@ -219,9 +247,8 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
 
 fn bind_error(e: std::io::Error, port: u16, flag: &str) -> anyhow::Error {
     if e.kind() == std::io::ErrorKind::AddrInUse {
-        anyhow::anyhow!(
-            "port {port} is already in use on this node; free it or choose other ports with --app-port and --metrics-port (and the DaemonSet's hostPort), e.g. --app-port=8182 --metrics-port=8183"
-        )
+        let holders = iamlet::node::port::holder_of(port);
+        anyhow::anyhow!(iamlet::node::port::in_use_sentence(port, flag, &holders))
     } else {
         anyhow::anyhow!("cannot listen on {flag} {port}: {e}")
     }

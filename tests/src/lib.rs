@@ -8,6 +8,7 @@ pub mod drivers;
 pub mod iamlet;
 pub mod imds;
 pub mod moto;
+pub mod netns;
 pub mod process;
 pub mod python;
 pub mod util;

@@ -50,6 +50,7 @@ struct Shared {
 #[derive(Debug, Default, Clone)]
 pub struct FakeImdsBuilder {
     require_token: bool,
+    bind: Option<SocketAddr>,
 }
 
 impl FakeImdsBuilder {
@@ -59,8 +60,19 @@ impl FakeImdsBuilder {
         self
     }
 
+    /// Listens on `addr` instead of 127.0.0.1:0 (the node-integration tests bind
+    /// 169.254.169.254:80 inside a test network namespace). Dropping the fake connects to this
+    /// address once to stop it: drop it where that address is the fake's (`Netns::own`).
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = Some(addr);
+        self
+    }
+
     pub fn start(self) -> FakeImds {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake IMDS");
+        let addr = self
+            .bind
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let listener = TcpListener::bind(addr).expect("bind fake IMDS");
         let addr = listener.local_addr().expect("local_addr");
         let shared = Arc::new(Shared::default());
         shared
