@@ -150,6 +150,13 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         r.metrics().register(&mut registry);
     }
 
+    // A listener with SO_REUSEPORT (ours have it) would silently share the port with another.
+    for (port, flag) in [
+        (args.node.app_port, "--app-port"),
+        (metrics_port, "--metrics-port"),
+    ] {
+        iamlet::node::port::check_not_shared(port, flag).map_err(anyhow::Error::msg)?;
+    }
     let driver = server::resolve_driver(args.proxy.io_driver).map_err(anyhow::Error::msg)?;
     let app_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.node.app_port));
     let app = server::bind(app_addr, workers)

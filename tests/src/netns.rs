@@ -47,7 +47,8 @@ pub fn available(test: &str) -> bool {
         None => true,
         Some(why) if is_ci() => panic!("{test}: network-namespace tests must run in CI: {why}"),
         Some(why) => {
-            eprintln!("SKIPPED: {test}: {why}");
+            // Straight to fd 2: the test harness captures `eprintln!` of passing tests.
+            let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
             false
         }
     }

@@ -537,41 +537,61 @@ fn a_deleted_moved_or_emptied_rule_is_restored_within_the_verify_interval() {
 fn wildcard_negation_and_several_interfaces_reach_the_right_pods_only() {
     require_netns!("wildcard_negation_and_several_interfaces_reach_the_right_pods_only");
     let ifaces = ["cali1", "cali2", "eni1", "weave"];
-    let mut node = Node::builder(&ifaces).build();
-    let cases: &[(&[&str], &[&str])] = &[
-        (&["--host-interface=cali+"], &["cali1", "cali2"]),
-        (&["--host-interface=!eni1"], &["cali1", "cali2", "weave"]),
-        (&["--host-interface=cali1,weave"], &["cali1", "weave"]),
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        ("cali+", &["--host-interface=cali+"], &["cali1", "cali2"]),
         (
+            "!eni1",
+            &["--host-interface=!eni1"],
+            &["cali1", "cali2", "weave"],
+        ),
+        (
+            "cali1,weave",
+            &["--host-interface=cali1,weave"],
+            &["cali1", "weave"],
+        ),
+        (
+            "cali2 eni1",
             &["--host-interface=cali2", "--host-interface=eni1"],
             &["cali2", "eni1"],
         ),
         (
+            "auto",
             &["--host-interface=auto"],
             &["cali1", "cali2", "eni1", "weave"],
         ),
     ];
-    for (flags, redirected) in cases {
-        node.start(flags);
-        for iface in ifaces {
-            let got = seen(node.pod(iface));
-            let want = if redirected.contains(&iface) {
-                Seen::Iamlet(role_of(iface))
-            } else {
-                Seen::NodeRole
-            };
-            assert_eq!(got, want, "{flags:?}: pod on {iface}");
+    for backend in ["nft", "legacy"] {
+        let mut node = Node::builder(&ifaces).build();
+        let tool = format!("iptables-{backend}");
+        let chosen = format!("--iptables-backend={backend}");
+        for (name, flags, redirected) in cases {
+            let mut all = flags.to_vec();
+            all.push(&chosen);
+            node.start(&all);
+            for iface in ifaces {
+                let got = seen(node.pod(iface));
+                let want = if redirected.contains(&iface) {
+                    Seen::Iamlet(role_of(iface))
+                } else {
+                    Seen::NodeRole
+                };
+                assert_eq!(got, want, "{backend} {name}: pod on {iface}");
+            }
+            let (jumps, _) = node.count(&tool);
+            assert_eq!(jumps, 1, "{backend} {name}");
         }
-        let (jumps, _) = node.count("iptables-nft");
-        assert_eq!(jumps, 1, "{flags:?}");
+        // auto logged what it chose, one rule per detected convention.
+        assert!(
+            node.iamlet().wait_for_log("cali+ (Calico)", Duration::ZERO),
+            "{}",
+            node.iamlet().log()
+        );
+        assert_eq!(
+            node.count(&tool).1.len(),
+            3,
+            "{backend}: cali+, eni+, weave"
+        );
     }
-    // auto logged what it chose.
-    assert!(
-        node.iamlet().wait_for_log("cali+ (Calico)", Duration::ZERO),
-        "{}",
-        node.iamlet().log()
-    );
-    assert_eq!(node.count("iptables-nft").1.len(), 3, "cali+, eni+, weave");
 }
 
 #[test]

@@ -162,6 +162,16 @@ fn check_interfaces(args: &Args, emit: &mut impl FnMut(Check)) -> Option<Vec<Ifa
             return None;
         }
     };
+    if !args.node.iptables {
+        emit(Check::ok(
+            N,
+            format!(
+                "--host-interface is only used with --iptables ({})",
+                hint(&existing)
+            ),
+        ));
+        return None;
+    }
     let (matches, auto) = match iface::resolve(&args.node.host_interface, &existing) {
         Ok(r) => r,
         Err(sentence) => {

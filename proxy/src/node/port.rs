@@ -107,6 +107,25 @@ pub fn in_use_sentence(port: u16, flag: &str, holders: &[Holder]) -> String {
     )
 }
 
+/// Before binding `port`: Err (the in-use sentence) when a process other than iamlet already
+/// listens on it — with SO_REUSEPORT on both sides the bind would succeed and the kernel would
+/// silently split connections between them. Another iamlet (an upgrade overlapping with its
+/// predecessor) is allowed and logged. Port 0 and holders not visible from here pass (the
+/// bind itself then decides).
+pub fn check_not_shared(port: u16, flag: &str) -> Result<(), String> {
+    if port == 0 {
+        return Ok(());
+    }
+    let holders = holder_of(port);
+    if holders.iter().any(|h| h.name != "iamlet") {
+        return Err(in_use_sentence(port, flag, &holders));
+    }
+    for h in &holders {
+        tracing::warn!(port, holder = %h, "another iamlet listens on this port; connections are shared until it exits");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,5 +171,11 @@ mod tests {
         let h = holder_of(port);
         assert!(h.iter().any(|h| h.pid == std::process::id()), "{h:?}");
         assert!(in_use(port));
+        let e = check_not_shared(port, "--app-port").unwrap_err();
+        assert!(
+            e.starts_with(&format!("port {port} (--app-port) is already in use")),
+            "{e}"
+        );
+        assert_eq!(check_not_shared(0, "--app-port"), Ok(()));
     }
 }
