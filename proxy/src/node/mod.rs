@@ -36,6 +36,11 @@ pub fn validate(node: &NodeArgs, host_ip: Option<IpAddr>) -> Result<(), String> 
             "--iptables-verify-interval must be greater than 0; use e.g. 10s (how often the rule is checked and restored).".into(),
         );
     }
+    if node.iptables && node.app_port == 0 {
+        return Err(
+            "--app-port=0 picks a random port, which the iptables rule cannot point at; give --iptables a fixed --app-port (e.g. 8181).".into(),
+        );
+    }
     if node.iptables && host_ip.is_some_and(|ip| ip.is_ipv6()) {
         return Err(
             "--host-ip must be the node's IPv4 address for the iptables rule; give the IPv6 one with --host-ipv6 (and --ipv6).".into(),
@@ -183,6 +188,7 @@ mod tests {
                 "--host-ipv6 \"10.0.0.1\"",
             ),
             (&["--host-ipv6=fd00::1"], v4, "only used with --ipv6"),
+            (&["--iptables", "--app-port=0"], v4, "--app-port=0"),
         ];
         for (args, ip, want) in cases {
             let e = validate(&node(args), *ip).unwrap_err();
