@@ -246,6 +246,12 @@ async fn credentials(r: &mut Req<'_, '_>, rt: Route<'_>) {
     let Some(id) = w.wait_identity(r.peer).await else {
         return r.not_found(label);
     };
+    if let Some(reason) = &id.denied {
+        // A namespace restriction: refused at once, with the reason, and an Event on the pod.
+        w.shared.handle.report_denied(&id);
+        let body = format!("Forbidden: {reason}\n");
+        return r.text(label, respond::FORBIDDEN, body.as_bytes());
+    }
     let Some(role) = id.role.as_ref() else {
         return r.not_found(label);
     };
@@ -282,6 +288,7 @@ async fn credentials(r: &mut Req<'_, '_>, rt: Route<'_>) {
         }
         CredAnswer::Ready { body, .. } => r.text(label, respond::OK, body),
         CredAnswer::Failed { status, body, .. } => {
+            w.shared.handle.report_credential_error(&id);
             let s = if *status == 500 {
                 respond::INTERNAL
             } else {

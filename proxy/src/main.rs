@@ -134,6 +134,19 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
                 role: args.iam.iam_role_key.clone(),
                 external_id: args.iam.iam_external_id.clone(),
             },
+            restrictions: args.iam.namespace_restrictions.then(|| {
+                iamlet_resolver::NamespaceRestrictions {
+                    key: args.iam.namespace_key.clone(),
+                    format: match args.iam.namespace_restriction_format {
+                        iamlet::args::RestrictionFormat::Glob => {
+                            iamlet_resolver::RestrictionFormat::Glob
+                        }
+                        iamlet::args::RestrictionFormat::Regexp => {
+                            iamlet_resolver::RestrictionFormat::Regexp
+                        }
+                    },
+                }
+            }),
             source,
             creds: CredPolicy {
                 session_ttl: args.iam.iam_role_session_ttl,

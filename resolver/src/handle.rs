@@ -1,18 +1,36 @@
-//! The handle the data plane uses: a lock-free snapshot reader, waiting for an IP, and
-//! readiness. No tokio or kube type appears in its public signatures.
+//! The handle the data plane uses: a lock-free snapshot reader, waiting for an IP, readiness,
+//! reporting denials and credential errors as Kubernetes Events, and the `/debug/store`
+//! dump. No tokio or kube type appears in its public signatures.
 
+use crate::events::{Report, ReportKind};
 use crate::snapshot::{Identity, Snapshot};
 use arc_swap::{ArcSwap, Cache};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tokio::sync::Notify;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+use tokio::sync::{Notify, mpsc};
+
+/// What `/debug/store` shows besides the snapshot; written after each publish.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct DebugInfo {
+    /// The `resourceVersion` of the last pod event applied (the snapshot reflects at least
+    /// this version).
+    pub(crate) resource_version: Option<String>,
+    /// Allowed-role patterns by namespace (only with namespace restrictions).
+    pub(crate) namespaces: Arc<BTreeMap<String, Vec<String>>>,
+}
 
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) snapshot: Arc<ArcSwap<Snapshot>>,
     pub(crate) published: Notify,
     ready: AtomicBool,
+    pub(crate) debug: Mutex<DebugInfo>,
+    /// Denials and credential errors to turn into Kubernetes Events (set at start).
+    pub(crate) reports: OnceLock<mpsc::Sender<Report>>,
+    pub(crate) started: Instant,
 }
 
 impl Shared {
@@ -21,6 +39,9 @@ impl Shared {
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             published: Notify::new(),
             ready: AtomicBool::new(false),
+            debug: Mutex::new(DebugInfo::default()),
+            reports: OnceLock::new(),
+            started: Instant::now(),
         })
     }
 
@@ -30,6 +51,10 @@ impl Shared {
 
     pub(crate) fn mark_ready(&self) {
         self.ready.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn set_debug(&self, info: DebugInfo) {
+        *self.debug.lock().unwrap_or_else(|e| e.into_inner()) = info;
     }
 }
 
@@ -86,21 +111,72 @@ impl Handle {
         }
     }
 
-    /// The index as JSON (`--debug` only): IP → namespace, pod, role.
+    /// A request from `identity` was refused by a namespace restriction: records an
+    /// `IamRoleDenied` Event on the pod (at most one per pod a minute). Never blocks.
+    pub fn report_denied(&self, identity: &Arc<Identity>) {
+        self.report(identity, ReportKind::Denied);
+    }
+
+    /// A request from `identity` was answered with an STS failure: records an
+    /// `IamCredentialError` Event on the pod (at most one per pod a minute). Never blocks.
+    pub fn report_credential_error(&self, identity: &Arc<Identity>) {
+        self.report(identity, ReportKind::CredentialError);
+    }
+
+    fn report(&self, identity: &Arc<Identity>, kind: ReportKind) {
+        let now_ms = self.shared.started.elapsed().as_millis() as u64 + 1;
+        let every = crate::events::EVERY.as_millis() as u64;
+        if !identity.claim_report(kind as usize, now_ms, every) {
+            return;
+        }
+        if let Some(tx) = self.shared.reports.get() {
+            // A full queue drops the report: events are advisory, requests never wait.
+            let _ = tx.try_send(Report {
+                kind,
+                identity: identity.clone(),
+            });
+        }
+    }
+
+    /// The index as JSON (`--debug` only). kube2iam's keys (`rolesByIP`, `namespaceByIP`,
+    /// `rolesByNamespace`) plus `pods` (IP → namespace, pod, UID, role ARN, denial) and the
+    /// `resourceVersion` of the last pod event the snapshot reflects.
     pub fn store_json(&self) -> String {
+        // Read the debug info first: the snapshot loaded after it is at least as new.
+        let info = self
+            .shared
+            .debug
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let snap = self.snapshot();
-        let mut rows: Vec<_> = snap
-            .iter()
-            .map(|(ip, id)| {
-                serde_json::json!({
-                    "ip": ip.to_string(),
-                    "namespace": id.namespace,
-                    "pod": id.pod,
-                    "role": id.role.as_ref().map(|r| r.arn.clone()),
-                })
-            })
-            .collect();
-        rows.sort_by(|a, b| a["ip"].as_str().cmp(&b["ip"].as_str()));
-        serde_json::to_string_pretty(&rows).unwrap_or_default()
+        let mut rows: Vec<(IpAddr, &Arc<Identity>)> =
+            snap.iter().map(|(ip, id)| (*ip, id)).collect();
+        rows.sort_by_key(|(ip, _)| *ip);
+        let mut roles_by_ip = serde_json::Map::new();
+        let mut ns_by_ip = serde_json::Map::new();
+        let mut pods = Vec::with_capacity(rows.len());
+        for (ip, id) in rows {
+            let ip = ip.to_string();
+            let arn = id.role.as_ref().map(|r| r.arn.clone());
+            roles_by_ip.insert(ip.clone(), arn.clone().unwrap_or_default().into());
+            ns_by_ip.insert(ip.clone(), id.namespace.clone().into());
+            pods.push(serde_json::json!({
+                "ip": ip,
+                "namespace": id.namespace,
+                "pod": id.pod,
+                "uid": id.uid,
+                "role": arn,
+                "denied": id.denied.as_deref(),
+            }));
+        }
+        serde_json::to_string_pretty(&serde_json::json!({
+            "rolesByIP": roles_by_ip,
+            "namespaceByIP": ns_by_ip,
+            "rolesByNamespace": &*info.namespaces,
+            "pods": pods,
+            "resourceVersion": info.resource_version,
+        }))
+        .unwrap_or_default()
     }
 }

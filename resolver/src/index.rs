@@ -1,54 +1,157 @@
-//! The pod index: a pure state machine of the node's pods (`apply`, `delete`, `reset`),
-//! and the rule that picks one owner per IP. No IO.
+//! The pod index: a pure state machine of the node's pods and namespaces (`apply`, `delete`,
+//! `reset`), the rule that picks one owner per IP, and the set of changes since the last
+//! publish so a snapshot can be rebuilt incrementally. No IO.
 
 use crate::pod::{NamespaceInfo, Phase, PodInfo};
-use ahash::AHashMap;
+use ahash::{AHashMap, AHashSet};
 use std::net::IpAddr;
 
-/// Every pod and namespace the source reported, keyed by UID / name.
+/// What changed since the last [`PodIndex::take_changes`].
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// UIDs of pods added, updated or removed.
+    pub pods: AHashSet<String>,
+    /// IPs whose claimants (or a claimant's rank) changed.
+    pub ips: AHashSet<IpAddr>,
+    /// Namespaces added, updated or removed.
+    pub namespaces: AHashSet<String>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty() && self.ips.is_empty() && self.namespaces.is_empty()
+    }
+}
+
+/// Every pod and namespace the source reported, keyed by UID / name, plus the pods claiming
+/// each IP.
 #[derive(Debug, Default)]
 pub struct PodIndex {
     pods: AHashMap<String, PodInfo>,
+    /// Mappable pods claiming each IP (almost always exactly one).
+    claims: AHashMap<IpAddr, Vec<String>>,
     namespaces: AHashMap<String, NamespaceInfo>,
+    changes: Changes,
 }
 
 impl PodIndex {
-    /// Adds or replaces a pod (by UID). Terminal pods are removed.
+    /// Adds or replaces a pod (by UID). Terminal pods are removed. An identical update is a
+    /// no-op (relists and duplicate deliveries change nothing).
     pub fn apply(&mut self, pod: PodInfo) {
         if pod.phase == Phase::Terminal {
-            self.pods.remove(&pod.uid);
-        } else {
-            self.pods.insert(pod.uid.clone(), pod);
+            self.delete(&pod.uid);
+            return;
+        }
+        if self.pods.get(&pod.uid) == Some(&pod) {
+            return;
+        }
+        if let Some(old) = self.pods.remove(&pod.uid) {
+            self.unclaim(&old);
+        }
+        self.claim(&pod);
+        self.changes.pods.insert(pod.uid.clone());
+        self.pods.insert(pod.uid.clone(), pod);
+    }
+
+    /// Removes a pod by UID; its IPs stay with any other pod claiming them.
+    pub fn delete(&mut self, uid: &str) {
+        if let Some(old) = self.pods.remove(uid) {
+            self.unclaim(&old);
+            self.changes.pods.insert(old.uid);
         }
     }
 
-    /// Removes a pod by UID.
-    pub fn delete(&mut self, uid: &str) {
-        self.pods.remove(uid);
-    }
-
-    /// Replaces every pod (a relist).
+    /// Replaces every pod (a relist): pods not in `pods` are deleted, the others applied, so
+    /// only real differences show up as changes.
     pub fn reset(&mut self, pods: impl IntoIterator<Item = PodInfo>) {
-        self.pods.clear();
+        let pods: Vec<PodInfo> = pods.into_iter().collect();
+        let keep: AHashSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|uid| !keep.contains(uid.as_str()))
+            .cloned()
+            .collect();
+        drop(keep);
+        for uid in gone {
+            self.delete(&uid);
+        }
         for p in pods {
             self.apply(p);
         }
     }
 
+    fn claim(&mut self, pod: &PodInfo) {
+        if !pod.is_mappable() {
+            return;
+        }
+        for ip in &pod.ips {
+            self.claims.entry(*ip).or_default().push(pod.uid.clone());
+            self.changes.ips.insert(*ip);
+        }
+    }
+
+    fn unclaim(&mut self, pod: &PodInfo) {
+        if !pod.is_mappable() {
+            return;
+        }
+        for ip in &pod.ips {
+            if let Some(uids) = self.claims.get_mut(ip) {
+                uids.retain(|u| *u != pod.uid);
+                if uids.is_empty() {
+                    self.claims.remove(ip);
+                }
+            }
+            self.changes.ips.insert(*ip);
+        }
+    }
+
     pub fn apply_namespace(&mut self, ns: NamespaceInfo) {
-        self.namespaces.insert(ns.name.clone(), ns);
+        if self.namespaces.get(&ns.name) != Some(&ns) {
+            self.changes.namespaces.insert(ns.name.clone());
+            self.namespaces.insert(ns.name.clone(), ns);
+        }
     }
 
     pub fn delete_namespace(&mut self, name: &str) {
-        self.namespaces.remove(name);
+        if self.namespaces.remove(name).is_some() {
+            self.changes.namespaces.insert(name.to_owned());
+        }
     }
 
+    /// Replaces every namespace (a relist), recording only real differences.
     pub fn reset_namespaces(&mut self, nss: impl IntoIterator<Item = NamespaceInfo>) {
-        self.namespaces = nss.into_iter().map(|n| (n.name.clone(), n)).collect();
+        let nss: Vec<NamespaceInfo> = nss.into_iter().collect();
+        let keep: AHashSet<&str> = nss.iter().map(|n| n.name.as_str()).collect();
+        let gone: Vec<String> = self
+            .namespaces
+            .keys()
+            .filter(|n| !keep.contains(n.as_str()))
+            .cloned()
+            .collect();
+        drop(keep);
+        for n in gone {
+            self.delete_namespace(&n);
+        }
+        for ns in nss {
+            self.apply_namespace(ns);
+        }
     }
 
     pub fn namespace(&self, name: &str) -> Option<&NamespaceInfo> {
         self.namespaces.get(name)
+    }
+
+    pub fn namespaces(&self) -> impl Iterator<Item = &NamespaceInfo> {
+        self.namespaces.values()
+    }
+
+    pub fn pod(&self, uid: &str) -> Option<&PodInfo> {
+        self.pods.get(uid)
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &PodInfo> {
+        self.pods.values()
     }
 
     pub fn len(&self) -> usize {
@@ -59,126 +162,39 @@ impl PodIndex {
         self.pods.is_empty()
     }
 
-    /// One owner per IP: hostNetwork and terminal pods never own one; otherwise Running beats
-    /// Pending/Unknown, then the newer creationTimestamp, then the UID (deterministic).
+    /// The changes recorded since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// The owner of one IP: hostNetwork and terminal pods never own one; otherwise a pod that
+    /// is not terminating beats one that is, Running beats Pending/Unknown, then the newer
+    /// creationTimestamp, then the UID (deterministic).
+    pub fn owner(&self, ip: &IpAddr) -> Option<&PodInfo> {
+        self.claims
+            .get(ip)?
+            .iter()
+            .filter_map(|uid| self.pods.get(uid))
+            .max_by(|a, b| rank(a).cmp(&rank(b)))
+    }
+
+    /// Every IP's owner (see [`PodIndex::owner`]).
     pub fn owners(&self) -> AHashMap<IpAddr, &PodInfo> {
-        let mut owners: AHashMap<IpAddr, &PodInfo> = AHashMap::with_capacity(self.pods.len());
-        for pod in self.pods.values().filter(|p| p.is_mappable()) {
-            for ip in &pod.ips {
-                owners
-                    .entry(*ip)
-                    .and_modify(|cur| {
-                        if rank(pod) > rank(cur) {
-                            *cur = pod;
-                        }
-                    })
-                    .or_insert(pod);
-            }
-        }
-        owners
+        self.claims
+            .keys()
+            .filter_map(|ip| Some((*ip, self.owner(ip)?)))
+            .collect()
     }
 }
 
-fn rank(p: &PodInfo) -> (bool, i64, &str) {
-    (p.phase == Phase::Running, p.created, p.uid.as_str())
+fn rank(p: &PodInfo) -> (bool, bool, i64, &str) {
+    (
+        !p.terminating,
+        p.phase == Phase::Running,
+        p.created,
+        p.uid.as_str(),
+    )
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    pub(crate) fn mk_pod(uid: &str, ip: &str, phase: Phase, created: i64) -> PodInfo {
-        PodInfo {
-            uid: uid.into(),
-            namespace: "ns".into(),
-            name: format!("pod-{uid}"),
-            ips: vec![ip.parse().unwrap()],
-            phase,
-            host_network: false,
-            created,
-            terminating: false,
-            role: Some(format!("role-{uid}")),
-            external_id: None,
-            service_account: None,
-        }
-    }
-
-    fn owner_of<'a>(idx: &'a PodIndex, ip: &str) -> Option<&'a str> {
-        idx.owners()
-            .get(&ip.parse::<IpAddr>().unwrap())
-            .map(|p| p.uid.as_str())
-    }
-
-    #[test]
-    fn pod_with_ip_is_indexed_and_delete_removes_it() {
-        let mut idx = PodIndex::default();
-        idx.apply(mk_pod("a", "10.0.0.1", Phase::Running, 1));
-        assert_eq!(owner_of(&idx, "10.0.0.1"), Some("a"));
-        idx.delete("a");
-        assert_eq!(owner_of(&idx, "10.0.0.1"), None);
-    }
-
-    #[test]
-    fn running_beats_pending_then_newer_wins() {
-        let mut idx = PodIndex::default();
-        idx.apply(mk_pod("old-running", "10.0.0.1", Phase::Running, 1));
-        idx.apply(mk_pod("new-pending", "10.0.0.1", Phase::Pending, 5));
-        assert_eq!(owner_of(&idx, "10.0.0.1"), Some("old-running"));
-        idx.apply(mk_pod("new-running", "10.0.0.1", Phase::Running, 9));
-        assert_eq!(owner_of(&idx, "10.0.0.1"), Some("new-running"));
-    }
-
-    #[test]
-    fn delete_of_a_previous_owner_keeps_the_current_owner() {
-        let mut idx = PodIndex::default();
-        idx.apply(mk_pod("old", "10.0.0.1", Phase::Running, 1));
-        idx.apply(mk_pod("new", "10.0.0.1", Phase::Running, 2));
-        idx.delete("old");
-        assert_eq!(owner_of(&idx, "10.0.0.1"), Some("new"));
-    }
-
-    #[test]
-    fn terminal_update_removes_the_pod() {
-        let mut idx = PodIndex::default();
-        idx.apply(mk_pod("a", "10.0.0.1", Phase::Running, 1));
-        idx.apply(mk_pod("a", "10.0.0.1", Phase::Terminal, 1));
-        assert!(idx.is_empty());
-    }
-
-    #[test]
-    fn host_network_pods_are_never_owners() {
-        let mut idx = PodIndex::default();
-        let mut p = mk_pod("h", "10.0.0.9", Phase::Running, 1);
-        p.host_network = true;
-        idx.apply(p);
-        assert_eq!(owner_of(&idx, "10.0.0.9"), None);
-    }
-
-    #[test]
-    fn terminating_pods_keep_their_identity() {
-        let mut idx = PodIndex::default();
-        let mut p = mk_pod("t", "10.0.0.3", Phase::Running, 1);
-        p.terminating = true;
-        idx.apply(p);
-        assert_eq!(owner_of(&idx, "10.0.0.3"), Some("t"));
-    }
-
-    #[test]
-    fn reset_replaces_everything() {
-        let mut idx = PodIndex::default();
-        idx.apply(mk_pod("a", "10.0.0.1", Phase::Running, 1));
-        idx.reset([mk_pod("b", "10.0.0.2", Phase::Running, 1)]);
-        assert_eq!(owner_of(&idx, "10.0.0.1"), None);
-        assert_eq!(owner_of(&idx, "10.0.0.2"), Some("b"));
-    }
-
-    #[test]
-    fn every_ip_of_a_dual_stack_pod_maps_to_it() {
-        let mut idx = PodIndex::default();
-        let mut p = mk_pod("d", "10.0.0.4", Phase::Running, 1);
-        p.ips.push("fd00::4".parse().unwrap());
-        idx.apply(p);
-        assert_eq!(owner_of(&idx, "10.0.0.4"), Some("d"));
-        assert_eq!(owner_of(&idx, "fd00::4"), Some("d"));
-    }
-}
+mod tests;

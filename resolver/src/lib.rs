@@ -3,20 +3,25 @@
 //! immutable IP → identity snapshot the data plane reads without locks. It serves no HTTP.
 
 pub mod creds;
+mod events;
 pub mod handle;
 pub mod index;
 pub mod metrics;
 pub mod pod;
 pub mod render;
+pub mod restrict;
 pub mod roles;
 pub mod snapshot;
 pub mod source;
+#[doc(hidden)]
+pub mod standalone;
 mod state;
 
 pub use creds::manager::CredPolicy;
 pub use creds::{CredAnswer, CredKey, CredSlot};
 pub use handle::{Handle, SnapshotReader};
 pub use pod::AnnotationKeys;
+pub use restrict::{NamespaceRestrictions, RestrictionFormat};
 pub use roles::RoleRules;
 pub use snapshot::{Identity, RoleEntry, Snapshot};
 
@@ -55,6 +60,8 @@ pub enum PodSource {
 pub struct Config {
     pub rules: RoleRules,
     pub keys: AnnotationKeys,
+    /// `--namespace-restrictions` (with its key and format); `None` when off.
+    pub restrictions: Option<NamespaceRestrictions>,
     pub source: PodSource,
     pub creds: CredPolicy,
     /// `host[:port]` of the instance metadata service, for the agent's own region and
@@ -79,6 +86,7 @@ impl Resolver {
 /// Starts the resolver on its own thread (`iamlet-resolver`, a current-thread tokio runtime).
 pub fn start(config: Config, registry: &mut Registry) -> Result<Resolver, StartError> {
     let metrics = ResolverMetrics::register(registry);
+    let watch = metrics::WatchMetrics::register(registry);
     let shared = handle::Shared::new();
     let handle = Handle::new(shared.clone());
     let (tx, rx) = std_mpsc::channel();
@@ -95,7 +103,7 @@ pub fn start(config: Config, registry: &mut Registry) -> Result<Resolver, StartE
                     return;
                 }
             };
-            rt.block_on(run(config, shared, metrics, tx));
+            rt.block_on(run(config, shared, metrics, watch, tx));
         })
         .map_err(StartError::Thread)?;
     Ok(Resolver {
@@ -108,11 +116,13 @@ async fn run(
     config: Config,
     shared: Arc<handle::Shared>,
     metrics: ResolverMetrics,
+    watch: metrics::WatchMetrics,
     tx: std_mpsc::Sender<Result<(), StartError>>,
 ) {
     let Config {
         rules,
         keys,
+        restrictions,
         source,
         creds,
         metadata_addr,
@@ -133,12 +143,20 @@ async fn run(
         Arc::new(creds),
         metrics.clone(),
     ));
-    let st = state::State::new(rules, req_tx, shared, metrics.clone());
+    let (report_tx, report_rx) = tokio::sync::mpsc::channel(events::QUEUE);
+    let _ = shared.reports.set(report_tx);
+    let st = state::State::new(rules, req_tx, shared, metrics.clone())
+        .with_restrictions(restrictions);
     let first = move |r| {
         let _ = tx.send(r);
     };
     match source {
-        PodSource::File(path) => source::file::run(path, keys, st, metrics, first).await,
-        PodSource::Kube(opts) => source::kube::run(opts, keys, st, metrics, first).await,
+        PodSource::File(path) => {
+            tokio::spawn(events::run(report_rx, None, String::new()));
+            source::file::run(path, keys, st, metrics, first).await
+        }
+        PodSource::Kube(opts) => {
+            source::kube::run(opts, keys, st, metrics, watch, report_rx, first).await
+        }
     }
 }

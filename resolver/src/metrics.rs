@@ -99,3 +99,56 @@ impl ResolverMetrics {
         self.source_errors.inc();
     }
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchErrorLabels {
+    resource: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: &'static str,
+}
+
+/// The Kubernetes watchers' health: errors by kind, and relists (each one follows a `410
+/// Expired` or an error the watch could not resume from).
+#[derive(Clone, Debug)]
+pub struct WatchMetrics {
+    errors: Family<WatchErrorLabels, Counter>,
+    relists: Family<ResourceLabels, Counter>,
+}
+
+impl WatchMetrics {
+    /// Registers `iamlet_watch_errors_total` and `iamlet_watch_relists_total`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = WatchMetrics {
+            errors: Family::default(),
+            relists: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("iamlet");
+        r.register(
+            "watch_errors",
+            "Kubernetes watch errors by resource and kind (list_failed, watch_start_failed, expired, watch_error, stream_failed, no_resource_version)",
+            m.errors.clone(),
+        );
+        r.register(
+            "watch_relists",
+            "Kubernetes watcher restarts from a fresh list, by resource",
+            m.relists.clone(),
+        );
+        m
+    }
+
+    pub(crate) fn error(&self, resource: &'static str, kind: &'static str) {
+        self.errors
+            .get_or_create(&WatchErrorLabels { resource, kind })
+            .inc();
+    }
+
+    pub(crate) fn relisted(&self, resource: &'static str) {
+        self.relists
+            .get_or_create(&ResourceLabels { resource })
+            .inc();
+    }
+}

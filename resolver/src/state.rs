@@ -1,22 +1,58 @@
-//! Turns the pod index into snapshots: resolves roles, keeps one credential slot per key for
-//! live pods (prefetching new ones), and publishes only when the mapping changed.
+//! Turns the pod index into snapshots, incrementally: only the pods, namespaces and IPs that
+//! changed since the last publish are looked at, only the snapshot shards holding changed
+//! IPs are copied, and nothing is published when no IP's identity changed. Resolves roles
+//! and namespace restrictions, and keeps one credential slot per key for live pods
+//! (prefetching new ones).
 
 use crate::creds::{CredKey, CredSlot};
-use crate::handle::Shared;
+use crate::handle::{DebugInfo, Shared};
 use crate::index::PodIndex;
 use crate::metrics::ResolverMetrics;
+use crate::pod::PodInfo;
+use crate::restrict::{self, AllowedRoles, NamespaceRestrictions};
 use crate::roles::RoleRules;
-use crate::snapshot::{Identity, RoleEntry, Snapshot};
-use ahash::AHashMap;
+use crate::snapshot::{Identity, RoleEntry, SHARDS, Shard, Snapshot, shard_of};
+use ahash::{AHashMap, AHashSet};
 use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::sync::mpsc;
+
+/// What a pod's identity is made of, before it is built.
+struct Spec {
+    key: Option<CredKey>,
+    denied: Option<Arc<str>>,
+}
+
+impl Spec {
+    fn matches(&self, pod: &PodInfo, id: &Identity) -> bool {
+        id.namespace == pod.namespace
+            && id.pod == pod.name
+            && id.denied == self.denied
+            && id.role.as_ref().map(|r| r.slot.key()) == self.key.as_ref()
+    }
+}
 
 /// The resolver's mutable state; lives on the resolver thread only.
 pub(crate) struct State {
     pub(crate) index: PodIndex,
     rules: RoleRules,
-    roles: AHashMap<CredKey, Arc<RoleEntry>>,
+    restrictions: Option<NamespaceRestrictions>,
+    /// Parsed allowed-roles annotations by namespace (with restrictions only).
+    allowed: AHashMap<String, Arc<AllowedRoles>>,
+    /// The identity of every mappable pod, by UID.
+    identities: AHashMap<String, Arc<Identity>>,
+    /// Number of snapshot IPs each pod owns (pods with at least one).
+    owned: AHashMap<String, usize>,
+    /// Credential entries in use, with the number of identities using each.
+    roles: AHashMap<CredKey, (Arc<RoleEntry>, usize)>,
+    /// The published shards (shared with the current snapshot; copied on write).
+    shards: Vec<Arc<Shard>>,
+    ips: usize,
+    /// The `resourceVersion` of the last pod event applied (shown by `/debug/store`).
+    pub(crate) resource_version: Option<String>,
+    debug_namespaces: Arc<BTreeMap<String, Vec<String>>>,
     requests: mpsc::UnboundedSender<Arc<CredSlot>>,
     shared: Arc<Shared>,
     metrics: ResolverMetrics,
@@ -29,167 +65,209 @@ impl State {
         shared: Arc<Shared>,
         metrics: ResolverMetrics,
     ) -> Self {
+        let empty = Arc::new(Shard::default());
         State {
             index: PodIndex::default(),
             rules,
+            restrictions: None,
+            allowed: AHashMap::new(),
+            identities: AHashMap::new(),
+            owned: AHashMap::new(),
             roles: AHashMap::new(),
+            shards: vec![empty; SHARDS],
+            ips: 0,
+            resource_version: None,
+            debug_namespaces: Arc::default(),
             requests,
             shared,
             metrics,
         }
     }
 
-    /// Builds a snapshot from the index; new credential keys are prefetched.
-    pub(crate) fn build(&mut self) -> Snapshot {
-        let owners = self.index.owners();
-        let mut by_ip = AHashMap::with_capacity(owners.len());
-        let mut identities: AHashMap<&str, Arc<Identity>> = AHashMap::new();
-        let mut live: AHashMap<CredKey, Arc<RoleEntry>> = AHashMap::new();
-        for (ip, pod) in owners {
-            let id = identities
-                .entry(pod.uid.as_str())
-                .or_insert_with(|| {
-                    let role = self.rules.resolve(pod.role.as_deref()).map(|arn| {
-                        let key = CredKey {
-                            role_arn: arn,
-                            external_id: pod.external_id.clone(),
-                        };
-                        live.entry(key.clone())
-                            .or_insert_with(|| match self.roles.get(&key) {
-                                Some(e) => e.clone(),
-                                None => {
-                                    let listing = Bytes::from(
-                                        self.rules.listing_name(&key.role_arn).to_owned(),
-                                    );
-                                    let slot = CredSlot::new(key.clone(), self.requests.clone());
-                                    slot.request(); // prefetch: the pod's first ask is a cache hit
-                                    Arc::new(RoleEntry {
-                                        arn: key.role_arn.clone(),
-                                        listing,
-                                        slot,
-                                    })
-                                }
-                            })
-                            .clone()
-                    });
-                    Arc::new(Identity {
-                        uid: pod.uid.clone(),
-                        namespace: pod.namespace.clone(),
-                        pod: pod.name.clone(),
-                        role,
-                    })
-                })
-                .clone();
-            by_ip.insert(ip, id);
-        }
-        let pods = identities.len();
-        self.roles = live;
-        self.metrics.set_index(pods, by_ip.len(), self.roles.len());
-        Snapshot::new(by_ip, pods)
+    pub(crate) fn with_restrictions(mut self, restrictions: Option<NamespaceRestrictions>) -> Self {
+        self.restrictions = restrictions;
+        self
     }
 
-    /// Builds and publishes if anything changed; always marks the store ready.
+    pub(crate) fn restrictions(&self) -> Option<&NamespaceRestrictions> {
+        self.restrictions.as_ref()
+    }
+
+    /// Applies the index's changes to the snapshot and publishes it if any IP's identity
+    /// changed (and always the first time, which marks the store ready).
     pub(crate) fn publish(&mut self) {
-        let next = self.build();
-        let changed = !self.shared.snapshot.load().same_as(&next);
+        let changes = self.index.take_changes();
+        let mut pods = changes.pods;
+        if !changes.namespaces.is_empty() && self.restrictions.is_some() {
+            self.reparse_namespaces(&changes.namespaces);
+            pods.extend(
+                self.index
+                    .pods()
+                    .filter(|p| changes.namespaces.contains(&p.namespace))
+                    .map(|p| p.uid.clone()),
+            );
+        }
+        let mut ips = changes.ips;
+        for uid in &pods {
+            self.refresh_identity(uid, &mut ips);
+        }
+        let mut changed = false;
+        for ip in ips {
+            changed |= self.remap(ip);
+        }
         if changed || !self.shared.is_ready() {
-            self.shared.snapshot.store(Arc::new(next));
+            let snap = Snapshot::from_shards(self.shards.clone(), self.owned.len(), self.ips);
+            self.shared.snapshot.store(Arc::new(snap));
             self.shared.mark_ready();
             self.shared.published.notify_waiters();
             self.metrics.published();
+        }
+        self.metrics
+            .set_index(self.owned.len(), self.ips, self.roles.len());
+        // After the snapshot: a reader of this info then loads a snapshot at least as new.
+        self.shared.set_debug(DebugInfo {
+            resource_version: self.resource_version.clone(),
+            namespaces: self.debug_namespaces.clone(),
+        });
+    }
+
+    fn reparse_namespaces(&mut self, names: &AHashSet<String>) {
+        let Some(r) = &self.restrictions else { return };
+        let debug = Arc::make_mut(&mut self.debug_namespaces);
+        for name in names {
+            match self.index.namespace(name) {
+                Some(ns) => {
+                    let value = ns.annotations.get(&r.key).map(String::as_str);
+                    let allowed = AllowedRoles::parse(value, r.format, &self.rules);
+                    debug.insert(name.clone(), allowed.raw.clone());
+                    self.allowed.insert(name.clone(), Arc::new(allowed));
+                }
+                None => {
+                    debug.remove(name);
+                    self.allowed.remove(name);
+                }
+            }
+        }
+    }
+
+    fn spec(&self, pod: &PodInfo) -> Spec {
+        let Some(arn) = self.rules.resolve(pod.role.as_deref()) else {
+            return Spec {
+                key: None,
+                denied: None,
+            };
+        };
+        let denied = self.restrictions.as_ref().and_then(|r| {
+            let allowed = self.allowed.get(&pod.namespace).map(|a| &**a);
+            restrict::check(&self.rules, r, &arn, &pod.namespace, allowed)
+        });
+        match denied {
+            Some(reason) => Spec {
+                key: None,
+                denied: Some(Arc::from(reason)),
+            },
+            None => Spec {
+                key: Some(CredKey {
+                    role_arn: arn,
+                    external_id: pod.external_id.clone(),
+                }),
+                denied: None,
+            },
+        }
+    }
+
+    /// Rebuilds one pod's identity if what it is made of changed; marks its IPs.
+    fn refresh_identity(&mut self, uid: &str, ips: &mut AHashSet<IpAddr>) {
+        let Some(pod) = self.index.pod(uid).filter(|p| p.is_mappable()) else {
+            if let Some(old) = self.identities.remove(uid) {
+                self.release(&old);
+            }
+            return;
+        };
+        let spec = self.spec(pod);
+        if let Some(old) = self.identities.get(uid)
+            && spec.matches(pod, old)
+        {
+            return;
+        }
+        let (namespace, name) = (pod.namespace.clone(), pod.name.clone());
+        ips.extend(pod.ips.iter().copied());
+        if let Some(old) = self.identities.remove(uid) {
+            self.release(&old);
+        }
+        let role = spec.key.map(|k| self.acquire(k));
+        let id = Identity::new(uid.to_owned(), namespace, name, role, spec.denied);
+        self.identities.insert(uid.to_owned(), Arc::new(id));
+    }
+
+    /// Points `ip` at its owner's identity; true if that changed the snapshot.
+    fn remap(&mut self, ip: IpAddr) -> bool {
+        let want = self
+            .index
+            .owner(&ip)
+            .and_then(|p| self.identities.get(&p.uid))
+            .cloned();
+        let s = shard_of(&ip);
+        let cur = self.shards[s].get(&ip).cloned();
+        match (&cur, &want) {
+            (None, None) => return false,
+            (Some(a), Some(b)) if Arc::ptr_eq(a, b) => return false,
+            _ => {}
+        }
+        if let Some(old) = &cur
+            && let Some(n) = self.owned.get_mut(&old.uid)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.owned.remove(&old.uid);
+            }
+        }
+        let shard = Arc::make_mut(&mut self.shards[s]);
+        match want {
+            Some(id) => {
+                *self.owned.entry(id.uid.clone()).or_default() += 1;
+                if shard.insert(ip, id).is_none() {
+                    self.ips += 1;
+                }
+            }
+            None => {
+                if shard.remove(&ip).is_some() {
+                    self.ips -= 1;
+                }
+            }
+        }
+        true
+    }
+
+    /// The entry for `key`, created (and prefetched) on first use.
+    fn acquire(&mut self, key: CredKey) -> Arc<RoleEntry> {
+        if let Some((entry, n)) = self.roles.get_mut(&key) {
+            *n += 1;
+            return entry.clone();
+        }
+        let listing = Bytes::from(self.rules.listing_name(&key.role_arn).to_owned());
+        let slot = CredSlot::new(key.clone(), self.requests.clone());
+        slot.request(); // prefetch: the pod's first ask is a cache hit
+        let entry = Arc::new(RoleEntry {
+            arn: key.role_arn.clone(),
+            listing,
+            slot,
+        });
+        self.roles.insert(key, (entry.clone(), 1));
+        entry
+    }
+
+    fn release(&mut self, id: &Identity) {
+        let Some(role) = &id.role else { return };
+        let key = role.slot.key();
+        if let Some((_, n)) = self.roles.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.roles.remove(key);
+            }
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pod::{Phase, PodInfo};
-    use prometheus_client::registry::Registry;
-
-    fn pod(uid: &str, ip: &str, role: Option<&str>, ext: Option<&str>) -> PodInfo {
-        PodInfo {
-            uid: uid.into(),
-            namespace: "ns".into(),
-            name: uid.into(),
-            ips: vec![ip.parse().unwrap()],
-            phase: Phase::Running,
-            host_network: false,
-            created: 1,
-            terminating: false,
-            role: role.map(Into::into),
-            external_id: ext.map(Into::into),
-            service_account: None,
-        }
-    }
-
-    fn state() -> (State, mpsc::UnboundedReceiver<Arc<CredSlot>>, Arc<Shared>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Shared::new();
-        let rules = RoleRules::new(Some("arn:aws:iam::123456789012:role/"), None).unwrap();
-        let m = ResolverMetrics::register(&mut Registry::default());
-        (State::new(rules, tx, shared.clone(), m), rx, shared)
-    }
-
-    #[test]
-    fn pods_sharing_a_key_share_one_slot_and_one_prefetch() {
-        let (mut st, mut rx, shared) = state();
-        st.index.apply(pod("a", "10.0.0.1", Some("app"), None));
-        st.index.apply(pod("b", "10.0.0.2", Some("app"), None));
-        st.index
-            .apply(pod("c", "10.0.0.3", Some("app"), Some("tenant-2")));
-        st.index.apply(pod("d", "10.0.0.4", None, None));
-        st.publish();
-        let snap = shared.snapshot.load();
-        let role = |ip: &str| snap.get(&ip.parse().unwrap()).unwrap().role.clone();
-        let (a, b, c) = (
-            role("10.0.0.1").unwrap(),
-            role("10.0.0.2").unwrap(),
-            role("10.0.0.3").unwrap(),
-        );
-        assert!(Arc::ptr_eq(&a, &b));
-        assert!(
-            !Arc::ptr_eq(&a.slot, &c.slot),
-            "external ID must be part of the key"
-        );
-        assert_eq!(&a.listing[..], b"app");
-        assert!(role("10.0.0.4").is_none());
-        let mut fetched = 0;
-        while rx.try_recv().is_ok() {
-            fetched += 1;
-        }
-        assert_eq!(fetched, 2);
-    }
-
-    #[test]
-    fn unchanged_state_is_not_republished_and_slots_survive() {
-        let (mut st, mut rx, shared) = state();
-        st.index.apply(pod("a", "10.0.0.1", Some("app"), None));
-        st.publish();
-        let first = shared.snapshot.load_full();
-        st.publish();
-        assert!(Arc::ptr_eq(&first, &shared.snapshot.load_full()));
-        st.index.apply(pod("b", "10.0.0.2", Some("app"), None));
-        st.publish();
-        let second = shared.snapshot.load_full();
-        assert!(!Arc::ptr_eq(&first, &second));
-        let slot = |s: &Snapshot, ip: &str| {
-            s.get(&ip.parse().unwrap())
-                .unwrap()
-                .role
-                .clone()
-                .unwrap()
-                .slot
-                .clone()
-        };
-        assert!(Arc::ptr_eq(
-            &slot(&first, "10.0.0.1"),
-            &slot(&second, "10.0.0.2")
-        ));
-        assert!(rx.try_recv().is_ok());
-        assert!(
-            rx.try_recv().is_err(),
-            "an existing key must not be fetched again"
-        );
-    }
-}
+mod tests;

@@ -3,6 +3,7 @@
 //! Everything talks only to 127.0.0.0/8, every wait is bounded, and every process started
 //! here is killed by PID on drop. It contains no tests of iamlet itself (see `tests/tests/`).
 
+pub mod apiserver;
 pub mod client;
 pub mod drivers;
 pub mod iamlet;
@@ -14,6 +15,7 @@ pub mod python;
 pub mod util;
 pub mod wire;
 
+pub use apiserver::{ApiServer, PodBuilder};
 pub use client::{Conn, Response, get_from, request_from, try_request_from};
 pub use drivers::drivers;
 pub use iamlet::{Iamlet, IamletBuilder};

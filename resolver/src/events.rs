@@ -1,0 +1,194 @@
+//! Kubernetes Events on pods: `IamRoleDenied` when a namespace restriction refuses a pod's
+//! request, `IamCredentialError` when a pod is answered with an STS failure. The workers
+//! report through [`crate::Handle`] (a bounded channel, never blocking); this task, on the
+//! resolver thread, rate-limits to one Event per pod and reason per [`EVERY`], logs each
+//! one, and creates it through the events.k8s.io API when a Kubernetes client exists.
+
+use crate::creds::CredAnswer;
+use crate::snapshot::Identity;
+use ahash::AHashMap;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// At most one Event per pod and reason in this interval.
+pub const EVERY: Duration = Duration::from_secs(60);
+/// Reports queued between the workers and this task; more are dropped.
+pub(crate) const QUEUE: usize = 1024;
+
+/// The kinds of report (the index is the slot in `Identity::reported`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum ReportKind {
+    Denied = 0,
+    CredentialError = 1,
+}
+
+impl ReportKind {
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            ReportKind::Denied => "IamRoleDenied",
+            ReportKind::CredentialError => "IamCredentialError",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Report {
+    pub(crate) kind: ReportKind,
+    pub(crate) identity: Arc<Identity>,
+}
+
+/// One Event per (pod UID, kind) per `every`; forgets entries older than that.
+#[derive(Debug)]
+pub(crate) struct RateLimit {
+    every: Duration,
+    last: AHashMap<(String, ReportKind), Instant>,
+}
+
+impl RateLimit {
+    pub(crate) fn new(every: Duration) -> Self {
+        RateLimit {
+            every,
+            last: AHashMap::new(),
+        }
+    }
+
+    pub(crate) fn allow(&mut self, uid: &str, kind: ReportKind, now: Instant) -> bool {
+        if self.last.len() > 4096 {
+            let every = self.every;
+            self.last.retain(|_, t| now.duration_since(*t) < every);
+        }
+        match self.last.get_mut(&(uid.to_owned(), kind)) {
+            Some(t) if now.duration_since(*t) < self.every => false,
+            Some(t) => {
+                *t = now;
+                true
+            }
+            None => {
+                self.last.insert((uid.to_owned(), kind), now);
+                true
+            }
+        }
+    }
+}
+
+/// The Event's note: the denial reason, or the STS error the pod was answered with.
+pub(crate) fn note(report: &Report) -> String {
+    let id = &report.identity;
+    let text = match report.kind {
+        ReportKind::Denied => id
+            .denied
+            .as_deref()
+            .unwrap_or("the pod's role is not allowed")
+            .to_owned(),
+        ReportKind::CredentialError => {
+            let role = id.role.as_ref();
+            let arn = role.map_or("<none>", |r| r.arn.as_str());
+            let why = role
+                .and_then(|r| r.slot.last())
+                .and_then(|a| match &*a {
+                    CredAnswer::Failed { body, .. } => {
+                        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+                        Some(format!(
+                            "{}: {}",
+                            v["Code"].as_str().unwrap_or("Error"),
+                            v["Message"].as_str().unwrap_or("")
+                        ))
+                    }
+                    CredAnswer::Ready { .. } => None,
+                })
+                .unwrap_or_else(|| "unknown error".into());
+            format!("AssumeRole of {arn} failed: {why}")
+        }
+    };
+    // events.k8s.io limits the note to 1 kB.
+    let mut end = text.len().min(1000);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// Creates Events for reports until every sender is gone. `client` is `None` in local mode
+/// (`--pods-from`): the reports are only logged.
+pub(crate) async fn run(
+    mut rx: mpsc::Receiver<Report>,
+    client: Option<kube::Client>,
+    instance: String,
+) {
+    let recorder = client.map(|c| {
+        Recorder::new(
+            c,
+            Reporter {
+                controller: "iamlet".into(),
+                instance: Some(instance),
+            },
+        )
+    });
+    let mut limit = RateLimit::new(EVERY);
+    while let Some(report) = rx.recv().await {
+        let id = &report.identity;
+        if !limit.allow(&id.uid, report.kind, Instant::now()) {
+            continue;
+        }
+        let note = note(&report);
+        let reason = report.kind.reason();
+        tracing::warn!(namespace = %id.namespace, pod = %id.pod, reason, note = %note, "pod event");
+        let Some(recorder) = &recorder else { continue };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(note),
+            action: match report.kind {
+                ReportKind::Denied => "ServeCredentials".into(),
+                ReportKind::CredentialError => "AssumeRole".into(),
+            },
+            secondary: None,
+        };
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(id.pod.clone()),
+            namespace: Some(id.namespace.clone()),
+            uid: Some(id.uid.clone()),
+            ..Default::default()
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, reason, pod = %id.pod, "cannot create the Kubernetes Event (RBAC needs create/patch on events.k8s.io events)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_event_per_pod_and_kind_per_interval() {
+        let mut l = RateLimit::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert!(l.allow("a", ReportKind::Denied, t0));
+        assert!(!l.allow("a", ReportKind::Denied, t0 + Duration::from_secs(59)));
+        assert!(l.allow("a", ReportKind::CredentialError, t0));
+        assert!(l.allow("b", ReportKind::Denied, t0));
+        assert!(l.allow("a", ReportKind::Denied, t0 + Duration::from_secs(61)));
+    }
+
+    #[test]
+    fn the_denied_note_is_the_reason_and_fits_the_api_limit() {
+        let id = Identity::new(
+            "u".into(),
+            "ns".into(),
+            "p".into(),
+            None,
+            Some(Arc::from("é".repeat(800).as_str())),
+        );
+        let n = note(&Report {
+            kind: ReportKind::Denied,
+            identity: Arc::new(id),
+        });
+        assert!(n.len() <= 1000 && n.starts_with('é'));
+    }
+}

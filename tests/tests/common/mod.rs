@@ -1,0 +1,80 @@
+//! Shared rig for the control-plane tests: the real `iamlet` binary watching the stand-in API
+//! server, moto as STS, the fake IMDS upstream, raw clients from pod IPs.
+#![allow(dead_code)] // each test target uses a different part
+
+use iamlet_e2e::apiserver::ApiServer;
+use iamlet_e2e::{FakeImds, Iamlet, Moto, Response, get_from};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+pub const BASE: &str = "arn:aws:iam::123456789012:role/";
+pub const NODE: &str = "node-a";
+pub const LIST: &str = "/latest/meta-data/iam/security-credentials/";
+
+pub struct Rig {
+    pub api: ApiServer,
+    pub iamlet: Iamlet,
+    _moto: Moto,
+    _imds: FakeImds,
+}
+
+/// Starts moto, the fake IMDS and iamlet against `api` (already holding the initial pods).
+pub fn rig(api: ApiServer, extra: &[&str]) -> Rig {
+    let moto = Moto::start();
+    let imds = FakeImds::start();
+    let mut b = Iamlet::builder()
+        .sts(&moto)
+        .imds(&imds)
+        .arg(format!("--api-server={}", api.url()))
+        .arg(format!("--node={NODE}"))
+        .arg(format!("--base-role-arn={BASE}"))
+        .arg("--debug");
+    for a in extra {
+        b = b.arg(*a);
+    }
+    Rig {
+        iamlet: b.start(),
+        api,
+        _moto: moto,
+        _imds: imds,
+    }
+}
+
+pub fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+impl Rig {
+    pub fn get(&self, src: &str, path: &str) -> Response {
+        get_from(ip(src), self.iamlet.addr(), path)
+    }
+
+    /// `/debug/store` as JSON.
+    pub fn store(&self) -> serde_json::Value {
+        let r = get_from(Ipv4Addr::LOCALHOST, self.iamlet.addr(), "/debug/store");
+        assert_eq!(r.status, 200, "{}", r.body_str());
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    /// Waits (at most `timeout`) until `cond` holds for the answer to `path` from `src`.
+    pub fn eventually(
+        &self,
+        src: &str,
+        path: &str,
+        timeout: Duration,
+        cond: impl Fn(&Response) -> bool,
+    ) -> Response {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.get(src, path);
+            if cond(&r) || Instant::now() >= deadline {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        get_from(Ipv4Addr::LOCALHOST, self.iamlet.addr(), "/metrics").body_str()
+    }
+}
