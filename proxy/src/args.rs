@@ -288,19 +288,39 @@ pub struct ProxyArgs {
     #[arg(long, env = "IAMLET_IMDS_TOKEN_KEY_FILE", value_name = "PATH")]
     pub imds_token_key_file: Option<PathBuf>,
     /// Which non-credential metadata paths are forwarded
-    #[arg(long, env = "IAMLET_METADATA_POLICY", value_enum, default_value = "passthrough")]
+    #[arg(
+        long,
+        env = "IAMLET_METADATA_POLICY",
+        value_enum,
+        default_value = "passthrough"
+    )]
     pub metadata_policy: MetadataPolicy,
     /// With --metadata-policy=allowlist: a regular expression a canonical path must match to be forwarded (repeatable)
-    #[arg(long, env = "IAMLET_ALLOW_METADATA_PATH", value_name = "REGEX", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "IAMLET_ALLOW_METADATA_PATH",
+        value_name = "REGEX",
+        value_delimiter = ','
+    )]
     pub allow_metadata_path: Vec<String>,
     /// Never forward user-data
     #[arg(long, env = "IAMLET_BLOCK_USER_DATA", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub block_user_data: bool,
     /// Largest request line plus headers, in bytes
-    #[arg(long, env = "IAMLET_MAX_REQUEST_HEAD", default_value_t = 8192, value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "IAMLET_MAX_REQUEST_HEAD",
+        default_value_t = 8192,
+        value_name = "BYTES"
+    )]
     pub max_request_head: usize,
     /// Largest request body (only PUT may have one), in bytes
-    #[arg(long, env = "IAMLET_MAX_REQUEST_BODY", default_value_t = 1024, value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "IAMLET_MAX_REQUEST_BODY",
+        default_value_t = 1024,
+        value_name = "BYTES"
+    )]
     pub max_request_body: usize,
     /// How long a client may take to send a request's head
     #[arg(long, env = "IAMLET_HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_go_duration, value_name = "DURATION")]
@@ -309,7 +329,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "IAMLET_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub idle_timeout: Duration,
     /// Most concurrent connections per worker; more are closed at once
-    #[arg(long, env = "IAMLET_MAX_CONNECTIONS_PER_WORKER", default_value_t = 4096, value_name = "N")]
+    #[arg(
+        long,
+        env = "IAMLET_MAX_CONNECTIONS_PER_WORKER",
+        default_value_t = 4096,
+        value_name = "N"
+    )]
     pub max_connections_per_worker: usize,
     /// Bound on connecting to --metadata-addr
     #[arg(long, env = "IAMLET_UPSTREAM_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_go_duration, value_name = "DURATION")]
@@ -332,7 +357,12 @@ pub struct StsArgs {
     #[arg(long, env = "IAMLET_SESSION_TAGS", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub session_tags: bool,
     /// Most AssumeRole calls per second from this node
-    #[arg(long, env = "IAMLET_STS_RATE_LIMIT", default_value_t = 20.0, value_name = "PER_SECOND")]
+    #[arg(
+        long,
+        env = "IAMLET_STS_RATE_LIMIT",
+        default_value_t = 20.0,
+        value_name = "PER_SECOND"
+    )]
     pub sts_rate_limit: f64,
     /// Bound on one AssumeRole call
     #[arg(long, env = "IAMLET_STS_TIMEOUT", default_value = "5s", value_parser = parse_go_duration, value_name = "DURATION")]

@@ -136,7 +136,10 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
             } else {
                 persistence(&req)
             };
+            let t0 = Instant::now();
             handle(&w, peer, &req, persist, &mut out).await;
+            w.metrics
+                .observe_latency(req.method.unwrap_or(""), t0.elapsed());
             start += head_len + body_len;
             head_started = None;
             if persist == Persist::Close {

@@ -268,6 +268,7 @@ async fn credentials(r: &mut Req<'_, '_>, rt: Route<'_>) {
     let ans = match role.slot.current(Instant::now()) {
         Some(a) => {
             w.metrics.cache_hits.inc();
+            role.slot.hit();
             a
         }
         None => {

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod discover;
 pub mod duration;
 pub mod handler;
+pub mod latency;
 pub mod metrics;
 pub mod node;
 pub mod passthrough;

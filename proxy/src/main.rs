@@ -3,13 +3,15 @@
 
 use anyhow::Context;
 use clap::Parser;
+use iamlet::args::SessionName;
 use iamlet::args::{Args, LogFormat};
 use iamlet::config::{self, Config, EX_USAGE};
+use iamlet::metrics::{Kube2iamStatus, ProxyMetrics};
 use iamlet::token::TokenKey;
 use iamlet::worker::{Limits, Shared, UpstreamConfig};
-use iamlet::{discover, metrics::ProxyMetrics, server};
+use iamlet::{discover, server};
 use iamlet_resolver::source::kube::KubeOptions;
-use iamlet_resolver::{AnnotationKeys, CredPolicy, PodSource, RoleRules};
+use iamlet_resolver::{AnnotationKeys, CredPolicy, PodSource, RoleRules, SessionMode};
 use nix::sys::signal::{SigSet, Signal};
 use prometheus_client::registry::Registry;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -152,13 +154,22 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
                 session_ttl: args.iam.iam_role_session_ttl,
                 error_ttl: args.iam.iam_role_error_ttl,
                 session_prefix: node_name,
+                rate_limit: args.sts.sts_rate_limit,
             },
             metadata_addr: metadata_hostport.clone(),
-            sts_timeout: Duration::from_secs(5),
+            sts_timeout: args.sts.sts_timeout,
+            sessions: match (args.sts.session_name, args.sts.session_tags) {
+                (SessionName::Node, false) => SessionMode::Node,
+                (_, tags) => SessionMode::Pod { tags },
+            },
         },
         &mut registry,
     )?;
-    let metrics = ProxyMetrics::register(&mut registry);
+    let metrics = ProxyMetrics::register(&mut registry, workers);
+    registry.register_collector(Box::new(Kube2iamStatus {
+        handle: resolver.handle.clone(),
+        node_ready: node_ready.clone(),
+    }));
     if let Some(r) = &redirect {
         r.metrics().register(&mut registry);
     }
@@ -231,7 +242,13 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     });
     let mut threads = server::spawn("iamlet-worker", app, shared.clone(), driver, false)?;
     if let Some(app6) = app6 {
-        threads.extend(server::spawn("iamlet-worker6", app6, shared.clone(), driver, false)?);
+        threads.extend(server::spawn(
+            "iamlet-worker6",
+            app6,
+            shared.clone(),
+            driver,
+            false,
+        )?);
     }
     if let Some(admin) = admin {
         let bound = admin[0].local_addr()?;

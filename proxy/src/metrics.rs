@@ -1,10 +1,15 @@
 //! Data-plane metrics. Counter handles are resolved once per worker, so a request costs one
 //! atomic add and no lock.
 
+use crate::latency::{LatencyCollector, LatencyTable};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 /// Bounded route labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,7 +24,7 @@ pub enum RouteLabel {
 }
 
 impl RouteLabel {
-    const ALL: [RouteLabel; 7] = [
+    pub const ALL: [RouteLabel; 7] = [
         RouteLabel::Token,
         RouteLabel::Credentials,
         RouteLabel::RoleList,
@@ -29,7 +34,7 @@ impl RouteLabel {
         RouteLabel::Invalid,
     ];
 
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             RouteLabel::Token => "token",
             RouteLabel::Credentials => "credentials",
@@ -62,6 +67,8 @@ pub struct ProxyMetrics {
     token_rejections: Family<OutcomeLabels, Counter>,
     tokens_issued: Counter,
     connections_rejected: Counter,
+    latency: Arc<Vec<Arc<LatencyTable>>>,
+    next_table: Arc<AtomicUsize>,
 }
 
 /// Error classes and kinds, both bounded.
@@ -77,7 +84,16 @@ struct OutcomeLabels {
 }
 
 impl ProxyMetrics {
-    pub fn register(registry: &mut Registry) -> Self {
+    /// Registers the families; `workers` sizes the per-worker latency tables.
+    pub fn register(registry: &mut Registry, workers: usize) -> Self {
+        let tables: Arc<Vec<Arc<LatencyTable>>> = Arc::new(
+            (0..workers.max(1) + 1)
+                .map(|_| Arc::new(LatencyTable::default()))
+                .collect(),
+        );
+        registry.register_collector(Box::new(LatencyCollector {
+            tables: tables.clone(),
+        }));
         let m = ProxyMetrics {
             requests: Family::default(),
             connections: Counter::default(),
@@ -88,6 +104,8 @@ impl ProxyMetrics {
             token_rejections: Family::default(),
             tokens_issued: Counter::default(),
             connections_rejected: Counter::default(),
+            latency: tables,
+            next_table: Arc::new(AtomicUsize::new(0)),
         };
         let r = registry.sub_registry_with_prefix("iamlet");
         r.register(
@@ -138,7 +156,12 @@ impl ProxyMetrics {
             .ip_waits
             .get_or_create(&OutcomeLabels { outcome: "timeout" })
             .clone();
+        let table = self.latency
+            [self.next_table.fetch_add(1, Ordering::Relaxed) % self.latency.len()]
+        .clone();
         WorkerMetrics {
+            latency: table,
+            last: Cell::new((RouteLabel::Invalid, 0)),
             shared: self.clone(),
             tokens_issued: self.tokens_issued.clone(),
             connections_rejected: self.connections_rejected.clone(),
@@ -154,6 +177,9 @@ impl ProxyMetrics {
 
 /// Resolved counters for one worker.
 pub struct WorkerMetrics {
+    latency: Arc<LatencyTable>,
+    /// The route and status of the answer just written (for the latency histogram).
+    last: Cell<(RouteLabel, u16)>,
     shared: ProxyMetrics,
     pub tokens_issued: Counter,
     pub connections_rejected: Counter,
@@ -170,6 +196,14 @@ impl WorkerMetrics {
     pub fn request(&self, route: RouteLabel, status: u16) {
         let class = usize::from((status / 100).clamp(1, 5) - 1);
         self.requests[route as usize][class].inc();
+        self.last.set((route, status));
+    }
+
+    /// Records the latency of the request whose answer was just counted.
+    #[inline]
+    pub fn observe_latency(&self, method: &str, took: Duration) {
+        let (route, status) = self.last.get();
+        self.latency.observe(route, method, status, took);
     }
 
     /// Counts an upstream failure (error path only: takes the family's lock).
@@ -200,5 +234,51 @@ impl WorkerMetrics {
             .token_rejections
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+}
+
+/// kube2iam's `kube2iam_healthcheck_status` (1 when ready) and `kube2iam_info`, computed at
+/// scrape time.
+#[derive(Debug)]
+pub struct Kube2iamStatus {
+    pub handle: iamlet_resolver::Handle,
+    pub node_ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl prometheus_client::collector::Collector for Kube2iamStatus {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let ready = self.handle.is_ready() && self.node_ready.load(Ordering::Acquire);
+        let status = ConstGauge::new(i64::from(ready));
+        status.encode(encoder.encode_descriptor(
+            "kube2iam_healthcheck_status",
+            "The healthcheck status at scrape time. A value of 1 means it is passing, 0 means it is failing.",
+            None,
+            status.metric_type(),
+        )?)?;
+        let info = ConstGauge::new(1i64);
+        let labels = [
+            ("version", env!("CARGO_PKG_VERSION")),
+            (
+                "build_date",
+                option_env!("IAMLET_BUILD_DATE").unwrap_or("unknown"),
+            ),
+            (
+                "commit_hash",
+                option_env!("IAMLET_GIT_COMMIT").unwrap_or("unknown"),
+            ),
+        ];
+        let mut family = encoder.encode_descriptor(
+            "kube2iam_info",
+            "Informational labels about the kube2iam-compatible process (iamlet).",
+            None,
+            info.metric_type(),
+        )?;
+        info.encode(family.encode_family(&labels)?)?;
+        Ok(())
     }
 }

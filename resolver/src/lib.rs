@@ -24,6 +24,7 @@ pub use pod::AnnotationKeys;
 pub use restrict::{NamespaceRestrictions, RestrictionFormat};
 pub use roles::RoleRules;
 pub use snapshot::{Identity, RoleEntry, Snapshot};
+pub use state::SessionMode;
 
 use metrics::ResolverMetrics;
 use prometheus_client::registry::Registry;
@@ -68,6 +69,7 @@ pub struct Config {
     /// credentials lookups.
     pub metadata_addr: String,
     pub sts_timeout: Duration,
+    pub sessions: SessionMode,
 }
 
 /// A running resolver.
@@ -127,6 +129,7 @@ async fn run(
         creds,
         metadata_addr,
         sts_timeout,
+        sessions,
     } = config;
     let sts = match creds::sts::Sts::new(&metadata_addr, sts_timeout).await {
         Ok(s) => s,
@@ -146,6 +149,7 @@ async fn run(
     let (report_tx, report_rx) = tokio::sync::mpsc::channel(events::QUEUE);
     let _ = shared.reports.set(report_tx);
     let st = state::State::new(rules, req_tx, shared, metrics.clone())
+        .with_sessions(sessions)
         .with_restrictions(restrictions);
     let first = move |r| {
         let _ = tx.send(r);

@@ -8,6 +8,18 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::time::Duration;
 
+/// kube2iam's `kube2iam_iam_request_duration_seconds` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IamLabels {
+    code: String,
+    role_arn: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabels {
+    role_arn: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
@@ -23,6 +35,12 @@ pub struct ResolverMetrics {
     source_errors: Counter,
     assume_role: Family<OutcomeLabels, Counter>,
     assume_role_seconds: Histogram,
+    assume_role_in_flight: Gauge,
+    refreshes: Counter,
+    kept_stale: Counter,
+    rate_limited: Counter,
+    k2i_iam_seconds: Family<IamLabels, Histogram>,
+    k2i_cache_hits: Family<RoleLabels, Counter>,
 }
 
 impl ResolverMetrics {
@@ -36,7 +54,27 @@ impl ResolverMetrics {
             source_errors: Counter::default(),
             assume_role: Family::default(),
             assume_role_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            assume_role_in_flight: Gauge::default(),
+            refreshes: Counter::default(),
+            kept_stale: Counter::default(),
+            rate_limited: Counter::default(),
+            k2i_iam_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 14))
+            }),
+            k2i_cache_hits: Family::default(),
         };
+        let k = registry.sub_registry_with_prefix("kube2iam");
+        k.register_with_unit(
+            "iam_request_duration",
+            "Time taken to complete IAM request in seconds (kube2iam-compatible).",
+            prometheus_client::registry::Unit::Seconds,
+            m.k2i_iam_seconds.clone(),
+        );
+        k.register(
+            "iam_cache_hits",
+            "Total number of IAM cache hits (kube2iam-compatible).",
+            m.k2i_cache_hits.clone(),
+        );
         let r = registry.sub_registry_with_prefix("iamlet");
         r.register(
             "pods_indexed",
@@ -77,12 +115,58 @@ impl ResolverMetrics {
         m
     }
 
-    pub(crate) fn observe_assume_role(&self, ok: bool, took: Duration) {
-        let outcome = if ok { "success" } else { "error" };
+    /// `error`: the AWS error code, mapped to a bounded outcome label.
+    /// The per-role cache-hit counter a credential slot increments (kube2iam-compatible).
+    pub(crate) fn cache_hits_for(&self, role_arn: &str) -> Counter {
+        Counter::clone(&self.k2i_cache_hits.get_or_create(&RoleLabels {
+            role_arn: role_arn.to_owned(),
+        }))
+    }
+
+    pub(crate) fn observe_assume_role_for(
+        &self,
+        role_arn: &str,
+        error: Option<&str>,
+        took: Duration,
+    ) {
+        let code = error.unwrap_or("Success").to_owned();
+        self.k2i_iam_seconds
+            .get_or_create(&IamLabels {
+                code,
+                role_arn: role_arn.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+        self.observe_assume_role(error, took);
+    }
+
+    pub(crate) fn observe_assume_role(&self, error: Option<&str>, took: Duration) {
+        let outcome = match error {
+            None => "success",
+            Some(c) if c.contains("Throttl") || c.contains("RequestLimitExceeded") => "throttled",
+            Some("AccessDenied") => "denied",
+            Some("ServiceUnavailable") => "unavailable",
+            Some(_) => "error",
+        };
         self.assume_role
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
         self.assume_role_seconds.observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn in_flight(&self, delta: i64) {
+        self.assume_role_in_flight.inc_by(delta);
+    }
+
+    pub(crate) fn refreshed(&self) {
+        self.refreshes.inc();
+    }
+
+    pub(crate) fn kept_stale(&self) {
+        self.kept_stale.inc();
+    }
+
+    pub(crate) fn rate_limited(&self) {
+        self.rate_limited.inc();
     }
 
     pub(crate) fn set_index(&self, pods: usize, ips: usize, keys: usize) {

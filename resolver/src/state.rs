@@ -4,7 +4,8 @@
 //! and namespace restrictions, and keeps one credential slot per key for live pods
 //! (prefetching new ones).
 
-use crate::creds::{CredKey, CredSlot};
+use crate::creds::sts::sanitize_session;
+use crate::creds::{CredKey, CredSlot, Origin, PodSession};
 use crate::handle::{DebugInfo, Shared};
 use crate::index::PodIndex;
 use crate::metrics::ResolverMetrics;
@@ -56,9 +57,46 @@ pub(crate) struct State {
     requests: mpsc::UnboundedSender<Arc<CredSlot>>,
     shared: Arc<Shared>,
     metrics: ResolverMetrics,
+    /// Node-wide or per-pod AssumeRole sessions.
+    session: SessionMode,
+}
+
+/// How AssumeRole sessions map to pods.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SessionMode {
+    /// One session per (role, external ID) on the node.
+    #[default]
+    Node,
+    /// One session per pod, named `<namespace>.<pod>`, optionally with session tags.
+    Pod { tags: bool },
+}
+
+/// A per-pod session: `<namespace>.<pod>` and, with `--session-tags`, the Kubernetes tags.
+fn pod_session(pod: &PodInfo, tags: bool) -> PodSession {
+    let tags = if tags {
+        let mut t = vec![
+            ("kubernetes-namespace".to_owned(), pod.namespace.clone()),
+            ("kubernetes-pod-name".to_owned(), pod.name.clone()),
+        ];
+        if let Some(sa) = &pod.service_account {
+            t.push(("kubernetes-service-account".to_owned(), sa.clone()));
+        }
+        t
+    } else {
+        Vec::new()
+    };
+    PodSession {
+        name: sanitize_session(&format!("{}.{}", pod.namespace, pod.name)),
+        tags,
+    }
 }
 
 impl State {
+    pub(crate) fn with_sessions(mut self, session: SessionMode) -> Self {
+        self.session = session;
+        self
+    }
+
     pub(crate) fn new(
         rules: RoleRules,
         requests: mpsc::UnboundedSender<Arc<CredSlot>>,
@@ -81,6 +119,7 @@ impl State {
             requests,
             shared,
             metrics,
+            session: SessionMode::Node,
         }
     }
 
@@ -170,6 +209,10 @@ impl State {
                 key: Some(CredKey {
                     role_arn: arn,
                     external_id: pod.external_id.clone(),
+                    session: match self.session {
+                        SessionMode::Node => None,
+                        SessionMode::Pod { tags } => Some(pod_session(pod, tags)),
+                    },
                 }),
                 denied: None,
             },
@@ -195,7 +238,11 @@ impl State {
         if let Some(old) = self.identities.remove(uid) {
             self.release(&old);
         }
-        let role = spec.key.map(|k| self.acquire(k));
+        let origin = Origin {
+            namespace: namespace.clone(),
+            pod: name.clone(),
+        };
+        let role = spec.key.map(|k| self.acquire(k, origin));
         let id = Identity::new(uid.to_owned(), namespace, name, role, spec.denied);
         self.identities.insert(uid.to_owned(), Arc::new(id));
     }
@@ -240,13 +287,14 @@ impl State {
     }
 
     /// The entry for `key`, created (and prefetched) on first use.
-    fn acquire(&mut self, key: CredKey) -> Arc<RoleEntry> {
+    fn acquire(&mut self, key: CredKey, origin: Origin) -> Arc<RoleEntry> {
         if let Some((entry, n)) = self.roles.get_mut(&key) {
             *n += 1;
             return entry.clone();
         }
         let listing = Bytes::from(self.rules.listing_name(&key.role_arn).to_owned());
-        let slot = CredSlot::new(key.clone(), self.requests.clone());
+        let hits = self.metrics.cache_hits_for(&key.role_arn);
+        let slot = CredSlot::with_hits(key.clone(), origin, self.requests.clone(), hits);
         slot.request(); // prefetch: the pod's first ask is a cache hit
         let entry = Arc::new(RoleEntry {
             arn: key.role_arn.clone(),

@@ -12,6 +12,7 @@ pub mod moto;
 pub mod netns;
 pub mod process;
 pub mod python;
+pub mod stsproxy;
 pub mod util;
 pub mod wire;
 

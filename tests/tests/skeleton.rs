@@ -64,12 +64,27 @@ fn rig(driver: &str, extra: &[&str]) -> Rig {
         b = b.arg(*a);
     }
     let moto_endpoint = moto.endpoint();
-    Rig {
+    let r = Rig {
         iamlet: b.start(),
         imds,
         _moto: moto,
         moto_endpoint,
+    };
+    // moto answers AssumeRole slowly on a busy machine: let the prefetches land (bounded)
+    // so the assertions below are about answers, not about moto's speed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for (src, role) in [(11, "app-role"), (12, CROSS), (1, "boto-role")] {
+        let path = format!("/latest/meta-data/iam/security-credentials/{role}");
+        while get(&r, src, &path).status != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "credentials for {role} never arrived: {}",
+                r.iamlet.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
+    r
 }
 
 fn get(r: &Rig, src: u8, path: &str) -> Response {

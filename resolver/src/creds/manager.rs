@@ -1,11 +1,12 @@
-//! The credential manager: runs AssumeRole for slots that ask, one call per key at a time,
-//! renders the answer once, and refreshes ahead of expiry.
+//! The credential manager: runs AssumeRole for slots that ask — one call per key at a time,
+//! under a node-wide rate limit — renders the answer once, refreshes ahead of expiry, and
+//! keeps serving still-valid credentials when STS fails (retrying with backoff and jitter).
 
 use crate::creds::slot::{CredAnswer, CredSlot};
 use crate::creds::sts::{Sts, StsError, session_name};
 use crate::metrics::ResolverMetrics;
 use crate::render::{self, credentials_document, error_document};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 
@@ -17,27 +18,80 @@ pub struct CredPolicy {
     pub session_ttl: Duration,
     /// How long a failure is served before STS is asked again.
     pub error_ttl: Duration,
-    /// Prefix of session names (the node name).
+    /// Prefix of node-wide session names (the node name).
     pub session_prefix: String,
+    /// Most AssumeRole calls per second from this node.
+    pub rate_limit: f64,
 }
 
 impl CredPolicy {
-    /// Margin added to the TTL when deciding to refresh.
-    pub const REFRESH_MARGIN: Duration = Duration::from_secs(60);
-    /// Credentials with less than this left are never served (the JS SDK treats them as
-    /// expired).
-    pub const MIN_SERVED_LIFETIME: Duration = Duration::from_secs(5 * 60);
-
     pub fn session_duration(&self) -> Duration {
         (self.session_ttl * 2).clamp(Duration::from_secs(900), Duration::from_secs(43_200))
     }
 
-    /// How long after issuance to refresh credentials that expire in `lifetime`.
+    /// Margin added to the TTL when deciding to refresh: a minute, less for short-lived
+    /// credentials.
+    pub fn refresh_margin(lifetime: Duration) -> Duration {
+        (lifetime / 10).min(Duration::from_secs(60))
+    }
+
+    /// Credentials with less than this left are never served (the JS SDK treats < 5 min as
+    /// expired); a quarter of the lifetime for short-lived credentials.
+    pub fn min_served_lifetime(lifetime: Duration) -> Duration {
+        (lifetime / 4).min(Duration::from_secs(300))
+    }
+
+    /// How long after issuance to refresh credentials that expire in `lifetime`, so a served
+    /// credential always has more than the TTL plus the margin left.
     pub fn refresh_after(&self, lifetime: Duration, jitter: Duration) -> Duration {
         lifetime
-            .saturating_sub(self.session_ttl + Self::REFRESH_MARGIN + jitter)
-            .max(Duration::from_secs(1))
+            .saturating_sub(self.session_ttl + Self::refresh_margin(lifetime) + jitter)
+            .max(Duration::from_millis(500))
     }
+
+    /// Retry delay after `failures` consecutive failures: the error TTL (at least 1 s),
+    /// doubling, at most a minute.
+    pub fn retry_after(&self, failures: u32) -> Duration {
+        let base = self.error_ttl.max(Duration::from_secs(1));
+        base.saturating_mul(1u32 << failures.min(6))
+            .min(Duration::from_secs(60).max(base))
+    }
+}
+
+/// A node-wide limit on AssumeRole calls: calls are spaced at least `1 / rate` apart.
+#[derive(Debug)]
+pub struct RateLimiter {
+    interval: Duration,
+    next: Mutex<Instant>,
+}
+
+impl RateLimiter {
+    pub fn new(per_second: f64) -> Self {
+        let interval = if per_second.is_finite() && per_second > 0.0 {
+            Duration::from_secs_f64(1.0 / per_second)
+        } else {
+            Duration::ZERO
+        };
+        RateLimiter {
+            interval,
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Reserves the next slot; returns how long the caller must wait for it.
+    pub fn reserve(&self, now: Instant) -> Duration {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = (*next).max(now);
+        *next = slot + self.interval;
+        slot - now
+    }
+}
+
+struct Manager {
+    sts: Arc<Sts>,
+    policy: Arc<CredPolicy>,
+    metrics: ResolverMetrics,
+    limiter: RateLimiter,
 }
 
 /// Runs until every sender is gone.
@@ -47,36 +101,66 @@ pub(crate) async fn run(
     policy: Arc<CredPolicy>,
     metrics: ResolverMetrics,
 ) {
+    let m = Arc::new(Manager {
+        limiter: RateLimiter::new(policy.rate_limit),
+        sts,
+        policy,
+        metrics,
+    });
     while let Some(slot) = requests.recv().await {
-        tokio::spawn(fetch(slot, sts.clone(), policy.clone(), metrics.clone()));
+        tokio::spawn(fetch(slot, m.clone()));
     }
 }
 
-async fn fetch(
-    slot: Arc<CredSlot>,
-    sts: Arc<Sts>,
-    policy: Arc<CredPolicy>,
-    metrics: ResolverMetrics,
-) {
+/// A fetch asked for by a pod (or a prefetch): no failures counted yet.
+async fn fetch(slot: Arc<CredSlot>, m: Arc<Manager>) {
+    fetch_with(slot, m, 0).await
+}
+
+/// `failures`: consecutive failures so far (they ride along with the retry task).
+async fn fetch_with(slot: Arc<CredSlot>, m: Arc<Manager>, failures: u32) {
     let key = slot.key().clone();
-    let session = session_name(&policy.session_prefix, &key.role_arn);
+    let session = match &key.session {
+        Some(s) => s.name.clone(),
+        None => session_name(&m.policy.session_prefix, &key.role_arn),
+    };
+    let wait = m.limiter.reserve(Instant::now());
+    if !wait.is_zero() {
+        m.metrics.rate_limited();
+        tokio::time::sleep(wait).await;
+    }
+    let refresh = slot.last().is_some();
+    m.metrics.in_flight(1);
     let started = Instant::now();
-    let result = sts
-        .assume_role(&key, &session, policy.session_duration())
+    let result = m
+        .sts
+        .assume_role(&key, &session, m.policy.session_duration())
         .await;
-    metrics.observe_assume_role(result.is_ok(), started.elapsed());
+    m.metrics.in_flight(-1);
+    m.metrics.observe_assume_role_for(
+        &key.role_arn,
+        result.as_ref().err().map(|e| e.code.as_str()),
+        started.elapsed(),
+    );
     let now = Instant::now();
     let wall = SystemTime::now();
     match result {
         Ok(creds) => {
+            if refresh {
+                m.metrics.refreshed();
+            }
             let lifetime = render::remaining(creds.expiration, wall);
-            let serve_for = lifetime.saturating_sub(CredPolicy::MIN_SERVED_LIFETIME);
+            let serve_for = lifetime.saturating_sub(CredPolicy::min_served_lifetime(lifetime));
+            let origin = slot.origin();
             tracing::info!(
+                namespace = %origin.namespace,
+                pod = %origin.pod,
                 role = %key.role_arn,
                 external_id = key.external_id.is_some(),
                 access_key_id = %creds.access_key_id,
                 expiration = %render::imds_timestamp(creds.expiration),
                 session_name = %session,
+                refresh,
                 "credentials issued"
             );
             let answer = CredAnswer::Ready {
@@ -86,40 +170,49 @@ async fn fetch(
                 access_key_id: creds.access_key_id.clone(),
             };
             slot.publish(Some(Arc::new(answer)));
-            let after =
-                policy.refresh_after(lifetime, jitter(&key.role_arn, Duration::from_secs(30)));
-            schedule(&slot, after);
+            let jitter = jitter(&key.role_arn, (lifetime / 20).min(Duration::from_secs(30)));
+            schedule(&slot, &m, m.policy.refresh_after(lifetime, jitter), 0);
         }
         Err(StsError { code, message }) => {
-            tracing::warn!(role = %key.role_arn, %code, %message, "AssumeRole failed");
             let still_valid = slot
                 .current(now)
                 .is_some_and(|a| matches!(&*a, CredAnswer::Ready { .. }));
-            let retry_in = policy.error_ttl.max(Duration::from_secs(1));
+            let retry_in = m.policy.retry_after(failures);
+            tracing::warn!(role = %key.role_arn, %code, %message, still_valid, retry_in = ?retry_in, "AssumeRole failed");
             if still_valid {
                 // Static stability: keep serving what we have; try again later.
+                m.metrics.kept_stale();
                 slot.publish(None);
             } else {
                 let answer = CredAnswer::Failed {
                     status: 500,
                     body: error_document(&code, &message),
                     at: now,
-                    retry_after: now + policy.error_ttl,
+                    retry_after: now + m.policy.error_ttl,
                 };
                 slot.publish(Some(Arc::new(answer)));
             }
-            schedule(&slot, retry_in + jitter(&key.role_arn, retry_in / 4));
+            schedule(
+                &slot,
+                &m,
+                retry_in + jitter(&key.role_arn, retry_in / 4),
+                failures + 1,
+            );
         }
     }
 }
 
-/// Re-requests the slot after `after`, unless it was dropped (no pod uses it any more).
-fn schedule(slot: &Arc<CredSlot>, after: Duration) {
+/// Fetches the slot again after `after`, unless it was dropped (no pod uses it any more) or
+/// a pod's request already started a fetch.
+fn schedule(slot: &Arc<CredSlot>, m: &Arc<Manager>, after: Duration, failures: u32) {
     let weak = Arc::downgrade(slot);
+    let m = m.clone();
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
-        if let Some(slot) = weak.upgrade() {
-            slot.request();
+        if let Some(slot) = weak.upgrade()
+            && slot.claim()
+        {
+            fetch_with(slot, m, failures).await;
         }
     });
 }
@@ -136,33 +229,72 @@ fn jitter(seed: &str, max: Duration) -> Duration {
 mod tests {
     use super::*;
 
-    fn policy(ttl_min: u64) -> CredPolicy {
+    fn policy(ttl_secs: u64) -> CredPolicy {
         CredPolicy {
-            session_ttl: Duration::from_secs(ttl_min * 60),
-            error_ttl: Duration::ZERO,
+            session_ttl: Duration::from_secs(ttl_secs),
+            error_ttl: Duration::from_secs(2),
             session_prefix: "n".into(),
+            rate_limit: 10.0,
         }
     }
 
     #[test]
     fn session_lasts_twice_the_ttl_within_sts_bounds() {
-        assert_eq!(policy(15).session_duration(), Duration::from_secs(1800));
-        assert_eq!(policy(1).session_duration(), Duration::from_secs(900));
-        assert_eq!(policy(1000).session_duration(), Duration::from_secs(43_200));
+        assert_eq!(policy(900).session_duration(), Duration::from_secs(1800));
+        assert_eq!(policy(60).session_duration(), Duration::from_secs(900));
+        assert_eq!(
+            policy(60_000).session_duration(),
+            Duration::from_secs(43_200)
+        );
     }
 
     #[test]
     fn refresh_leaves_more_than_ttl_plus_margin() {
-        let p = policy(15);
+        let p = policy(900);
         let life = Duration::from_secs(1800);
         let after = p.refresh_after(life, Duration::from_secs(10));
         assert_eq!(after, Duration::from_secs(1800 - 900 - 60 - 10));
-        assert!(life - after > p.session_ttl + CredPolicy::REFRESH_MARGIN);
+        assert!(life - after > p.session_ttl + CredPolicy::refresh_margin(life));
+        // Served credentials keep more than 15 minutes: refresh happens before
+        // min_served_lifetime is reached.
+        assert!(life - after > CredPolicy::min_served_lifetime(life));
         // Credentials that already live shorter than the TTL are refreshed almost at once.
         assert_eq!(
             p.refresh_after(Duration::from_secs(600), Duration::ZERO),
-            Duration::from_secs(1)
+            Duration::from_millis(500)
         );
+        // Short-lived credentials scale the margins down.
+        let short = policy(4);
+        assert_eq!(
+            CredPolicy::refresh_margin(Duration::from_secs(12)),
+            Duration::from_millis(1200)
+        );
+        assert_eq!(
+            short.refresh_after(Duration::from_secs(12), Duration::ZERO),
+            Duration::from_millis(6800)
+        );
+    }
+
+    #[test]
+    fn retries_back_off_exponentially_to_a_minute() {
+        let p = policy(900);
+        let waits: Vec<u64> = (0..8).map(|f| p.retry_after(f).as_secs()).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 32, 60, 60, 60]);
+    }
+
+    #[test]
+    fn rate_limiter_spaces_calls() {
+        let r = RateLimiter::new(10.0);
+        let t0 = Instant::now();
+        let waits: Vec<Duration> = (0..5).map(|_| r.reserve(t0)).collect();
+        assert_eq!(waits[0], Duration::ZERO);
+        for (i, w) in waits.iter().enumerate() {
+            assert_eq!(*w, Duration::from_millis(100) * i as u32);
+        }
+        // After a quiet period, no wait and no burst credit beyond one call.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(r.reserve(later), Duration::ZERO);
+        assert_eq!(r.reserve(later), Duration::from_millis(100));
     }
 
     #[test]

@@ -4,4 +4,4 @@ pub mod manager;
 pub mod slot;
 pub mod sts;
 
-pub use slot::{CredAnswer, CredKey, CredSlot};
+pub use slot::{CredAnswer, CredKey, CredSlot, Origin, PodSession};

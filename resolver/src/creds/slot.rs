@@ -13,6 +13,25 @@ use tokio::sync::{Notify, mpsc};
 pub struct CredKey {
     pub role_arn: String,
     pub external_id: Option<String>,
+    /// `None`: one session per (role, external ID) on the node. `Some`: a per-pod session
+    /// (`--session-name pod` or `--session-tags`).
+    pub session: Option<PodSession>,
+}
+
+/// A per-pod session: its name and its session tags.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodSession {
+    /// `<namespace>.<pod>`, sanitised for STS.
+    pub name: String,
+    /// `kubernetes-namespace`, `kubernetes-pod-name`, `kubernetes-service-account`.
+    pub tags: Vec<(String, String)>,
+}
+
+/// Who a slot's credentials were first fetched for (for the audit log).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub namespace: String,
+    pub pod: String,
 }
 
 /// A rendered answer for a credential request.
@@ -47,6 +66,8 @@ impl CredAnswer {
 /// One key's answer and the machinery to wait for it.
 pub struct CredSlot {
     key: CredKey,
+    origin: Origin,
+    hits: prometheus_client::metrics::counter::Counter,
     answer: ArcSwapOption<CredAnswer>,
     notify: Notify,
     in_flight: AtomicBool,
@@ -62,9 +83,25 @@ impl std::fmt::Debug for CredSlot {
 }
 
 impl CredSlot {
-    pub(crate) fn new(key: CredKey, requests: mpsc::UnboundedSender<Arc<CredSlot>>) -> Arc<Self> {
+    #[cfg(test)]
+    pub(crate) fn new(
+        key: CredKey,
+        origin: Origin,
+        requests: mpsc::UnboundedSender<Arc<CredSlot>>,
+    ) -> Arc<Self> {
+        Self::with_hits(key, origin, requests, Default::default())
+    }
+
+    pub(crate) fn with_hits(
+        key: CredKey,
+        origin: Origin,
+        requests: mpsc::UnboundedSender<Arc<CredSlot>>,
+        hits: prometheus_client::metrics::counter::Counter,
+    ) -> Arc<Self> {
         Arc::new(CredSlot {
             key,
+            origin,
+            hits,
             answer: ArcSwapOption::empty(),
             notify: Notify::new(),
             in_flight: AtomicBool::new(false),
@@ -74,6 +111,16 @@ impl CredSlot {
 
     pub fn key(&self) -> &CredKey {
         &self.key
+    }
+
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// Counts a request answered from this slot's cache (`kube2iam_iam_cache_hits_total`).
+    #[inline]
+    pub fn hit(&self) {
+        self.hits.inc();
     }
 
     /// The answer if it may be served now (lock-free; the hot path).
@@ -125,6 +172,11 @@ impl CredSlot {
         }
     }
 
+    /// Marks a fetch in flight unless one already is; true when the caller now owns it.
+    pub(crate) fn claim(&self) -> bool {
+        !self.in_flight.swap(true, Ordering::AcqRel)
+    }
+
     /// Stores a new answer, ends the in-flight fetch and wakes every waiter.
     pub(crate) fn publish(&self, answer: Option<Arc<CredAnswer>>) {
         if let Some(a) = answer {
@@ -153,13 +205,14 @@ mod tests {
         CredKey {
             role_arn: "arn:aws:iam::123456789012:role/a".into(),
             external_id: None,
+            session: None,
         }
     }
 
     #[tokio::test]
     async fn concurrent_waiters_cause_one_request_and_all_get_the_answer() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let slot = CredSlot::new(key(), tx);
+        let slot = CredSlot::new(key(), Origin::default(), tx);
         let waiters: Vec<_> = (0..50)
             .map(|_| {
                 tokio::spawn({
@@ -184,7 +237,7 @@ mod tests {
     #[tokio::test]
     async fn a_failure_with_zero_ttl_is_returned_once_not_retried_in_a_loop() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let slot = CredSlot::new(key(), tx);
+        let slot = CredSlot::new(key(), Origin::default(), tx);
         let w = tokio::spawn({
             let s = slot.clone();
             async move { s.get().await }
@@ -207,7 +260,7 @@ mod tests {
     #[test]
     fn expired_answers_are_not_current() {
         let (tx, _rx) = mpsc::unbounded_channel();
-        let slot = CredSlot::new(key(), tx);
+        let slot = CredSlot::new(key(), Origin::default(), tx);
         slot.publish(Some(ready(Duration::ZERO)));
         assert!(slot.current(Instant::now()).is_none());
         assert!(slot.last().is_some());

@@ -73,6 +73,9 @@ impl Sts {
             .region(region)
             .credentials_provider(creds)
             .timeout_config(timeouts)
+            // The manager retries with its own backoff; one quick SDK retry covers a dropped
+            // connection without making a waiting pod wait through three attempts.
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(2))
             .load()
             .await;
         let region = conf
@@ -96,12 +99,25 @@ impl Sts {
         session_name: &str,
         duration: Duration,
     ) -> Result<Credentials, StsError> {
+        let tags = key.session.as_ref().map(|s| {
+            s.tags
+                .iter()
+                .filter_map(|(k, v)| {
+                    aws_sdk_sts::types::Tag::builder()
+                        .key(k)
+                        .value(v)
+                        .build()
+                        .ok()
+                })
+                .collect::<Vec<_>>()
+        });
         let out = self
             .client
             .assume_role()
             .role_arn(&key.role_arn)
             .role_session_name(session_name)
             .set_external_id(key.external_id.clone())
+            .set_tags(tags.filter(|t| !t.is_empty()))
             .duration_seconds(duration.as_secs().clamp(900, 43_200) as i32)
             .send()
             .await
@@ -140,10 +156,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// An STS role session name: `[\w+=,.@-]`, 2..=64 characters.
+/// A node-wide STS role session name: `<prefix>-<role name>`, sanitised.
 pub fn session_name(prefix: &str, role_arn: &str) -> String {
     let role = role_arn.rsplit('/').next().unwrap_or(role_arn);
-    let raw = format!("{prefix}-{role}");
+    sanitize_session(&format!("{prefix}-{role}"))
+}
+
+/// An STS role session name: `[\w+=,.@-]`, 2..=64 characters.
+pub fn sanitize_session(raw: &str) -> String {
     let mut s: String = raw
         .chars()
         .map(|c| {
