@@ -10,3 +10,8 @@ fi
 if ! "$VENV/bin/python3" -c 'import moto, boto3, awscli, flask' 2>/dev/null; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]' boto3 awscli
 fi
+# deploy/tests: Helm's own template engine (helm-python-sdk bundles Helm v4's Go library, no
+# helm binary, renders offline), Kubernetes schemas (kubernetes-validate), pytest.
+if ! "$VENV/bin/python3" -c 'import helm_python, kubernetes_validate, yaml, pytest' 2>/dev/null; then
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'helm-python-sdk>=0.2.2,<0.3' 'kubernetes-validate>=1.31' pyyaml pytest
+fi

@@ -18,6 +18,7 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 
 step "build"
 cargo build --locked -p iamlet
+deploy/tests/run.sh   # manifests, Helm chart, dashboard, Dockerfile, docs/configuration.md
 
 step "tests"
 cargo test --locked --workspace

@@ -1,0 +1,150 @@
+"""The plain manifests in deploy/manifests/: schema-valid, the field guide's DaemonSet args
+accepted by `iamlet --check-config`, and the properties the deploy story relies on."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from deploylib import (MANIFESTS, agent_container, by_kind, check_config, expanded_args,
+                       manifest_objects, validate)
+
+# The field guide's kube2iam DaemonSet args (shared/MISSION.md), unchanged, plus --node.
+SEED_ARGS = [
+    "--app-port=8181",
+    "--auto-discover-base-arn",
+    "--iptables=true",
+    "--host-ip=$(HOST_IP)",
+    "--host-interface=weave",
+    "--use-regional-sts-endpoint",
+    "--auto-discover-default-role",
+    "--log-level=info",
+]
+
+FILES = ["iamlet.yaml", "uninstall.yaml"]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_every_object_is_schema_valid(name):
+    objs = manifest_objects(name)
+    assert objs
+    for o in objs:
+        validate(o)
+
+
+def test_kustomization_installs_the_agent_only():
+    k = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    assert k["resources"] == ["iamlet.yaml"]
+    assert {p.name for p in MANIFESTS.glob("*.yaml")} == {*FILES, "kustomization.yaml"}
+
+
+def agent_ds():
+    [ds] = by_kind(manifest_objects("iamlet.yaml"), "DaemonSet")
+    return ds
+
+
+def test_daemonset_keeps_the_seed_args_and_adds_node():
+    c = agent_container(agent_ds())
+    assert c["args"] == SEED_ARGS + ["--node=$(NODE_NAME)"]
+
+
+def test_daemonset_args_pass_check_config():
+    c = agent_container(agent_ds())
+    r = check_config(c)
+    assert r.returncode == 0, (expanded_args(c), r.stdout, r.stderr)
+
+
+def test_daemonset_args_expand_to_the_node():
+    args = expanded_args(agent_container(agent_ds()))
+    assert "--host-ip=10.1.2.3" in args and "--node=ip-10-1-2-3.ec2.internal" in args
+
+
+def test_check_config_rejects_a_broken_copy():
+    """The check above can fail: a wrong value is refused with exit 64."""
+    c = agent_container(agent_ds())
+    c = {**c, "args": [a if not a.startswith("--host-ip") else "--host-ip=not-an-ip"
+                       for a in c["args"]]}
+    r = check_config(c)
+    assert r.returncode == 64, (r.stdout, r.stderr)
+
+
+def test_daemonset_node_integration():
+    ds = agent_ds()
+    spec = ds["spec"]["template"]["spec"]
+    c = agent_container(ds)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["AWS_REGION"]["value"]
+    assert spec["hostNetwork"] is True
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in spec["tolerations"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 8181}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8181}
+    sc = c["securityContext"]
+    assert sc.get("privileged") is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert mounts["xtables-lock"] == "/run/xtables.lock"
+    assert vols["xtables-lock"]["hostPath"] == {"path": "/run/xtables.lock", "type": "FileOrCreate"}
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
+    assert c["resources"]["limits"]["memory"]
+    assert "cpu" not in c["resources"].get("limits", {}), "a CPU limit throttles answers"
+    ru = ds["spec"]["updateStrategy"]
+    assert ru == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
+
+
+def test_rbac():
+    objs = manifest_objects("iamlet.yaml")
+    [sa] = by_kind(objs, "ServiceAccount")
+    [role] = by_kind(objs, "ClusterRole")
+    [binding] = by_kind(objs, "ClusterRoleBinding")
+    rules = {(g, r): set(rule["verbs"]) for rule in role["rules"]
+             for g in rule["apiGroups"] for r in rule["resources"]}
+    assert rules[("", "pods")] >= {"get", "list", "watch"}
+    assert rules[("", "namespaces")] >= {"get", "list", "watch"}
+    assert rules[("events.k8s.io", "events")] >= {"create", "patch"}
+    assert rules[("", "events")] >= {"create", "patch"}
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": sa["metadata"]["namespace"]}]
+    ds = agent_ds()
+    assert ds["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_uninstall_runs_cleanup_on_every_node_after_the_agent_is_gone():
+    [ds] = by_kind(manifest_objects("uninstall.yaml"), "DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True
+    assert {"operator": "Exists"} in spec["tolerations"]
+    wait, cleanup = spec["initContainers"]
+    assert "/dev/tcp/127.0.0.1/${AGENT_PORT}" in wait["command"][-1]
+    assert {"name": "AGENT_PORT", "value": "8181"} in wait["env"]
+    assert cleanup["command"] == ["iamlet", "cleanup", "--kube2iam"]
+    assert cleanup["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
+    assert {"name": "xtables-lock", "mountPath": "/run/xtables.lock"} in cleanup["volumeMounts"]
+    # Its pods never match the agent's selector.
+    assert ds["spec"]["selector"] != agent_ds()["spec"]["selector"]
+    images = {c["image"] for c in spec["initContainers"] + spec["containers"]}
+    assert images == {agent_container(agent_ds())["image"]}
+
+
+def test_uninstall_waits_while_an_agent_listens():
+    """The wait-for-agent-gone script, run here on loopback: it returns at once when nothing
+    listens on AGENT_PORT, and keeps waiting while something does."""
+    import socket
+    import subprocess
+
+    [ds] = by_kind(manifest_objects("uninstall.yaml"), "DaemonSet")
+    wait = ds["spec"]["template"]["spec"]["initContainers"][0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        run = lambda t: subprocess.run(wait["command"], env={"PATH": "/usr/bin:/bin", "AGENT_PORT": str(port)},
+                                       capture_output=True, text=True, timeout=t)
+        s.listen()
+        with pytest.raises(subprocess.TimeoutExpired):
+            run(2)
+    r = run(10)
+    assert r.returncode == 0 and "cleaning up" in r.stdout
