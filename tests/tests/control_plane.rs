@@ -20,10 +20,14 @@ fn pod_requests(api: &ApiServer) -> Vec<ApiRequest> {
 
 #[test]
 fn the_node_field_selector_is_sent_and_honoured() {
-    let api = ApiServer::start();
+    // With --api-token: the stand-in answers 401 without `Authorization: Bearer sekret`.
+    let api = ApiServer::builder().token("sekret").start();
     api.create_pod(&PodBuilder::running("shop", "mine", NODE, "127.20.0.1").role("mine"));
     api.create_pod(&PodBuilder::running("shop", "theirs", "node-b", "127.20.0.2").role("theirs"));
-    let r = rig(api, &["--backoff-max-elapsed-time=300ms"]);
+    let r = rig(
+        api,
+        &["--backoff-max-elapsed-time=300ms", "--api-token=sekret"],
+    );
 
     let reqs = pod_requests(&r.api);
     assert!(reqs.iter().any(|q| !q.is_watch()), "a list: {reqs:?}");
