@@ -231,8 +231,11 @@ pub enum Command {
 #[derive(Debug, Clone, ClapArgs)]
 pub struct CleanupArgs {
     /// Also remove kube2iam's DNAT rules to the metadata address from nat PREROUTING
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kube2iam_only")]
     pub kube2iam: bool,
+    /// Remove only kube2iam's leftover DNAT rules and keep iamlet's: safe while iamlet runs
+    #[arg(long)]
+    pub kube2iam_only: bool,
 }
 
 /// `iamlet doctor`.

@@ -720,6 +720,63 @@ fn cleanup_kube2iam_removes_the_rules_kube2iam_left_behind() {
 }
 
 #[test]
+fn cleanup_kube2iam_only_keeps_iamlets_rule_while_it_serves() {
+    require_netns!("cleanup_kube2iam_only_keeps_iamlets_rule_while_it_serves");
+    let mut node = Node::builder(&["cali1"]).build();
+    node.start(&["--host-interface=cali1"]);
+    // kube2iam's leftover, appended behind iamlet's jump.
+    node.ns.exec_ok(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            "169.254.169.254/32",
+            "-i",
+            "cali1",
+            "-p",
+            "tcp",
+            "-m",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{HOST_IP}:{APP_PORT}"),
+        ],
+    );
+    let before = seen(node.pod("cali1"));
+    assert!(matches!(before, Seen::Iamlet(_)), "{before:?}");
+    let out = node.cli_str(&["cleanup", "--kube2iam-only"]);
+    assert!(out.success(), "{out:?}");
+    assert!(
+        out.stdout.contains("removed 1 kube2iam DNAT rule(s)")
+            && out.stdout.contains("iamlet's rules untouched"),
+        "{}",
+        out.stdout
+    );
+    let (jumps, _) = node.count("iptables");
+    assert!(
+        jumps > 0 && node.jump_on_top("iptables"),
+        "iamlet's rule must stay: {}",
+        node.save("iptables")
+    );
+    assert_eq!(
+        seen(node.pod("cali1")),
+        before,
+        "the pod keeps getting its role from iamlet"
+    );
+    let again = node.cli_str(&["cleanup", "--kube2iam-only"]);
+    assert!(
+        again.success() && again.stdout.contains("nothing to remove"),
+        "{again:?}"
+    );
+}
+
+#[test]
 fn startup_errors_are_one_sentence_with_the_fix() {
     require_netns!("startup_errors_are_one_sentence_with_the_fix");
     let node = Node::builder(&["cali1"]).build();

@@ -63,8 +63,46 @@ pub fn kube2iam_addrs(metadata_hostport: &str) -> Vec<IpAddr> {
     v
 }
 
+/// `cleanup --kube2iam-only`: removes kube2iam's leftover rules and nothing of iamlet's, so
+/// it is safe on a node where iamlet is serving.
+fn run_kube2iam_only(backends: Vec<Backend>, addrs: &[IpAddr]) -> i32 {
+    let mut removed = 0;
+    for b in backends {
+        if !b.installed(Family::V4) {
+            continue;
+        }
+        let view = match b.nat(Family::V4) {
+            Ok(v) => v,
+            Err(e) => {
+                println!("cannot read the nat table (ipv4, {b}): {e}");
+                return 1;
+            }
+        };
+        let Some(script) = rules::kube2iam_only_script(&view, addrs) else {
+            continue;
+        };
+        let n = rules::kube2iam_rules(&view, addrs).len();
+        if let Err(e) = restore(b, Family::V4, &script) {
+            println!(
+                "cannot remove kube2iam's rules (ipv4, {b}): {e}; run it as root with NET_ADMIN"
+            );
+            return 1;
+        }
+        removed += n;
+        println!(
+            "removed {n} kube2iam DNAT rule(s) from nat PREROUTING (ipv4, {b}); iamlet's rules untouched"
+        );
+    }
+    if removed == 0 {
+        println!("nothing to remove: no kube2iam rules on this node");
+    } else {
+        flush_conntrack();
+    }
+    0
+}
+
 /// The `cleanup` subcommand; prints one line per change and returns the exit code.
-pub fn run(kube2iam: bool, metadata_hostport: &str) -> i32 {
+pub fn run(kube2iam: bool, kube2iam_only: bool, metadata_hostport: &str) -> i32 {
     let backends = Backend::available();
     if backends.is_empty() {
         println!(
@@ -73,6 +111,9 @@ pub fn run(kube2iam: bool, metadata_hostport: &str) -> i32 {
         return 1;
     }
     let addrs = kube2iam_addrs(metadata_hostport);
+    if kube2iam_only {
+        return run_kube2iam_only(backends, &addrs);
+    }
     let mut removed = 0;
     let mut failed = 0;
     let mut leftovers = 0;

@@ -280,7 +280,7 @@ fn check_iptables(
             emit(Check::warn(
                 "kube2iam",
                 format!(
-                    "{n} kube2iam DNAT rule(s) to the metadata address left in nat PREROUTING ({f}, {b}); they send pods to an agent that may be gone; remove them with `iamlet cleanup --kube2iam`"
+                    "{n} kube2iam DNAT rule(s) to the metadata address left in nat PREROUTING ({f}, {b}); they send pods to an agent that may be gone; remove them with `iamlet cleanup --kube2iam-only` (keeps iamlet's rule)"
                 ),
             ));
         }

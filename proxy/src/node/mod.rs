@@ -91,7 +91,7 @@ pub fn run_command(cmd: &Command, args: &Args) -> i32 {
         Command::Cleanup(c) => {
             let hostport = crate::config::metadata_hostport(&args.node.metadata_addr)
                 .unwrap_or_else(|_| "169.254.169.254:80".into());
-            cleanup::run(c.kube2iam, &hostport)
+            cleanup::run(c.kube2iam, c.kube2iam_only, &hostport)
         }
         Command::Doctor(d) => doctor::run(args, d),
     }

@@ -255,6 +255,20 @@ pub fn removal_script(view: &NatView, kube2iam_for: Option<&[IpAddr]>) -> Option
     Some(s)
 }
 
+/// A restore script removing only kube2iam's leftover rules (iamlet's chain stays).
+pub fn kube2iam_only_script(view: &NatView, addrs: &[IpAddr]) -> Option<String> {
+    let rules = kube2iam_rules(view, addrs);
+    if rules.is_empty() {
+        return None;
+    }
+    let mut s = String::from("*nat\n");
+    for r in rules {
+        s.push_str(&r.delete_line());
+    }
+    s.push_str("COMMIT\n");
+    Some(s)
+}
+
 /// kube2iam's rules: `-A PREROUTING -d <metadata>/32 [!] -i X -p tcp -m tcp --dport 80 -j DNAT
 /// --to-destination H:P`, left behind when kube2iam was removed.
 pub fn kube2iam_rules<'a>(view: &'a NatView, metadata: &[IpAddr]) -> Vec<&'a Rule> {
