@@ -15,14 +15,18 @@ use std::time::Instant;
 /// Header slots per request (hyper uses 100; IMDS clients send fewer than ten).
 pub const MAX_HEADERS: usize = 32;
 
-enum Framing {
+/// How a request's body is framed, or why it is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// A body of this many bytes follows the head (0: none).
     Body(usize),
+    /// Refused with this status; the label is the error kind counted.
     Reject(respond::Status, &'static str),
 }
 
 /// Request-body framing. Only Content-Length bodies are accepted; Transfer-Encoding and any
 /// repeated or malformed Content-Length are refused (request smuggling).
-fn framing(req: &httparse::Request<'_, '_>, max_body: usize) -> Framing {
+pub fn framing(req: &httparse::Request<'_, '_>, max_body: usize) -> Framing {
     let mut len: Option<usize> = None;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
@@ -52,7 +56,8 @@ fn framing(req: &httparse::Request<'_, '_>, max_body: usize) -> Framing {
     }
 }
 
-fn persistence(req: &httparse::Request<'_, '_>) -> Persist {
+/// Whether the connection stays open after answering `req`.
+pub fn persistence(req: &httparse::Request<'_, '_>) -> Persist {
     let http10 = req.version == Some(0);
     let (mut close, mut keep) = (false, false);
     for h in req
@@ -93,12 +98,7 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
                 Ok(httparse::Status::Complete(n)) => n,
                 Ok(httparse::Status::Partial) => {
                     if avail.len() >= limits.max_head {
-                        let uri_only = !avail.contains(&b'\n');
-                        let status = if uri_only {
-                            respond::URI_TOO_LONG
-                        } else {
-                            respond::HEADERS_TOO_LARGE
-                        };
+                        let status = head_too_large(avail, limits.max_head);
                         reject(&w, &mut out, status, "head_too_large");
                         close = true;
                     }
@@ -116,7 +116,8 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
                 }
             };
             if head_len > limits.max_head {
-                reject(&w, &mut out, respond::HEADERS_TOO_LARGE, "head_too_large");
+                let status = head_too_large(avail, limits.max_head);
+                reject(&w, &mut out, status, "head_too_large");
                 close = true;
                 break;
             }
@@ -198,6 +199,15 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
                 return;
             }
         }
+    }
+}
+
+/// 414 when the request line alone does not end within `max_head` bytes, else 431.
+pub fn head_too_large(avail: &[u8], max_head: usize) -> respond::Status {
+    if avail[..max_head.min(avail.len())].contains(&b'\n') {
+        respond::HEADERS_TOO_LARGE
+    } else {
+        respond::URI_TOO_LONG
     }
 }
 

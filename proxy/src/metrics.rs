@@ -133,6 +133,26 @@ impl ProxyMetrics {
             "Requests from an IP not yet known, by outcome",
             m.ip_waits.clone(),
         );
+        r.register(
+            "errors",
+            "Errors by class (downstream: the client's request; upstream: the metadata service) and kind",
+            m.errors.clone(),
+        );
+        r.register(
+            "token_rejections",
+            "IMDSv2 tokens refused, by outcome (missing, invalid, expired)",
+            m.token_rejections.clone(),
+        );
+        r.register(
+            "tokens_issued",
+            "IMDSv2 tokens minted for pods",
+            m.tokens_issued.clone(),
+        );
+        r.register(
+            "connections_rejected",
+            "Connections closed at accept because the worker was at --max-connections-per-worker",
+            m.connections_rejected.clone(),
+        );
         m
     }
 

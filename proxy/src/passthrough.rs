@@ -2,7 +2,6 @@
 //! headers and any pod token stripped, iamlet's own upstream token added, no
 //! X-Forwarded-For. Failures answer 502/504 with a small IMDS-style body.
 
-use crate::metrics::RouteLabel;
 use crate::respond::{self, Persist};
 use crate::upstream::{UpstreamError, UpstreamResponse};
 use crate::worker::Worker;
@@ -66,7 +65,8 @@ fn build(
     req
 }
 
-/// Forwards a GET or HEAD and writes the relayed answer; returns the status written.
+/// Forwards a GET or HEAD and writes the relayed answer; returns the status written (the
+/// caller counts it).
 pub async fn forward(
     w: &Worker,
     method: &str,
@@ -77,7 +77,10 @@ pub async fn forward(
 ) -> u16 {
     let head_only = method == "HEAD";
     for attempt in 0..2 {
-        let token = w.upstream.token().await;
+        let token = match w.upstream.token().await {
+            Ok(t) => t,
+            Err(e) => return fail(w, out, e, persist),
+        };
         let req = build(w, method, path, headers, token.as_deref());
         match w.upstream.exchange(req).await {
             Ok(resp) if resp.status == 401 && attempt == 0 => {
@@ -115,7 +118,6 @@ fn fail(w: &Worker, out: &mut Vec<u8>, e: UpstreamError, persist: Persist) -> u1
             "the instance metadata service sent no valid response",
         ),
     };
-    w.metrics.request(RouteLabel::Passthrough, status.0);
     respond::write(
         out,
         status,

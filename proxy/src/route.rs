@@ -24,7 +24,11 @@ pub fn canonicalize(target: &str) -> Result<Cow<'_, str>, PathError> {
         .strip_prefix("http://")
         .or_else(|| path.strip_prefix("https://"))
     {
-        path = rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
+        // The authority ends at the first `/`, `?` or `#`; without a `/` the path is empty.
+        path = match rest.find(['/', '?', '#']) {
+            Some(i) if rest.as_bytes()[i] == b'/' => &rest[i..],
+            _ => "/",
+        };
     }
     let end = path.find(['?', '#']).unwrap_or(path.len());
     let path = &path[..end];
@@ -82,6 +86,9 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
                 .ok_or(PathError::BadEscape)?;
             match v {
                 b'/' => return Err(PathError::EncodedSeparator),
+                // Double encoding (`%252F`): an upstream that decodes twice would see a
+                // different path than the one routed here.
+                b'%' => return Err(PathError::BadEscape),
                 b'\\' => return Err(PathError::Backslash),
                 0..=0x1f | 0x7f => return Err(PathError::ControlByte),
                 b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
@@ -193,20 +200,34 @@ pub fn route(path: &str) -> Route<'_> {
     if is_sensitive(path) {
         return Route::Denied;
     }
-    if rest == "user-data" || rest.starts_with("user-data/") {
+    // Any case, any `;params` or suffix: never forwarded when user-data is blocked.
+    let first = rest.split('/').next().unwrap_or("");
+    if first
+        .as_bytes()
+        .get(..9)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"user-data"))
+    {
         return Route::UserData;
     }
     Route::Forward
 }
 
 /// Paths that must never reach the upstream whatever their spelling: IAM and identity
-/// credentials, in any case.
+/// credentials, in any case, and anything else that mentions `iam` (`iam;x`, `iam%20`,
+/// `%20iam`: an upstream that trims or drops such decorations would read `iam`) except under
+/// instance tags, whose keys are free text (`tags/instance/Diamond`).
 pub fn is_sensitive(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
-    lower.contains("/iam/")
+    if lower.contains("/iam/")
         || lower.ends_with("/iam")
         || lower.contains("security-credentials")
         || lower.contains("identity-credentials")
+    {
+        return true;
+    }
+    let mut segs = lower.split('/').skip(2);
+    let under_tags = segs.next() == Some("meta-data") && segs.next() == Some("tags");
+    lower.contains("iam") && !under_tags
 }
 
 #[cfg(test)]
@@ -230,6 +251,9 @@ mod tests {
                 "/latest/meta-data/instance-id",
             ),
             ("http://evil.example", "/"),
+            ("http://h?/latest/meta-data/iam/info", "/"),
+            ("http://h#/latest/meta-data/iam/info", "/"),
+            ("http://h:80//latest", "/latest"),
             ("/a%20b", "/a%20b"),
             ("/a%2a", "/a%2A"),
             ("/", "/"),
@@ -247,6 +271,7 @@ mod tests {
             ("/latest/%00", PathError::ControlByte),
             ("/latest/%zz", PathError::BadEscape),
             ("/latest/%4", PathError::BadEscape),
+            ("/latest/meta-data%252Fiam%252Finfo", PathError::BadEscape),
             ("/../etc", PathError::AboveRoot),
             ("/latest/../../x", PathError::AboveRoot),
             ("latest/meta-data", PathError::NotAPath),
@@ -303,6 +328,17 @@ mod tests {
         assert_eq!(route("/2021-01-03/api/token"), Route::VersionedToken);
         assert_eq!(route("/latest/user-data"), Route::UserData);
         assert_eq!(route("/2009-04-04/user-data/"), Route::UserData);
+        assert_eq!(route("/latest/USER-DATA"), Route::UserData);
+        assert_eq!(route("/latest/user-data;x"), Route::UserData);
+        assert_eq!(route("/latest/user-dat\u{e4}"), Route::Forward);
+        assert_eq!(route("/latest/meta-data/iam;x/info"), Route::Denied);
+        assert_eq!(route("/latest/meta-data/IAM%20/info"), Route::Denied);
+        assert_eq!(route("/latest/meta-data/%20iam/info"), Route::Denied);
+        assert_eq!(
+            route("/latest/meta-data/tags/instance/Diamond"),
+            Route::Forward
+        );
+        assert_eq!(route("/latest/meta-data/tags/instance/iam"), Route::Denied);
         assert_eq!(
             route("/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance"),
             Route::Denied

@@ -85,12 +85,16 @@ impl Upstream {
     }
 
     /// iamlet's own token for the upstream, fetched or renewed when needed; `None` when the
-    /// upstream does not do IMDSv2.
-    pub async fn token(&self) -> Option<Rc<str>> {
+    /// upstream does not do IMDSv2 (or answered the token request oddly: asked again next
+    /// time). A transport failure is returned: the request itself would only meet it again,
+    /// doubling the time a pod waits for its 502/504.
+    pub async fn token(&self) -> Result<Option<Rc<str>>, UpstreamError> {
         let now = Instant::now();
         match &*self.token.borrow() {
-            TokenState::Have { value, renew_at } if now < *renew_at => return Some(value.clone()),
-            TokenState::Unsupported { until } if now < *until => return None,
+            TokenState::Have { value, renew_at } if now < *renew_at => {
+                return Ok(Some(value.clone()));
+            }
+            TokenState::Unsupported { until } if now < *until => return Ok(None),
             _ => {}
         }
         let req = format!(
@@ -103,7 +107,7 @@ impl Upstream {
                     .trim()
                     .to_owned();
                 if value.is_empty() || value.contains(['\r', '\n']) {
-                    return None;
+                    return Ok(None);
                 }
                 let value: Rc<str> = value.into();
                 let renew_at = now + Duration::from_secs(TOKEN_TTL) - TOKEN_RENEW_BEFORE;
@@ -111,16 +115,17 @@ impl Upstream {
                     value: value.clone(),
                     renew_at,
                 };
-                Some(value)
+                Ok(Some(value))
             }
             Ok(resp) if matches!(resp.status, 400 | 403 | 404 | 405) => {
                 *self.token.borrow_mut() = TokenState::Unsupported {
                     until: now + NO_TOKEN_RECHECK,
                 };
-                None
+                Ok(None)
             }
-            // Transport trouble: try again next time.
-            _ => None,
+            // Any other answer: try again next time.
+            Ok(_) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
