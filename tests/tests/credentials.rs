@@ -256,8 +256,9 @@ fn credentials_are_refreshed_ahead_and_no_request_waits_for_sts() {
         assert_eq!(resp.status, 200, "{}", resp.body_str());
         let doc = json(&resp);
         let expires = parse_time(doc["Expiration"].as_str().unwrap());
+        // Expiration is truncated to whole seconds: allow that one second.
         assert!(
-            expires > unix_now() + 2,
+            expires + 1 > unix_now() + 2,
             "served credentials expire too soon: {doc} (now {})",
             unix_now()
         );
@@ -412,8 +413,8 @@ fn external_ids_are_part_of_the_key() {
 #[test]
 fn the_node_wide_rate_limit_bounds_assume_role_calls() {
     let mut rig = sts_rig(Fault::Pass);
-    let rate = 50;
-    let pods: Vec<String> = (0..500)
+    let (rate, roles) = (50, 500);
+    let pods: Vec<String> = (0..roles)
         .map(|i| {
             pod(
                 &format!("storm{i}"),
@@ -424,8 +425,8 @@ fn the_node_wide_rate_limit_bounds_assume_role_calls() {
         })
         .collect();
     rig.start(&list(&pods), &[&format!("--sts-rate-limit={rate}")]);
-    wait_for("500 prefetches", Duration::from_secs(40), || {
-        rig.sts.calls().len() >= 500
+    wait_for("every prefetch", Duration::from_secs(60), || {
+        rig.sts.calls().len() >= roles
     });
     let calls = rig.sts.calls();
     let mut at: Vec<Instant> = calls.iter().map(|c| c.at).collect();
@@ -441,16 +442,24 @@ fn the_node_wide_rate_limit_bounds_assume_role_calls() {
         })
         .max()
         .unwrap();
-    let roles: BTreeSet<&str> = calls.iter().map(|c| c.role_arn.as_str()).collect();
+    let span = *at.last().unwrap() - at[0];
+    let distinct: BTreeSet<&str> = calls.iter().map(|c| c.role_arn.as_str()).collect();
     println!(
-        "500 cold roles: {} calls, at most {worst} in any 1 s window (limit {rate}/s)",
+        "{roles} cold roles: {} calls over {span:?}, at most {worst} in any 1 s window (limit {rate}/s)",
         calls.len()
     );
-    assert_eq!(roles.len(), 500);
-    assert_eq!(calls.len(), 500, "one call per role");
+    assert_eq!(distinct.len(), roles);
+    assert_eq!(calls.len(), roles, "one call per role");
+    // iamlet lets calls out at most `rate` per second; the counting proxy stamps each when its
+    // own thread reads it, so allow a call of scheduling jitter at each edge of the window.
     assert!(
-        worst <= rate + 1,
+        worst <= rate + 2,
         "{worst} AssumeRole calls within one second exceed the limit of {rate}/s"
+    );
+    let floor = Duration::from_secs_f64((roles - 1) as f64 / rate as f64 * 0.9);
+    assert!(
+        span >= floor,
+        "{span:?} is too short for {roles} calls at {rate}/s"
     );
 }
 

@@ -6,7 +6,7 @@ use crate::creds::slot::{CredAnswer, CredSlot};
 use crate::creds::sts::{Sts, StsError, session_name};
 use crate::metrics::ResolverMetrics;
 use crate::render::{self, credentials_document, error_document};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 
@@ -58,11 +58,13 @@ impl CredPolicy {
     }
 }
 
-/// A node-wide limit on AssumeRole calls: calls are spaced at least `1 / rate` apart.
+/// A node-wide limit on AssumeRole calls: successive calls start at least `1 / rate` apart,
+/// measured from when each call was really let through, so a stalled runtime never releases
+/// a catch-up burst. Waiters queue in FIFO order.
 #[derive(Debug)]
 pub struct RateLimiter {
     interval: Duration,
-    next: Mutex<Instant>,
+    next: tokio::sync::Mutex<tokio::time::Instant>,
 }
 
 impl RateLimiter {
@@ -74,16 +76,19 @@ impl RateLimiter {
         };
         RateLimiter {
             interval,
-            next: Mutex::new(Instant::now()),
+            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
         }
     }
 
-    /// Reserves the next slot; returns how long the caller must wait for it.
-    pub fn reserve(&self, now: Instant) -> Duration {
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = (*next).max(now);
-        *next = slot + self.interval;
-        slot - now
+    /// Waits for this caller's turn; true if it had to wait.
+    pub async fn acquire(&self) -> bool {
+        let mut next = self.next.lock().await;
+        let waited = tokio::time::Instant::now() < *next;
+        if waited {
+            tokio::time::sleep_until(*next).await;
+        }
+        *next = tokio::time::Instant::now() + self.interval;
+        waited
     }
 }
 
@@ -124,10 +129,8 @@ async fn fetch_with(slot: Arc<CredSlot>, m: Arc<Manager>, failures: u32) {
         Some(s) => s.name.clone(),
         None => session_name(&m.policy.session_prefix, &key.role_arn),
     };
-    let wait = m.limiter.reserve(Instant::now());
-    if !wait.is_zero() {
+    if m.limiter.acquire().await {
         m.metrics.rate_limited();
-        tokio::time::sleep(wait).await;
     }
     let refresh = slot.last().is_some();
     m.metrics.in_flight(1);
@@ -282,19 +285,40 @@ mod tests {
         assert_eq!(waits, [2, 4, 8, 16, 32, 60, 60, 60]);
     }
 
-    #[test]
-    fn rate_limiter_spaces_calls() {
-        let r = RateLimiter::new(10.0);
-        let t0 = Instant::now();
-        let waits: Vec<Duration> = (0..5).map(|_| r.reserve(t0)).collect();
-        assert_eq!(waits[0], Duration::ZERO);
-        for (i, w) in waits.iter().enumerate() {
-            assert_eq!(*w, Duration::from_millis(100) * i as u32);
+    #[tokio::test(start_paused = true)]
+    async fn rate_limiter_spaces_calls_and_never_bursts_to_catch_up() {
+        let r = Arc::new(RateLimiter::new(10.0));
+        let t0 = tokio::time::Instant::now();
+        let mut starts = Vec::new();
+        for _ in 0..5 {
+            r.acquire().await;
+            starts.push(t0.elapsed());
         }
-        // After a quiet period, no wait and no burst credit beyond one call.
-        let later = t0 + Duration::from_secs(10);
-        assert_eq!(r.reserve(later), Duration::ZERO);
-        assert_eq!(r.reserve(later), Duration::from_millis(100));
+        let ms: Vec<u128> = starts.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [0, 100, 200, 300, 400]);
+        // Concurrent callers are let through one interval apart, in order.
+        let t1 = tokio::time::Instant::now();
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    r.acquire().await;
+                    t1.elapsed().as_millis()
+                })
+            })
+            .collect();
+        let mut got = Vec::new();
+        for t in tasks {
+            got.push(t.await.unwrap());
+        }
+        got.sort();
+        assert_eq!(got, [100, 200, 300, 400]);
+        // A quiet period gives no burst credit beyond one call.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let t2 = tokio::time::Instant::now();
+        assert!(!r.acquire().await);
+        assert!(r.acquire().await);
+        assert_eq!(t2.elapsed().as_millis(), 100);
     }
 
     #[test]
