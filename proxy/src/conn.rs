@@ -86,7 +86,8 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
     let mut rbuf: Vec<u8> = Vec::with_capacity(limits.max_head + limits.max_body);
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     let mut start = 0usize;
-    // When the first byte of a not-yet-complete request arrived (slowloris bound).
+    // When a not-yet-complete request was first seen (slowloris bound). Taken only when a read
+    // leaves a partial request, so a complete request costs no clock read for it.
     let mut head_started: Option<Instant> = None;
     loop {
         let mut close = false;
@@ -186,9 +187,6 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
                 rbuf = slice.into_inner();
                 if n == 0 {
                     return;
-                }
-                if head_started.is_none() && len == 0 {
-                    head_started = Some(Instant::now());
                 }
             }
             Ok((Err(_), _)) => return,

@@ -1,7 +1,5 @@
 //! Writing responses into the connection's reusable output buffer.
 
-use std::io::Write;
-
 /// Status line pieces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status(pub u16, pub &'static str);
@@ -51,7 +49,8 @@ pub fn write(
     }
 }
 
-/// Appends the status line and headers, ending with the blank line.
+/// Appends the status line and headers, ending with the blank line. Plain byte copies: no
+/// `fmt` machinery on the hot path.
 pub fn write_head(
     out: &mut Vec<u8>,
     status: Status,
@@ -60,11 +59,16 @@ pub fn write_head(
     persist: Persist,
     extra: &[(&[u8], &[u8])],
 ) {
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "HTTP/1.1 {} {}\r\n", status.0, status.1);
-    out.extend_from_slice(b"Content-Type: ");
+    out.reserve(128 + content_type.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, usize::from(status.0));
+    out.push(b' ');
+    out.extend_from_slice(status.1.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Type: ");
     out.extend_from_slice(content_type.as_bytes());
-    let _ = write!(out, "\r\nContent-Length: {len}\r\nServer: EC2ws\r\n");
+    out.extend_from_slice(b"\r\nContent-Length: ");
+    push_decimal(out, len);
+    out.extend_from_slice(b"\r\nServer: EC2ws\r\n");
     for (k, v) in extra {
         out.extend_from_slice(k);
         out.extend_from_slice(b": ");
@@ -77,6 +81,21 @@ pub fn write_head(
         Persist::Close => out.extend_from_slice(b"Connection: close\r\n"),
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// A small IMDS-style JSON error body (`{"Code": …, "Message": …}`) from static strings.
@@ -96,5 +115,18 @@ mod tests {
         out.clear();
         write(&mut out, NOT_FOUND, HTML, b"x", Persist::Close, true);
         assert_eq!(out, b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 1\r\nServer: EC2ws\r\nConnection: close\r\n\r\n");
+        out.clear();
+        write_head(
+            &mut out,
+            Status(431, "Request Header Fields Too Large"),
+            JSON,
+            1234567,
+            Persist::KeepAlive10,
+            &[(b"X-A", b"b")],
+        );
+        assert_eq!(out, b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\nContent-Length: 1234567\r\nServer: EC2ws\r\nX-A: b\r\nConnection: keep-alive\r\n\r\n");
+        out.clear();
+        push_decimal(&mut out, 0);
+        assert_eq!(out, b"0");
     }
 }
