@@ -15,3 +15,7 @@ fi
 if ! "$VENV/bin/python3" -c 'import helm_python, kubernetes_validate, yaml, pytest' 2>/dev/null; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check 'helm-python-sdk>=0.2.2,<0.3' 'kubernetes-validate>=1.31' pyyaml pytest
 fi
+# aws-sdk-js v3 (an unmodified client in the SDK matrix), with the machine's Node.js.
+if command -v npm >/dev/null && [ ! -d "$ROOT/tests/js/node_modules/@aws-sdk/credential-providers" ]; then
+  (cd "$ROOT/tests/js" && npm ci --no-audit --no-fund --loglevel=error)
+fi

@@ -112,12 +112,28 @@ pub async fn handle(
         Route::Metrics if admin_allowed => {
             let mut text = String::with_capacity(16 * 1024);
             let _ = prometheus_client::encoding::text::encode(&mut text, &w.shared.registry);
-            return r.answer(
-                RouteLabel::Admin,
-                respond::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                text.as_bytes(),
-            );
+            // OpenMetrics for scrapers that ask for it (Prometheus does); the classic text
+            // format otherwise (curl, promtool, older scrapers).
+            let openmetrics = r.header("accept").is_some_and(|a| {
+                a.windows(b"openmetrics".len())
+                    .any(|x| x.eq_ignore_ascii_case(b"openmetrics"))
+            });
+            return if openmetrics {
+                r.answer(
+                    RouteLabel::Admin,
+                    respond::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text.as_bytes(),
+                )
+            } else {
+                let classic = crate::metrics::openmetrics_to_text(&text);
+                r.answer(
+                    RouteLabel::Admin,
+                    respond::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    classic.as_bytes(),
+                )
+            };
         }
         Route::DebugStore if admin_allowed && w.shared.debug => {
             let json = w.shared.handle.store_json();

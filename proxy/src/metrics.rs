@@ -302,3 +302,53 @@ impl prometheus_client::collector::Collector for Kube2iamStatus {
         Ok(())
     }
 }
+
+/// Converts prometheus-client's OpenMetrics text to the classic Prometheus text format
+/// (0.0.4): counter families are named with their `_total` suffix in `# HELP`/`# TYPE`, and
+/// `# UNIT` and `# EOF` lines are dropped. Samples are identical in both formats.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let counters: ahash::AHashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(kind);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_counters_get_total_names_in_classic_text() {
+        let om = "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{x=\"1\"} 3\n# HELP a_seconds Time.\n# TYPE a_seconds histogram\n# UNIT a_seconds seconds\na_seconds_count 1\n# HELP g Gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{x=\"1\"} 3\n# HELP a_seconds Time.\n# TYPE a_seconds histogram\na_seconds_count 1\n# HELP g Gauge.\n# TYPE g gauge\ng 1\n"
+        );
+    }
+}
