@@ -22,3 +22,4 @@ deploy/tests/run.sh   # manifests, Helm chart, dashboard, Dockerfile, docs/confi
 
 step "tests"
 cargo test --locked --workspace
+step "load-test smoke (no timing assertions)"; loadtest/run.sh --smoke

@@ -1,0 +1,401 @@
+"""Summaries of a load-test run: JSON, a Markdown section for RESULTS.md, an SVG chart.
+
+Standard library only. Medians over the repetitions; ratios are medians of per-pair ratios
+(iamlet run and the nginx run next to it, same scenario, same repetition).
+"""
+
+import json
+import os
+import statistics
+
+SCENARIO_TITLES = {
+    "creds-keepalive": "1 credentials, keep-alive",
+    "creds-new-conn": "2 credentials, new conn/request",
+    "role-list": "3 role listing",
+    "imdsv2-token": "4a IMDSv2 token PUT",
+    "imdsv2-get": "4b IMDSv2 GET with token",
+    "imdsv2-flow": "4c IMDSv2 PUT→GET chained",
+    "passthrough": "5 pass-through instance-id",
+    "creds-10k": "fixed 10k req/s, credentials",
+    "creds-10k-rt": "fixed 10k req/s, SCHED_FIFO",
+}
+STORMS = ("storm", "storm_fake_sts")
+COMPARATOR = {
+    "passthrough": "nginx proxy_pass (upstream keepalive)",
+}
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(results):
+    runs = results.get("runs", [])
+    out = []
+    scen = []
+    for r in runs:
+        if r["scenario"] not in scen:
+            scen.append(r["scenario"])
+    drivers = []
+    for r in runs:
+        if r["server"] == "iamlet" and r["driver"] not in drivers:
+            drivers.append(r["driver"])
+    for s in scen:
+        row = {"scenario": s, "title": SCENARIO_TITLES.get(s, s), "client": None, "iamlet": {}, "ratio": {}, "ratio_cpu": {}}
+        ng = [r for r in runs if r["scenario"] == s and r["server"] == "nginx"]
+        row["nginx"] = agg(ng)
+        for d in drivers:
+            mine = [r for r in runs if r["scenario"] == s and r["server"] == "iamlet" and r["driver"] == d]
+            row["iamlet"][d] = agg(mine)
+            ratios, cpu_ratios = [], []
+            for r in mine:
+                peer = [n for n in ng if n["rep"] == r["rep"] and n["pair_driver"] == d]
+                if peer and peer[0]["rps"]:
+                    ratios.append(r["rps"] / peer[0]["rps"])
+                    if r.get("cpu_us_per_req") and peer[0].get("cpu_us_per_req"):
+                        cpu_ratios.append(r["cpu_us_per_req"] / peer[0]["cpu_us_per_req"])
+            row["ratio"][d] = med(ratios)
+            row["ratio_cpu"][d] = med(cpu_ratios)
+            if mine:
+                row["client"] = mine[0].get("client")
+        out.append(row)
+    return {"drivers": drivers, "rows": out}
+
+
+def agg(rs):
+    if not rs:
+        return None
+    return {
+        "n": len(rs),
+        "rps": med([r["rps"] for r in rs]),
+        "p50_us": med([r.get("p50_us") for r in rs]),
+        "p99_us": med([r.get("p99_us") for r in rs]),
+        "p999_us": med([r.get("p999_us") for r in rs]),
+        "cpu_us_per_req": med([r.get("cpu_us_per_req") for r in rs]),
+        "peak_rss_kib": max(r.get("peak_rss_kib") or 0 for r in rs),
+        "errors": sum(r.get("errors", 0) for r in rs),
+        "requests": sum(r.get("requests", 0) for r in rs),
+        "rss_anon_kib": med([r.get("rss_anon_kib") for r in rs]),
+        "upstream_conn_pct": med([100.0 * r["upstream_connections"] / r["requests"] for r in rs
+                                  if r.get("upstream_connections") is not None and r.get("requests")]),
+    }
+
+
+def scaling_summary(results):
+    rows = results.get("scaling") or []
+    counts = []
+    for r in rows:
+        if r["pods"] not in counts:
+            counts.append(r["pods"])
+    counts.sort()
+    out = []
+    base = None
+    for n in counts:
+        rs = [r for r in rows if r["pods"] == n]
+        a = agg(rs)
+        a["pods"] = n
+        a["roles"] = rs[0]["roles"]
+        a["rss_kib"] = med([r.get("rss_kib") for r in rs])
+        if base is None:
+            base = a["rps"]
+        a["vs_first"] = a["rps"] / base if base else None
+        out.append(a)
+    return out
+
+
+def problems(results):
+    p = []
+    for r in results.get("runs", []):
+        if r.get("errors"):
+            p.append(f"{r['scenario']} {r['server']} {r['driver']} rep {r['rep']}: {r['errors']} errors {r.get('error_kinds')}")
+        if not r.get("requests"):
+            p.append(f"{r['scenario']} {r['server']} {r['driver']} rep {r['rep']}: no requests")
+    for r in results.get("scaling") or []:
+        if r.get("errors"):
+            p.append(f"scaling {r['pods']} pods: {r['errors']} errors {r.get('error_kinds')}")
+    for key in STORMS:
+        st = results.get(key)
+        if not st:
+            continue
+        for ph in ("a", "b"):
+            if st[ph]["first_requests_errors"]:
+                    p.append(f"{key} phase {ph}: {st[ph]['first_requests_errors']} failed first requests")
+        if st["a"]["first_request_misses"]:
+            p.append(f"{key}: {st['a']['first_request_misses']:.0f} first requests missed the cache after all were fetched")
+        if st["a"]["assume_role_calls"] != st["roles"]:
+            p.append(f"{key}: {st['a']['assume_role_calls']:.0f} AssumeRole calls for {st['roles']} roles")
+    sk = results.get("soak")
+    if sk:
+        if sk["errors"] or sk["wrong_role"]:
+            p.append(f"soak: {sk['errors']} errors, {sk['wrong_role']} wrong-role answers")
+        if not sk["requests"]:
+            p.append("soak: no requests")
+    return p
+
+
+def fmt(x, nd=0):
+    if x is None:
+        return "–"
+    return f"{x:,.{nd}f}"
+
+
+def lat(a):
+    if not a:
+        return "–"
+    return f"{fmt(a['p50_us'])} / {fmt(a['p99_us'])} / {fmt(a['p999_us'])}"
+
+
+def targets(results, summ, scal):
+    t = []
+    rows = {r["scenario"]: r for r in summ["rows"]}
+
+    def ratio(s, d):
+        r = rows.get(s)
+        return r["ratio"].get(d) if r else None
+
+    for s in ("creds-keepalive", "creds-new-conn"):
+        v = ratio(s, "uring")
+        t.append((f"scenario {s}: iamlet (io_uring) ≥ 1.0× nginx req/s", f"{fmt(v, 2)}×", v is not None and v >= 1.0))
+        v2 = ratio(s, "epoll")
+        t.append((f"scenario {s}: iamlet (epoll) ≥ 1.0× nginx req/s", f"{fmt(v2, 2)}×", v2 is not None and v2 >= 1.0))
+    for d in summ["drivers"]:
+        v = ratio("passthrough", d)
+        t.append((f"scenario 5 ({d}): ≥ 1.0× nginx proxy_pass", f"{fmt(v, 2)}×", v is not None and v >= 1.0))
+    for sid, how in (("creds-10k", ""), ("creds-10k-rt", ", SCHED_FIFO")):
+        r10 = rows.get(sid)
+        if not r10:
+            continue
+        for d in summ["drivers"]:
+            a = r10["iamlet"].get(d)
+            if a:
+                n = r10["nginx"]
+                t.append((f"p99 < 1 ms at a fixed {results['settings'].get('fixed_rate', 10000):,} req/s ({d}{how})",
+                          f"{fmt(a['p99_us'])} µs at {fmt(a['rps'])} req/s (nginx {fmt((n or {}).get('p99_us'))} µs)",
+                          a["p99_us"] < 1000))
+    for key in STORMS:
+        st = results.get(key)
+        if not st:
+            continue
+        ra, rb = st["a"], st["b"]
+        via = f" (STS: {st.get('sts', key)})"
+        mib = ra["rss_kib"] / 1024 if ra["rss_kib"] > 0 else None
+        t.append((f"RSS < 20 MiB with {st['pods']} pods / {st['roles']} roles{via}",
+                  f"{fmt(mib, 1)} MiB VmRSS (peak {fmt(ra['hwm_kib'] / 1024, 1)}; anonymous "
+                  f"{fmt(ra.get('rss_anon_kib', 0) / 1024, 1)}, binary pages {fmt(ra.get('rss_file_kib', 0) / 1024, 1)})",
+                  mib is not None and mib < 20))
+        lim = st["sts_rtt_ms"] + 50
+        t.append((f"pod storm: all {st['pods']} cached within STS RTT + 50 ms ({lim:.0f} ms) of the publish{via}",
+                  f"{fmt(ra['all_cached_after_publish_ms'])} ms", ra["all_cached_after_publish_ms"] <= lim))
+        t.append((f"pod storm: first requests at publish + RTT + 50 ms are cache hits{via}",
+                  f"{fmt(rb['first_request_hits'])} / {st['pods']} hits", rb["first_request_misses"] == 0))
+        t.append((f"pod storm: AssumeRole count == distinct roles{via}", f"{fmt(ra['assume_role_calls'])} for {st['roles']}",
+                  ra["assume_role_calls"] == st["roles"]))
+    sk = results.get("soak")
+    if sk:
+        t.append((f"soak ({sk['duration_s']:.0f} s): RSS growth < 5 % after warm-up",
+                  f"{sk['rss_growth_pct']:+.1f} % (max {sk['rss_max_growth_pct']:+.1f} %; anonymous {sk.get('anon_growth_pct', 0):+.1f} %)",
+                  sk["rss_growth_pct"] < 5))
+        t.append(("soak: zero errors, zero wrong-role answers", f"{sk['errors']} errors, {sk['wrong_role']} wrong", not sk["errors"] and not sk["wrong_role"]))
+    errs = sum(r.get("errors", 0) for r in results.get("runs", []))
+    t.append(("zero errors in every scenario", f"{errs} errors", errs == 0))
+    if scal and len(scal) > 1:
+        worst = min(a["vs_first"] for a in scal[1:])
+        t.append((f"credential path not slower with {scal[-1]['pods']:,} pods than with {scal[0]['pods']:,}",
+                  f"worst {worst:.2f}× of the {scal[0]['pods']}-pod rate", worst >= 0.9))
+    return t
+
+
+def markdown(results, summ, scal, svg_rel):
+    e = results["environment"]
+    L = []
+    title = "Smoke run" if results.get("smoke") else "Data-plane load test"
+    L.append(f"## {title} — {e['date']} — commit `{e['commit']}`{' (+ uncommitted changes)' if e.get('tree_dirty') else ''}")
+    L.append("")
+    L.append(f"- Machine: {e['cpu']}, {e['cores']} cores, kernel {e['kernel']}; load average at start "
+             f"{' '.join(e['loadavg_start'])}, at end {' '.join(e.get('loadavg_end', []))}.")
+    L.append(f"- Pinning: iamlet and nginx on CPU {e['server_cpus']} ({e['workers']} worker / worker process each), "
+             f"load client + fake IMDS + moto on CPU {e['client_cpus']} (taskset). iamlet {e['iamlet_profile']} build; "
+             f"{e.get('nginx') or 'no nginx'}; {e.get('oha') or 'built-in client only'}.")
+    s = results["settings"]
+    L.append(f"- {s['reps']} repetitions × {s['duration']} s per run, iamlet and nginx interleaved (order alternating), "
+             f"medians reported; ratio = median of per-pair ratios. {s['pods']} pods / {s['roles']} roles known; "
+             f"requests from the pod at 127.0.0.1.")
+    L.append(f"- Raw data: `{results.get('json_rel', '')}`. Chart: ![req/s and p99]({svg_rel})")
+    L.append("")
+    drivers = summ["drivers"]
+    if summ["rows"]:
+        L.append("| scenario | client | " + " | ".join(f"iamlet {d} req/s" for d in drivers) + " | nginx req/s | "
+                 + " | ".join(f"{d}/nginx" for d in drivers) + " | errors (iamlet/nginx) |")
+        L.append("|---" * (4 + 2 * len(drivers)) + "|")
+        for r in summ["rows"]:
+            errs_i = sum((r["iamlet"][d] or {}).get("errors", 0) for d in drivers if r["iamlet"].get(d))
+            errs_n = (r["nginx"] or {}).get("errors", "–")
+            L.append(f"| {r['title']} | {r['client']} | "
+                     + " | ".join(fmt((r['iamlet'].get(d) or {}).get('rps')) for d in drivers)
+                     + f" | {fmt((r['nginx'] or {}).get('rps'))} | "
+                     + " | ".join(f"**{fmt(r['ratio'].get(d), 2)}×**" for d in drivers)
+                     + f" | {errs_i} / {errs_n} |")
+        L.append("")
+        L.append("Latency p50 / p99 / p99.9 (µs), server CPU per request (µs, from /proc utime+stime), peak RSS (MiB, VmHWM):")
+        L.append("")
+        L.append("| scenario | " + " | ".join(f"{d} latency" for d in drivers) + " | nginx latency | "
+                 + " | ".join(f"{d} CPU" for d in drivers) + " | nginx CPU | "
+                 + " | ".join(f"{d} RSS" for d in drivers) + " | nginx RSS |")
+        L.append("|---" * (4 + 3 * len(drivers)) + "|")
+        for r in summ["rows"]:
+            L.append(f"| {r['title']} | "
+                     + " | ".join(lat(r['iamlet'].get(d)) for d in drivers)
+                     + f" | {lat(r['nginx'])} | "
+                     + " | ".join(fmt((r['iamlet'].get(d) or {}).get('cpu_us_per_req'), 1) for d in drivers)
+                     + f" | {fmt((r['nginx'] or {}).get('cpu_us_per_req'), 1)} | "
+                     + " | ".join(fmt(((r['iamlet'].get(d) or {}).get('peak_rss_kib') or 0) / 1024, 1) for d in drivers)
+                     + f" | {fmt(((r['nginx'] or {}).get('peak_rss_kib') or 0) / 1024, 1)} |")
+        L.append("")
+        pt = next((r for r in summ["rows"] if r["scenario"] == "passthrough"), None)
+        if pt:
+            parts = [f"iamlet {d} {fmt((pt['iamlet'].get(d) or {}).get('upstream_conn_pct'), 1)} %" for d in drivers]
+            parts.append(f"nginx {fmt((pt['nginx'] or {}).get('upstream_conn_pct'), 1)} %")
+            L.append("Pass-through requests that opened a new upstream connection (fake IMDS accepts / requests, median): "
+                     + ", ".join(parts) + ".")
+            L.append("")
+        L.append("nginx comparator: `return 200` with a body of the same length for 1–4, `proxy_pass` with upstream "
+                 f"keepalive {s.get('nginx_upstream_keepalive')} to the same fake IMDS for 5 (iamlet keeps 8 idle upstream "
+                 "connections per worker).")
+        L.append("")
+    if scal:
+        L.append(f"Lookup scaling (credentials, keep-alive, 50 connections from 50 distinct pod IPs, "
+                 f"driver {results['scaling'][0]['driver']}):")
+        L.append("")
+        L.append("| known pods | roles | req/s | vs first | p50 / p99 / p99.9 µs | CPU µs/req | RSS MiB | errors |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for a in scal:
+            L.append(f"| {a['pods']:,} | {a['roles']} | {fmt(a['rps'])} | {fmt(a['vs_first'], 2)}× | {lat(a)} | "
+                     f"{fmt(a['cpu_us_per_req'], 1)} | {fmt((a['rss_kib'] or 0) / 1024, 1)} | {a['errors']} |")
+        L.append("")
+    for key in STORMS:
+        st = results.get(key)
+        if not st:
+            continue
+        ra, rb = st["a"], st["b"]
+        L.append(f"Pod storm, STS = {st.get('sts', key)} ({st['pods']} pods with distinct roles in one pods-file rewrite; "
+                 f"median AssumeRole RTT measured directly {st['sts_rtt_ms']:.1f} ms; `--sts-rate-limit=10000`):")
+        L.append("")
+        L.append(f"- iamlet published the new pods {ra['publish_after_write_ms']:.0f} ms after the write (pods-file poll); "
+                 f"50 % cached after {ra['half_cached_ms']:.0f} ms, 90 % after {ra['p90_cached_ms']:.0f} ms, all after "
+                 f"**{ra['all_cached_after_publish_ms']:.0f} ms** (from the publish).")
+        L.append(f"- Then every pod's first request: {ra['first_requests_ok']} ok, {ra['first_requests_errors']} errors, "
+                 f"{ra['first_request_misses']:.0f} cache misses; AssumeRole calls **{ra['assume_role_calls']:.0f}** "
+                 f"(+{ra['assume_role_calls_after_first_requests']:.0f} after); iamlet RSS {ra['rss_kib'] / 1024:.1f} MiB "
+                 f"(peak {ra['hwm_kib'] / 1024:.1f} MiB): {ra.get('rss_anon_kib', 0) / 1024:.1f} MiB anonymous + "
+                 f"{ra.get('rss_file_kib', 0) / 1024:.1f} MiB mapped binary.")
+        L.append(f"- Second storm, first requests sent {rb['first_requests_sent_after_publish_ms']:.0f} ms after the publish "
+                 f"(RTT + 50 ms): {rb['first_request_hits']:.0f} hits, {rb['first_request_misses']:.0f} misses (misses wait "
+                 f"for their AssumeRole: latency p50/p99 {fmt(rb['p50_us'] / 1000, 1)}/{fmt(rb['p99_us'] / 1000, 1)} ms), "
+                 f"{rb['first_requests_errors']} errors.")
+        L.append("")
+    sk = results.get("soak")
+    if sk:
+        L.append(f"Soak ({sk['duration_s']:.0f} s, {sk['pods']} pods / {sk['roles']} roles, {sk['conns']} connections, "
+                 f"{sk['churn_per_step']} pods replaced every {sk['churn_every_ms']} ms on the same IPs — "
+                 f"{sk['churned_pods']} replacements): {sk['requests']:,} requests ({fmt(sk['rps'])} req/s), "
+                 f"**{sk['errors']} errors, {sk['wrong_role']} wrong-role answers**, {sk['transitions']} transitional "
+                 f"answers (previous owner's role within {s.get('soak_grace', 3)} s of a replacement, before iamlet re-read "
+                 f"the file); RSS {sk['rss_after_warmup_kib'] / 1024:.1f} MiB after warm-up ({sk['warmup_s']:.0f} s) → "
+                 f"{sk['rss_end_kib'] / 1024:.1f} MiB at the end (**{sk['rss_growth_pct']:+.1f} %**, max "
+                 f"{sk['rss_max_growth_pct']:+.1f} %); anonymous memory {sk.get('anon_after_warmup_kib', 0) / 1024:.1f} → "
+                 f"{sk.get('anon_end_kib', 0) / 1024:.1f} MiB ({sk.get('anon_growth_pct', 0):+.1f} %, max "
+                 f"{sk.get('anon_max_growth_pct', 0):+.1f} %).")
+        pts = sk.get("timeline", [])
+        if pts:
+            step = max(1, len(pts) // 10)
+            L.append("")
+            L.append("| t (s) | " + " | ".join(f"{p['t_s']:.0f}" for p in pts[::step]) + " |")
+            L.append("|---" * (1 + len(pts[::step])) + "|")
+            L.append("| RSS MiB | " + " | ".join(f"{p['rss_kib'] / 1024:.1f}" for p in pts[::step]) + " |")
+            L.append("| errors / wrong | " + " | ".join(f"{p['errors']}/{p['wrong_role']}" for p in pts[::step]) + " |")
+        L.append("")
+    L.append("Targets:")
+    L.append("")
+    L.append("| target | measured | met |")
+    L.append("|---|---|---|")
+    for name, val, ok in targets(results, summ, scal):
+        L.append(f"| {name} | {val} | {'yes' if ok else '**no**'} |")
+    L.append("")
+    return "\n".join(L) + "\n"
+
+
+def svg(summ):
+    rows = summ["rows"]
+    drivers = summ["drivers"]
+    series = [(f"iamlet {d}", "#1f77b4" if d == "uring" else "#2ca02c", lambda r, d=d: r["iamlet"].get(d)) for d in drivers]
+    series.append(("nginx", "#d62728", lambda r: r["nginx"]))
+    W = 980
+    panel_h = 260
+    left, top = 70, 40
+    n = max(1, len(rows))
+    gw = (W - left - 20) / n
+    bw = gw * 0.8 / len(series)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{2 * panel_h + 170}" font-family="sans-serif" font-size="11">',
+           '<rect width="100%" height="100%" fill="white"/>']
+
+    def panel(y0, key, label, scale_div=1.0):
+        vals = [((s[2](r) or {}).get(key) or 0) / scale_div for r in rows for s in series]
+        vmax = max(vals + [1e-9]) * 1.1
+        out.append(f'<text x="{left}" y="{y0 - 12}" font-size="13" font-weight="bold">{label}</text>')
+        out.append(f'<line x1="{left}" y1="{y0 + panel_h - 60}" x2="{W - 20}" y2="{y0 + panel_h - 60}" stroke="#333"/>')
+        h = panel_h - 60
+        for k in range(5):
+            v = vmax * k / 4
+            y = y0 + h - h * k / 4
+            out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{W - 20}" y2="{y:.1f}" stroke="#ddd"/>')
+            out.append(f'<text x="{left - 5}" y="{y + 4:.1f}" text-anchor="end">{v:,.0f}</text>')
+        for i, r in enumerate(rows):
+            x0 = left + i * gw + gw * 0.1
+            for j, s in enumerate(series):
+                v = ((s[2](r) or {}).get(key) or 0) / scale_div
+                bh = h * v / vmax
+                x = x0 + j * bw
+                out.append(f'<rect x="{x:.1f}" y="{y0 + h - bh:.1f}" width="{bw - 1:.1f}" height="{bh:.1f}" fill="{s[1]}">'
+                           f'<title>{s[0]} {r["scenario"]}: {v:,.0f}</title></rect>')
+            cx = left + i * gw + gw / 2
+            out.append(f'<text x="{cx:.1f}" y="{y0 + h + 14}" text-anchor="middle" font-size="10">{r["scenario"]}</text>')
+
+    panel(top + 10, "rps", "requests per second (median)")
+    panel(top + panel_h + 60, "p99_us", "p99 latency, µs (median)")
+    ly = 2 * panel_h + 150
+    for j, s in enumerate(series):
+        x = left + j * 160
+        out.append(f'<rect x="{x}" y="{ly - 10}" width="12" height="12" fill="{s[1]}"/>')
+        out.append(f'<text x="{x + 18}" y="{ly}">{s[0]}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def write(results, out_dir, smoke=False):
+    os.makedirs(out_dir, exist_ok=True)
+    e = results["environment"]
+    stamp = e["date"].replace(":", "").replace("-", "")
+    base = f"{'smoke' if smoke else 'loadtest'}-{stamp}-{e['commit']}"
+    summ = summarize(results)
+    scal = scaling_summary(results)
+    results["summary"] = summ
+    results["scaling_summary"] = scal
+    results["targets"] = [{"target": n, "measured": v, "met": ok} for n, v, ok in targets(results, summ, scal)]
+    jpath = os.path.join(out_dir, base + ".json")
+    spath = os.path.join(out_dir, base + ".svg")
+    results_md = os.path.join(os.path.dirname(os.path.abspath(out_dir)), "RESULTS.md") if not smoke else os.path.join(out_dir, "RESULTS.md")
+    results["json_rel"] = os.path.relpath(jpath, os.path.dirname(results_md))
+    with open(jpath, "w") as f:
+        json.dump(results, f, indent=1)
+    with open(spath, "w") as f:
+        f.write(svg(summ))
+    md = markdown(results, summ, scal, os.path.relpath(spath, os.path.dirname(results_md)))
+    new = not os.path.exists(results_md)
+    with open(results_md, "a") as f:
+        if new:
+            f.write("# iamlet results\n\nEach run of `loadtest/run.sh` appends a section below; "
+                    "raw JSON and charts are in `loadtest/results/`. Other benchmark sections "
+                    "(control plane) are kept separate.\n\n")
+        f.write("\n" + md)
+    return [jpath, spath, results_md]
