@@ -652,35 +652,41 @@ fn the_backend_the_node_uses_is_detected_and_cleanup_covers_both() {
     }
 }
 
+/// What kube2iam installs (and leaves behind): `-A PREROUTING -d 169.254.169.254/32 -i IFACE
+/// -p tcp -m tcp --dport 80 -j DNAT --to-destination HOST:PORT`.
+fn add_kube2iam_rule(node: &Node, tool: &str, iface: &str) {
+    node.ns.exec_ok(
+        tool,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            "169.254.169.254/32",
+            "-i",
+            iface,
+            "-p",
+            "tcp",
+            "-m",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{HOST_IP}:{APP_PORT}"),
+        ],
+    );
+}
+
 #[test]
 fn cleanup_kube2iam_removes_the_rules_kube2iam_left_behind() {
     require_netns!("cleanup_kube2iam_removes_the_rules_kube2iam_left_behind");
     let node = Node::builder(&["cali1", "weave"]).build();
     // What an uninstalled kube2iam leaves: every metadata request from its pods fails.
     for (tool, iface) in [("iptables-legacy", "cali1"), ("iptables-nft", "weave")] {
-        node.ns.exec_ok(
-            tool,
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-d",
-                "169.254.169.254/32",
-                "-i",
-                iface,
-                "-p",
-                "tcp",
-                "-m",
-                "tcp",
-                "--dport",
-                "80",
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &format!("{HOST_IP}:{APP_PORT}"),
-            ],
-        );
+        add_kube2iam_rule(&node, tool, iface);
     }
     assert_eq!(seen(node.pod("cali1")), Seen::Refused);
     assert_eq!(seen(node.pod("weave")), Seen::Refused);
@@ -725,29 +731,7 @@ fn cleanup_kube2iam_only_keeps_iamlets_rule_while_it_serves() {
     let mut node = Node::builder(&["cali1"]).build();
     node.start(&["--host-interface=cali1"]);
     // kube2iam's leftover, appended behind iamlet's jump.
-    node.ns.exec_ok(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            "169.254.169.254/32",
-            "-i",
-            "cali1",
-            "-p",
-            "tcp",
-            "-m",
-            "tcp",
-            "--dport",
-            "80",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &format!("{HOST_IP}:{APP_PORT}"),
-        ],
-    );
+    add_kube2iam_rule(&node, "iptables", "cali1");
     let before = seen(node.pod("cali1"));
     assert!(matches!(before, Seen::Iamlet(_)), "{before:?}");
     let out = node.cli_str(&["cleanup", "--kube2iam-only"]);
