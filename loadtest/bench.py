@@ -598,7 +598,9 @@ def storm(env, results, key, sts_port):
                "--pid", str(srv.pid), "--out", out, "--timeout", "120")
     if a.client_cpus:
         cmd = ["taskset", "-c", a.client_cpus] + cmd
+    c0 = cpu_ticks([srv.pid])
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=400)
+    storm_cpu_s = (cpu_ticks([srv.pid]) - c0) / CLK_TCK
     if r.returncode != 0:
         raise SystemExit(f"storm failed:\n{r.stdout.decode(errors='replace')[-3000:]}\n"
                          + open(srv.logfile, errors="replace").read()[-3000:])
@@ -606,6 +608,9 @@ def storm(env, results, key, sts_port):
     res["driver"] = a.scale_driver
     res["sts"] = "moto" if sts_port == env.moto_port else f"fake STS ({a.fake_sts_latency_ms} ms, concurrent)"
     res["hwm_kib_process"] = status_kib(srv.pid, "VmHWM")
+    # iamlet's CPU over both storms (2 × N AssumeRole calls, 2 × N first requests, metric scrapes).
+    res["iamlet_cpu_s"] = storm_cpu_s
+    res["iamlet_cpu_ms_per_pod"] = storm_cpu_s * 1e3 / (2 * res["pods"])
     stop(srv)
     results[key] = res
     ra = res["a"]

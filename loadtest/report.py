@@ -289,6 +289,9 @@ def markdown(results, summ, scal, svg_rel):
                  f"(+{ra['assume_role_calls_after_first_requests']:.0f} after); iamlet RSS {ra['rss_kib'] / 1024:.1f} MiB "
                  f"(peak {ra['hwm_kib'] / 1024:.1f} MiB): {ra.get('rss_anon_kib', 0) / 1024:.1f} MiB anonymous + "
                  f"{ra.get('rss_file_kib', 0) / 1024:.1f} MiB mapped binary.")
+        if st.get("iamlet_cpu_ms_per_pod") is not None:
+            L.append(f"- iamlet CPU over both storms: {st['iamlet_cpu_s']:.2f} s, {st['iamlet_cpu_ms_per_pod']:.2f} ms per new pod "
+                     "(AssumeRole call, rendering, first request, and the harness's /metrics polling).")
         L.append(f"- Second storm, first requests sent {rb['first_requests_sent_after_publish_ms']:.0f} ms after the publish "
                  f"(RTT + 50 ms): {rb['first_request_hits']:.0f} hits, {rb['first_request_misses']:.0f} misses (misses wait "
                  f"for their AssumeRole: latency p50/p99 {fmt(rb['p50_us'] / 1000, 1)}/{fmt(rb['p99_us'] / 1000, 1)} ms), "
