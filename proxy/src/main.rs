@@ -112,7 +112,10 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     let allow_paths = config::allow_paths(&args.proxy.allow_metadata_path)?;
     let rules = RoleRules::new(base_arn.as_deref(), default_role.as_deref())?;
     let source = match &args.kube.pods_from {
-        Some(path) => PodSource::File(path.clone()),
+        Some(path) => PodSource::File {
+            path: path.clone(),
+            node: args.kube.node.clone(),
+        },
         None => PodSource::Kube(KubeOptions {
             kubeconfig: args.kube.kubeconfig.clone(),
             api_server: args.kube.api_server.clone(),

@@ -50,8 +50,8 @@ pub enum StartError {
 /// Where pods come from.
 #[derive(Debug, Clone)]
 pub enum PodSource {
-    /// `--pods-from FILE`.
-    File(PathBuf),
+    /// `--pods-from FILE`; with `node`, only pods scheduled there (or not scheduled yet).
+    File { path: PathBuf, node: Option<String> },
     /// The Kubernetes API.
     Kube(source::kube::KubeOptions),
 }
@@ -155,9 +155,9 @@ async fn run(
         let _ = tx.send(r);
     };
     match source {
-        PodSource::File(path) => {
+        PodSource::File { path, node } => {
             tokio::spawn(events::run(report_rx, None, String::new()));
-            source::file::run(path, keys, st, metrics, first).await
+            source::file::run(path, node, keys, st, metrics, first).await
         }
         PodSource::Kube(opts) => {
             source::kube::run(opts, keys, st, metrics, watch, report_rx, first).await

@@ -577,3 +577,45 @@ fn cli_lists_every_kube2iam_flag_and_rejects_bad_ones_in_one_sentence() {
         env.stderr
     );
 }
+
+#[test]
+fn local_mode_with_node_maps_only_that_nodes_pods() {
+    let moto = Moto::start();
+    let imds = FakeImds::start();
+    let pods = r#"apiVersion: v1
+kind: List
+items:
+- kind: Pod
+  metadata: {name: here, namespace: shop, uid: u-here, annotations: {iam.amazonaws.com/role: here-role}}
+  spec: {nodeName: node-a, containers: []}
+  status: {phase: Running, podIP: 127.0.0.16}
+- kind: Pod
+  metadata: {name: elsewhere, namespace: shop, uid: u-elsewhere, annotations: {iam.amazonaws.com/role: there-role}}
+  spec: {nodeName: node-b, containers: []}
+  status: {phase: Running, podIP: 127.0.0.17}
+- kind: Pod
+  metadata: {name: unscheduled, namespace: shop, uid: u-unscheduled, annotations: {iam.amazonaws.com/role: new-role}}
+  status: {phase: Pending, podIP: 127.0.0.18}
+"#;
+    let iamlet = Iamlet::builder()
+        .pods_yaml(pods)
+        .sts(&moto)
+        .imds(&imds)
+        .arg(format!("--base-role-arn={BASE}"))
+        .arg("--backoff-max-elapsed-time=300ms")
+        .arg("--node=node-a")
+        .start();
+    let list = "/latest/meta-data/iam/security-credentials/";
+    let here = get_from(ip(16), iamlet.addr(), list);
+    assert_eq!((here.status, here.body_str().as_str()), (200, "here-role"));
+    assert_eq!(
+        get_from(ip(17), iamlet.addr(), list).status,
+        404,
+        "a pod of another node is not mapped"
+    );
+    let pending = get_from(ip(18), iamlet.addr(), list);
+    assert_eq!(
+        (pending.status, pending.body_str().as_str()),
+        (200, "new-role")
+    );
+}

@@ -32,7 +32,21 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
-fn load(path: &Path, keys: &AnnotationKeys, state: &mut State) -> Result<usize, StartError> {
+/// Whether a pod from the file belongs to this node: any pod without `--node`, else pods with
+/// `spec.nodeName` equal to it or not scheduled yet.
+fn on_node(pod: &k8s_openapi::api::core::v1::Pod, node: Option<&str>) -> bool {
+    match (node, pod.spec.as_ref().and_then(|s| s.node_name.as_deref())) {
+        (Some(want), Some(have)) => want == have,
+        _ => true,
+    }
+}
+
+fn load(
+    path: &Path,
+    node: Option<&str>,
+    keys: &AnnotationKeys,
+    state: &mut State,
+) -> Result<usize, StartError> {
     let display = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| {
         StartError::Source(
@@ -44,10 +58,11 @@ fn load(path: &Path, keys: &AnnotationKeys, state: &mut State) -> Result<usize, 
         )
     })?;
     let file = parse_pods_file(&display, &text).map_err(|e| StartError::Source(e.to_string()))?;
-    let n = file.pods.len();
+    let pods: Vec<_> = file.pods.iter().filter(|p| on_node(p, node)).collect();
+    let n = pods.len();
     state
         .index
-        .reset(file.pods.iter().filter_map(|p| PodInfo::from_pod(p, keys)));
+        .reset(pods.into_iter().filter_map(|p| PodInfo::from_pod(p, keys)));
     state.index.reset_namespaces(
         file.namespaces
             .iter()
@@ -60,13 +75,14 @@ fn load(path: &Path, keys: &AnnotationKeys, state: &mut State) -> Result<usize, 
 /// Loads the file once (reporting the result through `first`), then follows changes.
 pub(crate) async fn run(
     path: PathBuf,
+    node: Option<String>,
     keys: AnnotationKeys,
     mut state: State,
     metrics: ResolverMetrics,
     first: impl FnOnce(Result<(), StartError>),
 ) {
     let mut last = stamp(&path);
-    match load(&path, &keys, &mut state) {
+    match load(&path, node.as_deref(), &keys, &mut state) {
         Ok(n) => {
             tracing::info!(path = %path.display(), pods = n, "pods file loaded");
             first(Ok(()));
@@ -83,7 +99,7 @@ pub(crate) async fn run(
             continue;
         }
         last = now;
-        match load(&path, &keys, &mut state) {
+        match load(&path, node.as_deref(), &keys, &mut state) {
             Ok(n) => tracing::info!(path = %path.display(), pods = n, "pods file reloaded"),
             Err(e) => {
                 metrics.source_error();
