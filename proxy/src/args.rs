@@ -156,7 +156,7 @@ pub struct NodeArgs {
         value_name = "PORT"
     )]
     pub app_port: u16,
-    /// Metrics server http port (default: same as the server port)
+    /// Metrics server http port (default: same as the server port; 0: a separate listener on any free port)
     #[arg(long, env = "IAMLET_METRICS_PORT", value_name = "PORT")]
     pub metrics_port: Option<u16>,
     /// Address for the ec2 metadata (host[:port])

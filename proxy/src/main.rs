@@ -197,7 +197,10 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     } else {
         None
     };
-    let admin = if metrics_port != args.node.app_port {
+    // A separate admin listener when --metrics-port differs from --app-port, or is 0 (any
+    // free port) given explicitly.
+    let separate_admin = metrics_port != args.node.app_port || args.node.metrics_port == Some(0);
+    let admin = if separate_admin {
         let l = server::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, metrics_port)), 1)
             .map_err(|e| bind_error(e, metrics_port, "--metrics-port"))?;
         Some(l)

@@ -40,38 +40,52 @@ impl Moto {
     pub fn start() -> Moto {
         let exe = Moto::find_executable()
             .expect("moto_server not found: run .ci/run or `pip install 'moto[server]'`");
-        let dir = TempDir::new("moto");
-        let log = std::fs::File::create(dir.path().join("moto.log")).expect("create moto.log");
-        let port = free_port();
-        let child = Command::new(&exe)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", exe.display()));
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut moto = Moto { child, addr, dir };
-        moto.wait_ready();
-        moto
+        // A free port can be taken by a parallel test before moto binds it: try a few.
+        let mut last = String::new();
+        for _ in 0..3 {
+            let dir = TempDir::new("moto");
+            let log = std::fs::File::create(dir.path().join("moto.log")).expect("create moto.log");
+            let port = free_port();
+            let child = Command::new(&exe)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("dup log"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", exe.display()));
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let mut moto = Moto { child, addr, dir };
+            match moto.wait_ready() {
+                Ok(()) => return moto,
+                Err(e) => last = e,
+            }
+        }
+        panic!("{last}");
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + STARTUP;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("moto_server exited early ({status}); log:\n{}", self.log());
+                return Err(format!(
+                    "moto_server exited early ({status}); log:\n{}",
+                    self.log()
+                ));
             }
             if answers(self.addr) {
-                return;
+                // Ours, not a stranger that got the port first.
+                return match self.child.try_wait() {
+                    Ok(None) => Ok(()),
+                    _ => Err(format!("moto_server exited early; log:\n{}", self.log())),
+                };
             }
             std::thread::sleep(POLL);
         }
-        panic!(
+        Err(format!(
             "moto_server did not answer on {} within {STARTUP:?}; log:\n{}",
             self.addr,
             self.log()
-        );
+        ))
     }
 
     /// `http://127.0.0.1:PORT`, for `AWS_ENDPOINT_URL_STS` and SDK clients.

@@ -25,7 +25,8 @@ fn connections_over_the_per_worker_limit_are_closed_at_accept_and_counted() {
     for driver in drivers() {
         let ctx = format!("driver {driver}");
         // /metrics on its own listener, so reading it takes no slot on the app worker.
-        let metrics_port = format!("--metrics-port={}", iamlet_e2e::free_port());
+        // (port 0: any free port, no race with other tests for a pre-picked one)
+        let metrics_port = "--metrics-port=0".to_owned();
         let r = Rig::start(
             driver,
             FakeImds::start(),

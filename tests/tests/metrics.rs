@@ -182,26 +182,41 @@ fn a_real_prometheus_scrapes_every_family() {
     let (moto, imds) = (Moto::start(), FakeImds::start());
     let iamlet = busy_agent(&moto, &imds);
     let dir = TempDir::new("prometheus");
-    let port = free_port();
     let config = format!(
         "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n- job_name: iamlet\n  static_configs: [{{targets: ['127.0.0.1:{}']}}]\n",
         iamlet.addr().port()
     );
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
-    let child = Command::new(prom)
-        .arg(format!(
-            "--config.file={}",
-            dir.path().join("prometheus.yml").display()
-        ))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start prometheus");
+    // A free port can be taken by a parallel test before Prometheus binds it: try a few.
+    let mut started = None;
+    for _ in 0..3 {
+        let port = free_port();
+        let mut child = Command::new(&prom)
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join(format!("data-{port}")).display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        std::thread::sleep(Duration::from_secs(2));
+        match child.try_wait() {
+            Ok(None) => {
+                started = Some((child, port));
+                break;
+            }
+            _ => {
+                let _ = child.wait();
+            }
+        }
+    }
+    let (child, port) = started.expect("prometheus did not start on any of 3 free ports");
     let p = Prometheus {
         child,
         port,
