@@ -424,7 +424,7 @@ pub struct Args {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
@@ -450,19 +450,21 @@ mod tests {
         assert_eq!(a.log.log_level, "info");
     }
 
+    /// The field guide's kube2iam DaemonSet args (MISSION.md), with a literal host IP.
+    pub(crate) const SEED_ARGS: [&str; 8] = [
+        "--app-port=8181",
+        "--auto-discover-base-arn",
+        "--iptables=true",
+        "--host-ip=10.0.0.1",
+        "--host-interface=weave",
+        "--use-regional-sts-endpoint",
+        "--auto-discover-default-role",
+        "--log-level=info",
+    ];
+
     #[test]
     fn seed_daemonset_args_parse() {
-        let a = parse(&[
-            "--app-port=8181",
-            "--auto-discover-base-arn",
-            "--iptables=true",
-            "--host-ip=10.0.0.1",
-            "--host-interface=weave",
-            "--use-regional-sts-endpoint",
-            "--auto-discover-default-role",
-            "--log-level=info",
-        ])
-        .unwrap();
+        let a = parse(&SEED_ARGS).unwrap();
         assert!(a.iam.auto_discover_base_arn && a.node.iptables && a.iam.use_regional_sts_endpoint);
         assert!(a.iam.auto_discover_default_role);
         assert_eq!(a.node.host_ip.as_deref(), Some("10.0.0.1"));

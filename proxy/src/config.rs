@@ -213,17 +213,7 @@ mod tests {
 
     #[test]
     fn seed_daemonset_args_pass_check_config() {
-        let c = check(&[
-            "--app-port=8181",
-            "--auto-discover-base-arn",
-            "--iptables=true",
-            "--host-ip=10.0.0.1",
-            "--host-interface=weave",
-            "--use-regional-sts-endpoint",
-            "--auto-discover-default-role",
-            "--log-level=info",
-        ])
-        .unwrap();
+        let c = check(&crate::args::tests::SEED_ARGS).unwrap();
         assert_eq!(c.metrics_port, 8181);
         assert_eq!(c.metadata_hostport, "169.254.169.254:80");
     }

@@ -87,7 +87,12 @@ pub async fn forward(
                 // Our token expired early, or the upstream started requiring tokens.
                 w.upstream.invalidate_token();
             }
-            Ok(resp) => return relay(&resp, out, persist, head_only),
+            Ok(resp) => {
+                return match relay(&resp, out, persist, head_only) {
+                    Some(status) => status,
+                    None => fail(w, out, UpstreamError::Protocol, persist),
+                };
+            }
             Err(e) => return fail(w, out, e, persist),
         }
     }
@@ -129,11 +134,18 @@ fn fail(w: &Worker, out: &mut Vec<u8>, e: UpstreamError, persist: Persist) -> u1
     status.0
 }
 
-fn relay(resp: &UpstreamResponse, out: &mut Vec<u8>, persist: Persist, head_only: bool) -> u16 {
+/// Writes the upstream's answer, reframed; `None` (nothing written) if its head does not
+/// parse, which the caller answers with a 502.
+fn relay(
+    resp: &UpstreamResponse,
+    out: &mut Vec<u8>,
+    persist: Persist,
+    head_only: bool,
+) -> Option<u16> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut parsed = httparse::Response::new(&mut headers);
     if !matches!(parsed.parse(&resp.raw), Ok(httparse::Status::Complete(_))) {
-        return 502;
+        return None;
     }
     let body = &resp.raw[resp.head_len..];
     let declared = parsed
@@ -177,7 +189,7 @@ fn relay(resp: &UpstreamResponse, out: &mut Vec<u8>, persist: Persist, head_only
     if !head_only {
         out.extend_from_slice(body);
     }
-    resp.status
+    Some(resp.status)
 }
 
 #[cfg(test)]
@@ -194,7 +206,19 @@ mod tests {
             status: 200,
         };
         let mut out = Vec::new();
-        assert_eq!(relay(&resp, &mut out, Persist::KeepAlive, false), 200);
+        assert_eq!(relay(&resp, &mut out, Persist::KeepAlive, false), Some(200));
         assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nServer: EC2ws\r\nContent-Length: 5\r\n\r\nhello");
+    }
+
+    #[test]
+    fn an_unparsable_head_writes_nothing_so_the_caller_answers_502() {
+        let resp = UpstreamResponse {
+            raw: b"garbage\r\n\r\n".to_vec(),
+            head_len: 11,
+            status: 0,
+        };
+        let mut out = Vec::new();
+        assert_eq!(relay(&resp, &mut out, Persist::KeepAlive, false), None);
+        assert!(out.is_empty());
     }
 }

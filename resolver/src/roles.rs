@@ -92,8 +92,20 @@ impl RoleRules {
     }
 
     /// Whether the role named in a request path (a bare name or a full ARN) is `arn`.
+    /// Same answer as `self.role_arn(requested) == arn`, without allocating (it runs on every
+    /// credentials request).
     pub fn names(&self, requested: &str, arn: &str) -> bool {
-        !requested.is_empty() && (requested == arn || self.role_arn(requested) == arn)
+        let role = requested.trim();
+        if role.is_empty() {
+            return false;
+        }
+        if role.starts_with("arn:") {
+            return role == arn;
+        }
+        match &self.base_arn {
+            Some(base) => arn.strip_prefix(base.as_str()) == Some(role.trim_start_matches('/')),
+            None => role == arn,
+        }
     }
 }
 
@@ -193,6 +205,34 @@ mod tests {
         assert!(!r.names("other", &arn));
         assert!(!r.names("", &arn));
         assert!(!r.names("ap", &arn));
+        assert!(r.names("/app", &arn));
+        assert!(!r.names("app/", &arn));
+        // The allocation-free comparison agrees with role_arn() on every shape.
+        let no_base = RoleRules::new(None, None).unwrap();
+        for rules in [&r, &no_base] {
+            for requested in [
+                "app",
+                "/app",
+                " app ",
+                "team/app",
+                "arn:aws:iam::123456789012:role/app",
+                "x",
+                "",
+            ] {
+                for target in [
+                    arn.as_str(),
+                    "app",
+                    "arn:aws:iam::123456789012:role/team/app",
+                ] {
+                    let want = !requested.trim().is_empty() && rules.role_arn(requested) == target;
+                    assert_eq!(
+                        rules.names(requested, target),
+                        want,
+                        "{requested:?} vs {target:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -113,6 +113,11 @@ impl IamletBuilder {
         if !self.args.iter().any(|a| a.starts_with("--app-port")) {
             cmd.arg("--app-port=0");
         }
+        // Never the real metadata address from the test's namespace: without an upstream
+        // chosen by the test, pass-through goes to the discard port on loopback (refused).
+        if !self.args.iter().any(|a| a.starts_with("--metadata-addr")) {
+            cmd.arg("--metadata-addr=127.0.0.1:9");
+        }
         cmd.args(&self.args).envs(self.envs);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -172,6 +172,9 @@ impl Node {
             "--iptables-verify-interval=1s".into(),
             "--backoff-max-elapsed-time=300ms".into(),
             "--io-driver=epoll".into(),
+            // The node namespace's own fake metadata service (the test launcher otherwise
+            // points iamlet at a refused loopback port).
+            "--metadata-addr=169.254.169.254".into(),
         ]
         .into();
         if !extra.iter().any(|a| a.starts_with("--host-interface")) {
