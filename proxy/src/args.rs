@@ -367,6 +367,15 @@ pub struct StsArgs {
         value_name = "PER_SECOND"
     )]
     pub sts_rate_limit: f64,
+    /// Most AssumeRole calls in flight at once (each holds one STS connection); more queue
+    #[arg(
+        long,
+        env = "IAMLET_STS_MAX_IN_FLIGHT",
+        default_value_t = 32,
+        value_parser = clap::value_parser!(u32).range(1..=4096),
+        value_name = "N"
+    )]
+    pub sts_max_in_flight: u32,
     /// Bound on one AssumeRole call
     #[arg(long, env = "IAMLET_STS_TIMEOUT", default_value = "5s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub sts_timeout: Duration,

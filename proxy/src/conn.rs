@@ -79,6 +79,9 @@ pub fn persistence(req: &httparse::Request<'_, '_>) -> Persist {
     }
 }
 
+/// Largest output buffer a connection keeps between answers.
+const OUT_KEEP: usize = 64 * 1024;
+
 /// Serves one connection until the peer closes, errs, idles out, or asks to close.
 pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
     let _tracked = w.track(stream.as_raw_fd());
@@ -153,6 +156,11 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
             let (res, buf) = stream.write_all(out).await;
             out = buf;
             out.clear();
+            if out.capacity() > OUT_KEEP {
+                // A large answer (a /metrics scrape with many roles) does not stay resident
+                // for the rest of a keep-alive connection.
+                out = Vec::with_capacity(4096);
+            }
             if res.is_err() {
                 return;
             }

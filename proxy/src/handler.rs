@@ -110,8 +110,17 @@ pub async fn handle(
             };
         }
         Route::Metrics if admin_allowed => {
-            let mut text = String::with_capacity(16 * 1024);
+            // Sized from the last scrape: with many roles the exposition is megabytes, and
+            // growing a String by doubling would hold up to twice that.
+            let hint = w
+                .shared
+                .metrics_size_hint
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let mut text = String::with_capacity(hint.max(16 * 1024) + hint / 16);
             let _ = prometheus_client::encoding::text::encode(&mut text, &w.shared.registry);
+            w.shared
+                .metrics_size_hint
+                .store(text.len(), std::sync::atomic::Ordering::Relaxed);
             // OpenMetrics for scrapers that ask for it (Prometheus does); the classic text
             // format otherwise (curl, promtool, older scrapers).
             let openmetrics = r.header("accept").is_some_and(|a| {
@@ -126,13 +135,21 @@ pub async fn handle(
                     text.as_bytes(),
                 )
             } else {
-                let classic = crate::metrics::openmetrics_to_text(&text);
-                r.answer(
-                    RouteLabel::Admin,
+                // Converted straight into the answer, without a second copy.
+                r.w.metrics.request(RouteLabel::Admin, respond::OK.0);
+                let len = crate::metrics::openmetrics_to_text_len(&text);
+                respond::write_head(
+                    r.out,
                     respond::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
-                    classic.as_bytes(),
-                )
+                    len,
+                    r.persist,
+                    &[],
+                );
+                if !r.head_only {
+                    r.out.reserve(len);
+                    crate::metrics::openmetrics_to_text_into(&text, r.out);
+                }
             };
         }
         Route::DebugStore if admin_allowed && w.shared.debug => {

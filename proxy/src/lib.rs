@@ -10,6 +10,7 @@ pub mod discover;
 pub mod duration;
 pub mod handler;
 pub mod latency;
+pub mod malloc;
 pub mod metrics;
 pub mod node;
 pub mod passthrough;

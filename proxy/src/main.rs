@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 fn main() {
+    iamlet::malloc::tune();
     // Block the stop signals before any thread starts, so only `sigwait` below sees them.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
@@ -158,6 +159,7 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
                 error_ttl: args.iam.iam_role_error_ttl,
                 session_prefix: node_name,
                 rate_limit: args.sts.sts_rate_limit,
+                max_in_flight: args.sts.sts_max_in_flight as usize,
             },
             metadata_addr: metadata_hostport.clone(),
             sts_timeout: args.sts.sts_timeout,
@@ -245,6 +247,7 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         node_ready,
         stopping: stopping.clone(),
         shutdown_grace: args.proxy.shutdown_grace,
+        metrics_size_hint: Default::default(),
     });
     let mut threads = server::spawn("iamlet-worker", app, shared.clone(), driver, false)?;
     if let Some(app6) = app6 {

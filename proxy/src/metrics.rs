@@ -307,12 +307,30 @@ impl prometheus_client::collector::Collector for Kube2iamStatus {
 /// (0.0.4): counter families are named with their `_total` suffix in `# HELP`/`# TYPE`, and
 /// `# UNIT` and `# EOF` lines are dropped. Samples are identical in both formats.
 pub fn openmetrics_to_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    convert(om, |part| out.push_str(part));
+    out
+}
+
+/// The length of [`openmetrics_to_text`]'s result, without building it.
+pub fn openmetrics_to_text_len(om: &str) -> usize {
+    let mut n = 0;
+    convert(om, |part| n += part.len());
+    n
+}
+
+/// Appends [`openmetrics_to_text`]'s result to `out` (no intermediate copy: with hundreds of
+/// roles the exposition is megabytes).
+pub fn openmetrics_to_text_into(om: &str, out: &mut Vec<u8>) {
+    convert(om, |part| out.extend_from_slice(part.as_bytes()));
+}
+
+fn convert(om: &str, mut push: impl FnMut(&str)) {
     let counters: ahash::AHashSet<&str> = om
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.strip_suffix(" counter"))
         .collect();
-    let mut out = String::with_capacity(om.len());
     for line in om.lines() {
         if line.starts_with("# UNIT ") || line == "# EOF" {
             continue;
@@ -324,19 +342,18 @@ pub fn openmetrics_to_text(om: &str) -> String {
         match meta {
             Some((kind, rest)) => {
                 let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                out.push_str(kind);
-                out.push_str(name);
+                push(kind);
+                push(name);
                 if counters.contains(name) {
-                    out.push_str("_total");
+                    push("_total");
                 }
-                out.push(' ');
-                out.push_str(tail);
+                push(" ");
+                push(tail);
             }
-            None => out.push_str(line),
+            None => push(line),
         }
-        out.push('\n');
+        push("\n");
     }
-    out
 }
 
 #[cfg(test)]
@@ -346,9 +363,11 @@ mod tests {
     #[test]
     fn openmetrics_counters_get_total_names_in_classic_text() {
         let om = "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{x=\"1\"} 3\n# HELP a_seconds Time.\n# TYPE a_seconds histogram\n# UNIT a_seconds seconds\na_seconds_count 1\n# HELP g Gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
-        assert_eq!(
-            openmetrics_to_text(om),
-            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{x=\"1\"} 3\n# HELP a_seconds Time.\n# TYPE a_seconds histogram\na_seconds_count 1\n# HELP g Gauge.\n# TYPE g gauge\ng 1\n"
-        );
+        let want = "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{x=\"1\"} 3\n# HELP a_seconds Time.\n# TYPE a_seconds histogram\na_seconds_count 1\n# HELP g Gauge.\n# TYPE g gauge\ng 1\n";
+        assert_eq!(openmetrics_to_text(om), want);
+        assert_eq!(openmetrics_to_text_len(om), want.len());
+        let mut out = b"head|".to_vec();
+        openmetrics_to_text_into(om, &mut out);
+        assert_eq!(out, [b"head|".as_slice(), want.as_bytes()].concat());
     }
 }

@@ -69,6 +69,8 @@ pub struct Shared {
     /// Set on SIGTERM/SIGINT: stop accepting, finish in-flight requests.
     pub stopping: Arc<AtomicBool>,
     pub shutdown_grace: Duration,
+    /// Size of the last `/metrics` exposition, to size the next one's buffer.
+    pub metrics_size_hint: std::sync::atomic::AtomicUsize,
 }
 
 /// One worker thread's state (`!Send`: lives on its runtime only).

@@ -143,6 +143,13 @@ pub enum PodsFileError {
         path: String,
         source: serde_yaml::Error,
     },
+    #[error(
+        "pods file {path} is not a Pod, Namespace or List in JSON ({source}); produce it with `kubectl get pods,namespaces -A -o json`"
+    )]
+    ParseJson {
+        path: String,
+        source: serde_json::Error,
+    },
 }
 
 /// Objects found in a pods file.
@@ -161,6 +168,12 @@ struct Kinded {
 /// Parses a `List`, single objects, or multi-document YAML (JSON is YAML too).
 /// Objects of other kinds are ignored.
 pub fn parse_pods_file(path: &str, text: &str) -> Result<PodsFile, PodsFileError> {
+    if text.trim_start().starts_with('{') {
+        return parse_json(text).map_err(|source| PodsFileError::ParseJson {
+            path: path.to_owned(),
+            source,
+        });
+    }
     let mut out = PodsFile::default();
     let perr = |source| PodsFileError::Parse {
         path: path.to_owned(),
@@ -172,6 +185,57 @@ pub fn parse_pods_file(path: &str, text: &str) -> Result<PodsFile, PodsFileError
             continue;
         }
         collect(value, &mut out).map_err(perr)?;
+    }
+    Ok(out)
+}
+
+/// One object of a JSON pods file, its parts left as borrowed text until the kind is known:
+/// a list of 10,000 pods is read without a document tree of the whole file (serde_yaml builds
+/// one, several times the file's size), and each pod is decoded once, straight to its type.
+#[derive(Deserialize)]
+struct JsonObject<'a> {
+    #[serde(default)]
+    kind: String,
+    #[serde(default, borrow)]
+    metadata: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    spec: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    status: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    items: Vec<JsonObject<'a>>,
+}
+
+/// A JSON pods file: one object (`kubectl get -o json` writes a `List`) or several in a row.
+fn parse_json(text: &str) -> Result<PodsFile, serde_json::Error> {
+    fn field<T: serde::de::DeserializeOwned>(
+        raw: Option<&serde_json::value::RawValue>,
+    ) -> Result<Option<T>, serde_json::Error> {
+        raw.map(|r| serde_json::from_str(r.get())).transpose()
+    }
+    fn collect_json(o: JsonObject<'_>, out: &mut PodsFile) -> Result<(), serde_json::Error> {
+        match o.kind.as_str() {
+            "Pod" => out.pods.push(Pod {
+                metadata: field(o.metadata)?.unwrap_or_default(),
+                spec: field(o.spec)?,
+                status: field(o.status)?,
+            }),
+            "Namespace" => out.namespaces.push(Namespace {
+                metadata: field(o.metadata)?.unwrap_or_default(),
+                ..Namespace::default()
+            }),
+            k if k == "List" || k.ends_with("List") => {
+                for item in o.items {
+                    collect_json(item, out)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    let mut out = PodsFile::default();
+    for o in serde_json::Deserializer::from_str(text).into_iter::<JsonObject<'_>>() {
+        collect_json(o?, &mut out)?;
     }
     Ok(out)
 }
@@ -263,6 +327,54 @@ items:
         assert_eq!(parse_pods_file("x", multi).unwrap().pods.len(), 2);
         let json = r#"{"kind":"List","items":[{"kind":"Pod","metadata":{"name":"j"},"status":{"podIP":"10.1.1.1"}}]}"#;
         assert_eq!(parse_pods_file("x", json).unwrap().pods.len(), 1);
+    }
+
+    #[test]
+    fn json_files_read_the_same_as_yaml() {
+        // The same List as JSON (what `kubectl get -o json` writes) takes the JSON reader.
+        let value: serde_json::Value = serde_yaml::from_str(LIST).unwrap();
+        let json = serde_json::to_string_pretty(&value).unwrap();
+        let (y, j) = (
+            parse_pods_file("x", LIST).unwrap(),
+            parse_pods_file("x", &json).unwrap(),
+        );
+        let keys = AnnotationKeys::default();
+        let info = |f: &PodsFile| -> Vec<PodInfo> {
+            f.pods
+                .iter()
+                .filter_map(|p| PodInfo::from_pod(p, &keys))
+                .collect()
+        };
+        assert_eq!(info(&j), info(&y));
+        assert_eq!(
+            j.namespaces
+                .iter()
+                .filter_map(NamespaceInfo::from_namespace)
+                .collect::<Vec<_>>(),
+            y.namespaces
+                .iter()
+                .filter_map(NamespaceInfo::from_namespace)
+                .collect::<Vec<_>>()
+        );
+        // Objects one after another, a bare Pod, and kinds that are not read.
+        let stream = r#"{"kind":"Pod","metadata":{"name":"a"},"status":{"podIP":"10.0.0.1"}}
+            {"kind":"PodList","metadata":{"resourceVersion":"7"},"items":[{"kind":"Pod","metadata":{"name":"b"}}]}
+            {"kind":"Service","metadata":{"name":"s"},"spec":{"ports":[]}}"#;
+        let f = parse_pods_file("x", stream).unwrap();
+        let names: Vec<_> = f
+            .pods
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        // Broken JSON names the file and the place.
+        let e = parse_pods_file("/tmp/p.json", r#"{"kind":"List","items":[{"kind":"Pod","#)
+            .unwrap_err();
+        assert!(e.to_string().contains("/tmp/p.json"), "{e}");
+        assert!(e.to_string().contains("line 1"), "{e}");
+        let e =
+            parse_pods_file("/tmp/p.json", r#"{"kind":"Pod","status":{"podIP":7}}"#).unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
     }
 
     #[test]

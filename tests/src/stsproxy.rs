@@ -43,6 +43,27 @@ struct State {
     fault: Fault,
     expires_in: Option<Duration>,
     calls: Vec<Call>,
+    /// AssumeRole calls being answered now, and the most at once.
+    in_flight: usize,
+    max_in_flight: usize,
+}
+
+/// Counts one AssumeRole call as in flight until dropped (the answer written or given up).
+struct InFlight<'a>(&'a Mutex<State>);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a Mutex<State>) -> Self {
+        let mut st = state.lock().unwrap();
+        st.in_flight += 1;
+        st.max_in_flight = st.max_in_flight.max(st.in_flight);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().in_flight -= 1;
+    }
 }
 
 /// The running proxy; stops on drop.
@@ -62,6 +83,8 @@ impl StsProxy {
             fault: Fault::Pass,
             expires_in: None,
             calls: Vec::new(),
+            in_flight: 0,
+            max_in_flight: 0,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -110,8 +133,15 @@ impl StsProxy {
             .collect()
     }
 
+    /// The most AssumeRole calls the proxy was answering at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.lock().unwrap().max_in_flight
+    }
+
     pub fn clear(&self) {
-        self.state.lock().unwrap().calls.clear();
+        let mut st = self.state.lock().unwrap();
+        st.calls.clear();
+        st.max_in_flight = st.in_flight;
     }
 }
 
@@ -163,6 +193,7 @@ fn serve(conn: TcpStream, upstream: SocketAddr, state: &Mutex<State>, stop: &Ato
         }
         (fault, if is_assume { st.expires_in } else { None })
     };
+    let _in_flight = is_assume.then(|| InFlight::enter(state));
     match fault {
         Fault::Pass => {}
         Fault::Delay(d) => std::thread::sleep(d),

@@ -1,6 +1,7 @@
 //! The credentials engine through the real binary: moto as STS behind a fault-injecting,
 //! call-counting pass-through. Single flight, prefetch, refresh ahead, static stability,
-//! external IDs in the key, the node-wide rate limit, per-pod sessions and tags.
+//! external IDs in the key, the node-wide rate limit, the in-flight bound, per-pod sessions
+//! and tags.
 
 use iamlet_e2e::client::Conn;
 use iamlet_e2e::stsproxy::{Fault, StsProxy};
@@ -461,6 +462,62 @@ fn the_node_wide_rate_limit_bounds_assume_role_calls() {
         span >= floor,
         "{span:?} is too short for {roles} calls at {rate}/s"
     );
+}
+
+#[test]
+fn assume_role_calls_in_flight_are_bounded() {
+    // 48 cold roles at once, no effective rate limit, STS answering each after 300 ms: calls
+    // go out in waves of --sts-max-in-flight, never more at once, and every role is fetched.
+    let mut rig = sts_rig(Fault::Delay(Duration::from_millis(300)));
+    let (bound, roles) = (4, 48);
+    let pods: Vec<String> = (0..roles)
+        .map(|i| {
+            pod(
+                &format!("wave{i}"),
+                Ipv4Addr::new(127, 0, 4, 1 + i as u8),
+                &format!("wave-role-{i}"),
+                "",
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    rig.start(
+        &list(&pods),
+        &[
+            "--sts-rate-limit=10000",
+            &format!("--sts-max-in-flight={bound}"),
+        ],
+    );
+    wait_for("every prefetch", Duration::from_secs(60), || {
+        rig.sts.passed().len() >= roles
+    });
+    let took = started.elapsed();
+    let most = rig.sts.max_in_flight();
+    println!(
+        "{roles} cold roles, bound {bound}: at most {most} AssumeRole calls in flight, all fetched in {took:?}"
+    );
+    let distinct: BTreeSet<String> = rig.sts.calls().into_iter().map(|c| c.role_arn).collect();
+    assert_eq!(distinct.len(), roles, "every role fetched once");
+    assert!(
+        most <= bound,
+        "{most} AssumeRole calls in flight at once, bound {bound}"
+    );
+    assert!(
+        most >= 2,
+        "calls ran one at a time ({most}); the bound should let {bound} run together"
+    );
+    // 48 calls of >= 300 ms, at most 4 at a time: at least 12 waves.
+    assert!(
+        took >= Duration::from_millis(300 * (roles / bound) as u64),
+        "{took:?}"
+    );
+    // Pods get their credentials once fetched.
+    let last = roles - 1;
+    let resp = rig.creds(
+        Ipv4Addr::new(127, 0, 4, 1 + last as u8),
+        &format!("wave-role-{last}"),
+    );
+    assert_eq!(resp.status, 200, "{}", resp.body_str());
 }
 
 #[test]

@@ -22,6 +22,10 @@ pub struct CredPolicy {
     pub session_prefix: String,
     /// Most AssumeRole calls per second from this node.
     pub rate_limit: f64,
+    /// Most AssumeRole calls in flight at once. Each in-flight call holds one pooled STS
+    /// connection (HTTP/1.1) with its buffers, so this also bounds the connections (and TLS
+    /// handshakes) a storm of new roles costs; the rest queue in FIFO order.
+    pub max_in_flight: usize,
 }
 
 impl CredPolicy {
@@ -97,33 +101,55 @@ struct Manager {
     policy: Arc<CredPolicy>,
     metrics: ResolverMetrics,
     limiter: RateLimiter,
+    /// Scheduled refreshes and retries come back to the run loop through here.
+    again: mpsc::UnboundedSender<(Arc<CredSlot>, u32)>,
 }
 
 /// Runs until every sender is gone.
+///
+/// A fetch task (with the SDK call's sizeable future) is spawned only once a permit for it
+/// is free, so a storm of new roles queues as slots in the channels — a pointer each — not
+/// as hundreds of parked calls; timers for refreshes and retries are small tasks that hand
+/// the slot back here.
 pub(crate) async fn run(
     mut requests: mpsc::UnboundedReceiver<Arc<CredSlot>>,
     sts: Arc<Sts>,
     policy: Arc<CredPolicy>,
     metrics: ResolverMetrics,
 ) {
+    let (again, mut scheduled) = mpsc::unbounded_channel();
+    let permits = Arc::new(tokio::sync::Semaphore::new(policy.max_in_flight.max(1)));
     let m = Arc::new(Manager {
         limiter: RateLimiter::new(policy.rate_limit),
         sts,
         policy,
         metrics,
+        again,
     });
-    while let Some(slot) = requests.recv().await {
-        tokio::spawn(fetch(slot, m.clone()));
+    loop {
+        let (slot, failures) = tokio::select! {
+            biased;
+            r = requests.recv() => match r {
+                Some(slot) => (slot, 0),
+                None => break,
+            },
+            Some(r) = scheduled.recv() => r,
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        tokio::spawn(fetch(slot, m.clone(), failures, permit));
     }
 }
 
-/// A fetch asked for by a pod (or a prefetch): no failures counted yet.
-async fn fetch(slot: Arc<CredSlot>, m: Arc<Manager>) {
-    fetch_with(slot, m, 0).await
-}
-
-/// `failures`: consecutive failures so far (they ride along with the retry task).
-async fn fetch_with(slot: Arc<CredSlot>, m: Arc<Manager>, failures: u32) {
+/// One AssumeRole for `slot`; `failures`: consecutive failures so far. The permit bounds the
+/// calls in flight and is returned when the call is done.
+async fn fetch(
+    slot: Arc<CredSlot>,
+    m: Arc<Manager>,
+    failures: u32,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let key = slot.key().clone();
     let session = match &key.session {
         Some(s) => s.name.clone(),
@@ -140,6 +166,7 @@ async fn fetch_with(slot: Arc<CredSlot>, m: Arc<Manager>, failures: u32) {
         .assume_role(&key, &session, m.policy.session_duration())
         .await;
     m.metrics.in_flight(-1);
+    drop(permit);
     m.metrics.observe_assume_role_for(
         &key.role_arn,
         result.as_ref().err().map(|e| e.code.as_str()),
@@ -207,15 +234,15 @@ async fn fetch_with(slot: Arc<CredSlot>, m: Arc<Manager>, failures: u32) {
 
 /// Fetches the slot again after `after`, unless it was dropped (no pod uses it any more) or
 /// a pod's request already started a fetch.
-fn schedule(slot: &Arc<CredSlot>, m: &Arc<Manager>, after: Duration, failures: u32) {
+fn schedule(slot: &Arc<CredSlot>, m: &Manager, after: Duration, failures: u32) {
     let weak = Arc::downgrade(slot);
-    let m = m.clone();
+    let again = m.again.clone();
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
         if let Some(slot) = weak.upgrade()
             && slot.claim()
         {
-            fetch_with(slot, m, failures).await;
+            let _ = again.send((slot, failures));
         }
     });
 }
@@ -238,6 +265,7 @@ mod tests {
             error_ttl: Duration::from_secs(2),
             session_prefix: "n".into(),
             rate_limit: 10.0,
+            max_in_flight: 32,
         }
     }
 
