@@ -159,6 +159,22 @@ pub struct PodsFile {
     pub namespaces: Vec<Namespace>,
 }
 
+/// Where [`read_pods_file`] hands each object as soon as it is decoded, so a reader can keep
+/// only what it needs (a `Pod` is kilobytes; what identity needs of it, a few hundred bytes).
+pub trait PodSink {
+    fn pod(&mut self, pod: Pod);
+    fn namespace(&mut self, ns: Namespace);
+}
+
+impl PodSink for PodsFile {
+    fn pod(&mut self, pod: Pod) {
+        self.pods.push(pod);
+    }
+    fn namespace(&mut self, ns: Namespace) {
+        self.namespaces.push(ns);
+    }
+}
+
 #[derive(Deserialize)]
 struct Kinded {
     #[serde(default)]
@@ -168,13 +184,19 @@ struct Kinded {
 /// Parses a `List`, single objects, or multi-document YAML (JSON is YAML too).
 /// Objects of other kinds are ignored.
 pub fn parse_pods_file(path: &str, text: &str) -> Result<PodsFile, PodsFileError> {
+    let mut out = PodsFile::default();
+    read_pods_file(path, text, &mut out)?;
+    Ok(out)
+}
+
+/// [`parse_pods_file`], handing each object to `out` as it is decoded.
+pub fn read_pods_file(path: &str, text: &str, out: &mut dyn PodSink) -> Result<(), PodsFileError> {
     if text.trim_start().starts_with('{') {
-        return parse_json(text).map_err(|source| PodsFileError::ParseJson {
+        return parse_json(text, out).map_err(|source| PodsFileError::ParseJson {
             path: path.to_owned(),
             source,
         });
     }
-    let mut out = PodsFile::default();
     let perr = |source| PodsFileError::Parse {
         path: path.to_owned(),
         source,
@@ -184,9 +206,9 @@ pub fn parse_pods_file(path: &str, text: &str) -> Result<PodsFile, PodsFileError
         if value.is_null() {
             continue;
         }
-        collect(value, &mut out).map_err(perr)?;
+        collect(value, out).map_err(perr)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// One object of a JSON pods file, its parts left as borrowed text until the kind is known:
@@ -207,20 +229,20 @@ struct JsonObject<'a> {
 }
 
 /// A JSON pods file: one object (`kubectl get -o json` writes a `List`) or several in a row.
-fn parse_json(text: &str) -> Result<PodsFile, serde_json::Error> {
+fn parse_json(text: &str, out: &mut dyn PodSink) -> Result<(), serde_json::Error> {
     fn field<T: serde::de::DeserializeOwned>(
         raw: Option<&serde_json::value::RawValue>,
     ) -> Result<Option<T>, serde_json::Error> {
         raw.map(|r| serde_json::from_str(r.get())).transpose()
     }
-    fn collect_json(o: JsonObject<'_>, out: &mut PodsFile) -> Result<(), serde_json::Error> {
+    fn collect_json(o: JsonObject<'_>, out: &mut dyn PodSink) -> Result<(), serde_json::Error> {
         match o.kind.as_str() {
-            "Pod" => out.pods.push(Pod {
+            "Pod" => out.pod(Pod {
                 metadata: field(o.metadata)?.unwrap_or_default(),
                 spec: field(o.spec)?,
                 status: field(o.status)?,
             }),
-            "Namespace" => out.namespaces.push(Namespace {
+            "Namespace" => out.namespace(Namespace {
                 metadata: field(o.metadata)?.unwrap_or_default(),
                 ..Namespace::default()
             }),
@@ -233,18 +255,17 @@ fn parse_json(text: &str) -> Result<PodsFile, serde_json::Error> {
         }
         Ok(())
     }
-    let mut out = PodsFile::default();
     for o in serde_json::Deserializer::from_str(text).into_iter::<JsonObject<'_>>() {
-        collect_json(o?, &mut out)?;
+        collect_json(o?, out)?;
     }
-    Ok(out)
+    Ok(())
 }
 
-fn collect(value: serde_yaml::Value, out: &mut PodsFile) -> Result<(), serde_yaml::Error> {
+fn collect(value: serde_yaml::Value, out: &mut dyn PodSink) -> Result<(), serde_yaml::Error> {
     let kind: Kinded = serde_yaml::from_value(value.clone())?;
     match kind.kind.as_str() {
-        "Pod" => out.pods.push(serde_yaml::from_value(value)?),
-        "Namespace" => out.namespaces.push(serde_yaml::from_value(value)?),
+        "Pod" => out.pod(serde_yaml::from_value(value)?),
+        "Namespace" => out.namespace(serde_yaml::from_value(value)?),
         k if k == "List" || k.ends_with("List") => {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
                 for item in items.iter().cloned() {

@@ -3,7 +3,7 @@
 
 use crate::StartError;
 use crate::metrics::ResolverMetrics;
-use crate::pod::{AnnotationKeys, NamespaceInfo, PodInfo, parse_pods_file};
+use crate::pod::{AnnotationKeys, NamespaceInfo, PodInfo, PodSink, read_pods_file};
 use crate::state::State;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -57,19 +57,38 @@ fn load(
             .to_string(),
         )
     })?;
-    let file = parse_pods_file(&display, &text).map_err(|e| StartError::Source(e.to_string()))?;
-    let pods: Vec<_> = file.pods.iter().filter(|p| on_node(p, node)).collect();
-    let n = pods.len();
-    state
-        .index
-        .reset(pods.into_iter().filter_map(|p| PodInfo::from_pod(p, keys)));
-    state.index.reset_namespaces(
-        file.namespaces
-            .iter()
-            .filter_map(NamespaceInfo::from_namespace),
-    );
+    /// Keeps what identity needs of each object as it is decoded.
+    struct Infos<'a> {
+        node: Option<&'a str>,
+        keys: &'a AnnotationKeys,
+        on_node: usize,
+        pods: Vec<PodInfo>,
+        namespaces: Vec<NamespaceInfo>,
+    }
+    impl PodSink for Infos<'_> {
+        fn pod(&mut self, pod: k8s_openapi::api::core::v1::Pod) {
+            if on_node(&pod, self.node) {
+                self.on_node += 1;
+                self.pods.extend(PodInfo::from_pod(&pod, self.keys));
+            }
+        }
+        fn namespace(&mut self, ns: k8s_openapi::api::core::v1::Namespace) {
+            self.namespaces.extend(NamespaceInfo::from_namespace(&ns));
+        }
+    }
+    let mut infos = Infos {
+        node,
+        keys,
+        on_node: 0,
+        pods: Vec::new(),
+        namespaces: Vec::new(),
+    };
+    read_pods_file(&display, &text, &mut infos).map_err(|e| StartError::Source(e.to_string()))?;
+    drop(text);
+    state.index.reset(infos.pods);
+    state.index.reset_namespaces(infos.namespaces);
     state.publish();
-    Ok(n)
+    Ok(infos.on_node)
 }
 
 /// Loads the file once (reporting the result through `first`), then follows changes.
