@@ -62,9 +62,14 @@ impl CredPolicy {
     }
 }
 
-/// A node-wide limit on AssumeRole calls: successive calls start at least `1 / rate` apart,
-/// measured from when each call was really let through, so a stalled runtime never releases
-/// a catch-up burst. Waiters queue in FIFO order.
+/// A node-wide limit on AssumeRole calls: successive calls are scheduled at least `1 / rate`
+/// apart, and waiters queue in FIFO order.
+///
+/// The spacing runs from each call's scheduled slot, not from when the runtime's timer (1 ms
+/// resolution) actually woke it, so rates above 1,000/s are reached rather than capped at one
+/// call per timer tick. A wake-up later than [`RateLimiter::SLACK`] after its slot (a stalled
+/// runtime) restarts the spacing from then, so no catch-up burst is ever released: at most
+/// `rate × SLACK` calls can start closer together than the interval.
 #[derive(Debug)]
 pub struct RateLimiter {
     interval: Duration,
@@ -72,6 +77,10 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
+    /// How late a wake-up may be and still count as on time (the timer's resolution, and
+    /// some).
+    pub const SLACK: Duration = Duration::from_millis(2);
+
     pub fn new(per_second: f64) -> Self {
         let interval = if per_second.is_finite() && per_second > 0.0 {
             Duration::from_secs_f64(1.0 / per_second)
@@ -87,11 +96,25 @@ impl RateLimiter {
     /// Waits for this caller's turn; true if it had to wait.
     pub async fn acquire(&self) -> bool {
         let mut next = self.next.lock().await;
-        let waited = tokio::time::Instant::now() < *next;
+        let now = tokio::time::Instant::now();
+        // Keep to the schedule while within the slack of it (timer rounding); further behind
+        // (a quiet period, a stall), start afresh from now: no credit is saved up.
+        let slot = if *next + Self::SLACK < now {
+            now
+        } else {
+            *next
+        };
+        let waited = slot > now;
         if waited {
-            tokio::time::sleep_until(*next).await;
+            tokio::time::sleep_until(slot).await;
         }
-        *next = tokio::time::Instant::now() + self.interval;
+        let woke = tokio::time::Instant::now();
+        let base = if woke > slot + Self::SLACK {
+            woke
+        } else {
+            slot
+        };
+        *next = base + self.interval;
         waited
     }
 }
@@ -347,6 +370,34 @@ mod tests {
         assert!(!r.acquire().await);
         assert!(r.acquire().await);
         assert_eq!(t2.elapsed().as_millis(), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limiter_reaches_rates_above_the_timer_resolution() {
+        // 10,000/s with a 1 ms timer: 1,000 calls take 100 ms, not one tick each (1 s).
+        let r = RateLimiter::new(10_000.0);
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..1000 {
+            r.acquire().await;
+        }
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(99) && took <= Duration::from_millis(102),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_wake_up_restarts_the_spacing() {
+        // A caller that was scheduled but ran 500 ms late (a stalled runtime) does not let the
+        // calls that queued behind it through at once.
+        let r = RateLimiter::new(10.0);
+        r.acquire().await;
+        *r.next.lock().await -= Duration::from_millis(500);
+        let t0 = tokio::time::Instant::now();
+        r.acquire().await;
+        r.acquire().await;
+        assert_eq!(t0.elapsed().as_millis(), 100);
     }
 
     #[test]
