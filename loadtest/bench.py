@@ -586,15 +586,16 @@ def scaling(env, results):
             time.sleep(a.pause)
 
 
-def storm(env, results, key, sts_port):
+def storm(env, results, key, sts_port, count=None, extra=()):
     a = env.a
+    count = count or a.storm_pods
     pods = os.path.join(env.work, f"{key}.json")
     subprocess.run(tool(a, "gen-pods", "--out", pods, "--count", "0", "--local-role", ROLE), check=True,
                    stdout=subprocess.DEVNULL)
-    srv = start_iamlet(env, a.scale_driver, pods, name=key, sts_port=sts_port)
+    srv = start_iamlet(env, a.scale_driver, pods, extra=extra, name=key, sts_port=sts_port)
     out = os.path.join(env.work, f"{key}-result.json")
     cmd = tool(a, "storm", "--target", f"127.0.0.1:{srv.port}", "--sts", f"127.0.0.1:{sts_port}",
-               "--pods-file", pods, "--count", str(a.storm_pods), "--net", "50", "--local-role", ROLE,
+               "--pods-file", pods, "--count", str(count), "--net", "50", "--local-role", ROLE,
                "--pid", str(srv.pid), "--out", out, "--timeout", "120")
     if a.client_cpus:
         cmd = ["taskset", "-c", a.client_cpus] + cmd
@@ -606,6 +607,7 @@ def storm(env, results, key, sts_port):
                          + open(srv.logfile, errors="replace").read()[-3000:])
     res = json.load(open(out))
     res["driver"] = a.scale_driver
+    res["iamlet_args"] = ["--sts-rate-limit=10000", *extra]
     res["sts"] = "moto" if sts_port == env.moto_port else f"fake STS ({a.fake_sts_latency_ms} ms, concurrent)"
     res["hwm_kib_process"] = status_kib(srv.pid, "VmHWM")
     # iamlet's CPU over both storms (2 × N AssumeRole calls, 2 × N first requests, metric scrapes).
@@ -751,6 +753,11 @@ def main():
         if env.moto_port:
             storm(env, results, "storm", env.moto_port)
         storm(env, results, "storm_fake_sts", env.fake_sts_port)
+        # Where the time goes: the same storm with no bound on calls in flight (iamlet's CPU
+        # is then the limit), and a storm no larger than the default bound (one wave).
+        storm(env, results, "storm_fake_sts_unbounded", env.fake_sts_port,
+              extra=(f"--sts-max-in-flight={a.storm_pods}",))
+        storm(env, results, "storm_fake_sts_small", env.fake_sts_port, count=min(32, a.storm_pods))
     if "soak" not in skip:
         soak(env, results)
     results["wall_s"] = round(time.time() - t0, 1)

@@ -12,10 +12,29 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub fn main(a: &Args) -> Result<(), String> {
     let latency = Duration::from_millis(a.num("latency-ms", 20)?);
     let calls = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
     server::run(
         a.addr("addr")?,
         "fake sts",
-        Arc::new(move |r: &Request<'_>| answer(r, latency, &calls)),
+        Arc::new(move |r: &Request<'_>| {
+            // `GET /_answered`: AssumeRole answers given so far — how the storm check sees
+            // calls complete without scraping iamlet's /metrics (megabytes with 750 roles).
+            if r.method == b"GET" && r.path == b"/_answered" {
+                return Response {
+                    status: "200 OK",
+                    content_type: "text/plain",
+                    headers: vec![],
+                    body: answered.load(Ordering::SeqCst).to_string().into_bytes(),
+                };
+            }
+            let resp = answer(r, latency, &calls);
+            if resp.status.starts_with("200")
+                && form(r.body, "Action").as_deref() == Some("AssumeRole")
+            {
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
+            resp
+        }),
     )
 }
 
