@@ -705,7 +705,8 @@ def main():
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--client-cpus", default="1")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--nginx-upstream-keepalive", type=int, default=8)
+    p.add_argument("--nginx-upstream-keepalive", type=int, default=64,
+                   help="idle upstream connections nginx keeps (iamlet keeps 64 per worker, upstream.rs)")
     p.add_argument("--upstream", default="nginx", choices=["nginx", "tool"],
                    help="fake IMDS for pass-through: a second nginx (default, when nginx is there) or the tool's")
     p.add_argument("--scale-pods", default="1,750,10000")

@@ -262,7 +262,7 @@ def markdown(results, summ, scal, svg_rel):
                      + ", ".join(parts) + ".")
             L.append("")
         L.append("nginx comparator: `return 200` with a body of the same length for 1–4, `proxy_pass` with upstream "
-                 f"keepalive {s.get('nginx_upstream_keepalive')} to the same fake IMDS for 5 (iamlet keeps 8 idle upstream "
+                 f"keepalive {s.get('nginx_upstream_keepalive')} to the same fake IMDS for 5 (iamlet keeps 64 idle upstream "
                  "connections per worker).")
         L.append("")
     if scal:
