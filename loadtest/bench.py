@@ -192,6 +192,7 @@ class Env:
         self.sts_port = None  # moto, or the fake STS with --sts fake
         self.fake_sts_port = None
         self.imds_port = None
+        self.cap = None  # cgroup capping the server in saturating runs
 
 
 def tool(a, *args):
@@ -441,6 +442,49 @@ def can_rt():
         return False
 
 
+CGROUP_CPU = "/sys/fs/cgroup/cpu"
+CAP_GROUP = os.path.join(CGROUP_CPU, "iamlet-loadtest-server")
+
+
+def make_cap(share):
+    """A cgroup (v1 cpu controller) holding the server under test to `share` of one CPU, so that
+    on a 2-core machine the server — not the load generator on the other core — is what limits
+    a saturating run. None where it cannot be made (no cgroup v1 cpu, not root, share 0)."""
+    if share <= 0 or not os.path.isdir(CGROUP_CPU):
+        return None
+    try:
+        os.makedirs(CAP_GROUP, exist_ok=True)
+        period = 10_000  # 10 ms periods: short throttling gaps
+        with open(os.path.join(CAP_GROUP, "cpu.cfs_period_us"), "w") as f:
+            f.write(str(period))
+        with open(os.path.join(CAP_GROUP, "cpu.cfs_quota_us"), "w") as f:
+            f.write(str(int(period * share)))
+        return CAP_GROUP
+    except OSError as e:
+        log(f"no server CPU cap ({e}); saturating runs may be limited by the load generator")
+        return None
+
+
+def move_to(group, pids):
+    """Moves whole processes (all threads) into a cgroup; best effort."""
+    for pid in pids:
+        try:
+            with open(os.path.join(group, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+        except OSError:
+            pass
+
+
+def drop_cap():
+    if os.path.isdir(CAP_GROUP):
+        try:
+            for pid in open(os.path.join(CAP_GROUP, "cgroup.procs")).read().split():
+                move_to(CGROUP_CPU, [int(pid)])
+            os.rmdir(CAP_GROUP)
+        except OSError:
+            pass
+
+
 def set_fifo(pids, on):
     for pid in pids:
         subprocess.run(["chrt", "-a", "-p"] + (["-f", "1"] if on else ["-o", "0"]) + [str(pid)],
@@ -460,6 +504,9 @@ def measure(env, server, sc, label):
     """One client run against one server, with the server's CPU time and peak RSS."""
     pids = server_pids(server)
     reset_hwm(pids)
+    capped = env.cap is not None and "rate" not in sc
+    if capped:
+        move_to(env.cap, pids)
     if sc.get("rt"):
         set_fifo(pids, True)
     u0 = upstream_accepts(env) if sc["path"] == INSTANCE_ID else None
@@ -469,6 +516,8 @@ def measure(env, server, sc, label):
     finally:
         if sc.get("rt"):
             set_fifo(pids, False)
+        if capped:
+            move_to(CGROUP_CPU, pids)
     c1 = cpu_ticks(pids)
     if u0 is not None:
         u1 = upstream_accepts(env)
@@ -705,6 +754,9 @@ def main():
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--client-cpus", default="1")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--server-cpu-share", type=float, default=0.35,
+                   help="saturating matrix runs: cap the server under test at this share of one CPU "
+                        "(cgroup v1 cpu quota) so it, not the load generator, is the limit; 0 = no cap")
     p.add_argument("--nginx-upstream-keepalive", type=int, default=64,
                    help="idle upstream connections nginx keeps (iamlet keeps 64 per worker, upstream.rs)")
     p.add_argument("--upstream", default="nginx", choices=["nginx", "tool"],
@@ -726,6 +778,10 @@ def main():
     results = {"environment": environment(a), "smoke": a.smoke, "runs": [],
                "settings": {k: v for k, v in vars(a).items() if k not in ("iamlet", "tool", "moto", "oha", "nginx", "out_dir")}}
     log("work dir", work)
+    if not a.smoke:
+        env.cap = make_cap(a.server_cpu_share)
+        atexit.register(drop_cap)
+    results["environment"]["server_cpu_cap"] = a.server_cpu_share if env.cap else None
 
     env.moto_port = None
     if a.moto:

@@ -219,6 +219,11 @@ def markdown(results, summ, scal, svg_rel):
     L.append(f"- Pinning: iamlet and nginx on CPU {e['server_cpus']} ({e['workers']} worker / worker process each), "
              f"load client + fake IMDS + moto on CPU {e['client_cpus']} (taskset). iamlet {e['iamlet_profile']} build; "
              f"{e.get('nginx') or 'no nginx'}; {e.get('oha') or 'built-in client only'}.")
+    if e.get("server_cpu_cap"):
+        L.append(f"- Saturating runs (scenarios 1–5): the server under test is capped at {e['server_cpu_cap']:g} of one CPU "
+                 "(cgroup v1 `cpu.cfs_quota_us`, 10 ms periods), so the server — not the load generator, which has one "
+                 "core — is the limit and req/s compares server capacity; their latencies include the throttling gaps. "
+                 "The fixed-rate rows run uncapped.")
     s = results["settings"]
     L.append(f"- {s['reps']} repetitions × {s['duration']} s per run, iamlet and nginx interleaved (order alternating), "
              f"medians reported; ratio = median of per-pair ratios. {s['pods']} pods / {s['roles']} roles known; "

@@ -86,8 +86,20 @@ const OUT_KEEP: usize = 64 * 1024;
 pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
     let _tracked = w.track(stream.as_raw_fd());
     let limits = &w.shared.limits;
-    let mut rbuf: Vec<u8> = Vec::with_capacity(limits.max_head + limits.max_body);
-    let mut out: Vec<u8> = Vec::with_capacity(4096);
+    let rcap = limits.max_head + limits.max_body;
+    let (mut rbuf, mut out) = w.take_bufs(rcap);
+    // Ends the connection, handing its buffers back to the worker's pool.
+    macro_rules! done {
+        () => {{
+            w.give_bufs(rbuf, out, rcap, OUT_KEEP);
+            return;
+        }};
+    }
+    // TCP_NODELAY is set before the first write that Nagle could hold back: a second answer
+    // on the connection, or one larger than a segment. A connection that carries one small
+    // answer (an SDK's new connection per request) never needs the system call.
+    let mut nodelay = false;
+    let mut answered = false;
     let mut start = 0usize;
     // When a not-yet-complete request was first seen (slowloris bound). Taken only when a read
     // leaves a partial request, so a complete request costs no clock read for it.
@@ -153,6 +165,11 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
             }
         }
         if !out.is_empty() {
+            if !nodelay && (answered || out.len() > 1400) {
+                let _ = stream.set_nodelay(true);
+                nodelay = true;
+            }
+            answered = true;
             let (res, buf) = stream.write_all(out).await;
             out = buf;
             out.clear();
@@ -162,11 +179,11 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
                 out = Vec::with_capacity(4096);
             }
             if res.is_err() {
-                return;
+                done!();
             }
         }
         if close || w.stopping() {
-            return;
+            done!();
         }
         if start == rbuf.len() {
             rbuf.clear();
@@ -184,7 +201,7 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
                 Some(left) => left,
                 None => {
                     w.metrics.downstream_error("header_timeout");
-                    return;
+                    done!();
                 }
             }
         };
@@ -194,10 +211,13 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
             Ok((Ok(n), slice)) => {
                 rbuf = slice.into_inner();
                 if n == 0 {
-                    return;
+                    done!();
                 }
             }
-            Ok((Err(_), _)) => return,
+            Ok((Err(_), slice)) => {
+                rbuf = slice.into_inner();
+                done!();
+            }
             Err(_) => {
                 if len > 0 {
                     w.metrics.downstream_error("header_timeout");

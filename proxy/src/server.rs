@@ -172,7 +172,6 @@ async fn accept_loop(l: std::net::TcpListener, shared: Arc<Shared>, admin_only: 
                         drop(stream);
                         continue;
                     }
-                    let _ = stream.set_nodelay(true);
                     monoio::spawn(conn::serve(stream, peer.ip().to_canonical(), worker.clone()));
                 }
                 Err(e) => {

@@ -85,7 +85,13 @@ pub struct Worker {
     reader: RefCell<SnapshotReader>,
     open: RefCell<ahash::AHashMap<u64, RawFd>>,
     next_conn: Cell<u64>,
+    /// Read and output buffers of closed connections, reused by new ones (a new connection
+    /// per request is what SDKs do; this saves two allocations of ~9 and 4 KiB per request).
+    bufs: RefCell<Vec<(Vec<u8>, Vec<u8>)>>,
 }
+
+/// Most idle buffer pairs a worker keeps (~13 KiB each).
+const MAX_POOLED_BUFS: usize = 256;
 
 impl Worker {
     pub fn new(shared: Arc<Shared>, admin_only: bool) -> Self {
@@ -103,6 +109,7 @@ impl Worker {
             admin_only,
             open: RefCell::new(ahash::AHashMap::new()),
             next_conn: Cell::new(0),
+            bufs: RefCell::new(Vec::new()),
             shared,
         }
     }
@@ -140,6 +147,25 @@ impl Worker {
     }
 
     /// Tracks a connection; the returned guard untracks it.
+    /// A connection's read buffer (capacity `rcap`) and output buffer, empty.
+    pub fn take_bufs(&self, rcap: usize) -> (Vec<u8>, Vec<u8>) {
+        self.bufs
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| (Vec::with_capacity(rcap), Vec::with_capacity(4096)))
+    }
+
+    /// Returns a closed connection's buffers for reuse (dropped if the pool is full or they
+    /// are not the usual size).
+    pub fn give_bufs(&self, mut r: Vec<u8>, mut o: Vec<u8>, rcap: usize, out_keep: usize) {
+        let mut pool = self.bufs.borrow_mut();
+        if pool.len() < MAX_POOLED_BUFS && r.capacity() == rcap && o.capacity() <= out_keep {
+            r.clear();
+            o.clear();
+            pool.push((r, o));
+        }
+    }
+
     pub fn track(&self, fd: RawFd) -> ConnGuard<'_> {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
