@@ -220,7 +220,7 @@ def markdown(results, summ, scal, svg_rel):
              f"load client + fake IMDS + moto on CPU {e['client_cpus']} (taskset). iamlet {e['iamlet_profile']} build; "
              f"{e.get('nginx') or 'no nginx'}; {e.get('oha') or 'built-in client only'}.")
     if e.get("server_cpu_cap"):
-        L.append(f"- Saturating runs (scenarios 1–5): the server under test is capped at {e['server_cpu_cap']:g} of one CPU "
+        L.append(f"- Saturating runs (scenarios 1–5 and the lookup scaling): the server under test is capped at {e['server_cpu_cap']:g} of one CPU "
                  "(cgroup v1 `cpu.cfs_quota_us`, 10 ms periods), so the server — not the load generator, which has one "
                  "core — is the limit and req/s compares server capacity; their latencies include the throttling gaps. "
                  "The fixed-rate rows run uncapped.")
