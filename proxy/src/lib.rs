@@ -17,6 +17,7 @@ pub mod passthrough;
 pub mod respond;
 pub mod route;
 pub mod server;
+pub mod sockopt;
 pub mod token;
 pub mod upstream;
 pub mod worker;

@@ -63,6 +63,9 @@ fn listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
+    // Accept once the request's first bytes are there (a connection that sends nothing is
+    // still accepted after about a second, and then meets the idle timeout).
+    crate::sockopt::defer_accept(&s, 1)?;
     Ok(s.into())
 }
 
