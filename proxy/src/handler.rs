@@ -36,6 +36,23 @@ impl Req<'_, '_> {
         respond::write(self.out, status, ctype, body, self.persist, self.head_only);
     }
 
+    /// An answer of `len` bytes that `fill` appends to the output buffer (no body for HEAD).
+    fn answer_with(
+        &mut self,
+        label: RouteLabel,
+        status: Status,
+        ctype: &str,
+        len: usize,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) {
+        self.w.metrics.request(label, status.0);
+        respond::write_head(self.out, status, ctype, len, self.persist, &[]);
+        if !self.head_only {
+            self.out.reserve(len);
+            fill(self.out);
+        }
+    }
+
     fn text(&mut self, label: RouteLabel, status: Status, body: &[u8]) {
         self.answer(label, status, respond::TEXT, body);
     }
@@ -136,20 +153,14 @@ pub async fn handle(
                 )
             } else {
                 // Converted straight into the answer, without a second copy.
-                r.w.metrics.request(RouteLabel::Admin, respond::OK.0);
-                let len = crate::metrics::openmetrics_to_text_len(&text);
-                respond::write_head(
-                    r.out,
+                let classic = crate::metrics::Classic::new(&text);
+                r.answer_with(
+                    RouteLabel::Admin,
                     respond::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
-                    len,
-                    r.persist,
-                    &[],
-                );
-                if !r.head_only {
-                    r.out.reserve(len);
-                    crate::metrics::openmetrics_to_text_into(&text, r.out);
-                }
+                    classic.len(),
+                    |out| classic.write_into(out),
+                )
             };
         }
         Route::DebugStore if admin_allowed && w.shared.debug => {

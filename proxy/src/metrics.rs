@@ -307,52 +307,71 @@ impl prometheus_client::collector::Collector for Kube2iamStatus {
 /// (0.0.4): counter families are named with their `_total` suffix in `# HELP`/`# TYPE`, and
 /// `# UNIT` and `# EOF` lines are dropped. Samples are identical in both formats.
 pub fn openmetrics_to_text(om: &str) -> String {
-    let mut out = String::with_capacity(om.len());
-    convert(om, |part| out.push_str(part));
-    out
+    let classic = Classic::new(om);
+    let mut out = Vec::with_capacity(classic.len());
+    classic.write_into(&mut out);
+    String::from_utf8(out).unwrap_or_default()
 }
 
-/// The length of [`openmetrics_to_text`]'s result, without building it.
-pub fn openmetrics_to_text_len(om: &str) -> usize {
-    let mut n = 0;
-    convert(om, |part| n += part.len());
-    n
+/// An OpenMetrics exposition to be written as classic text: its length is known before the
+/// bytes are written (for Content-Length), and they go straight into the answer buffer (with
+/// hundreds of roles the exposition is megabytes; no intermediate copy).
+pub struct Classic<'a> {
+    om: &'a str,
+    counters: ahash::AHashSet<&'a str>,
 }
 
-/// Appends [`openmetrics_to_text`]'s result to `out` (no intermediate copy: with hundreds of
-/// roles the exposition is megabytes).
-pub fn openmetrics_to_text_into(om: &str, out: &mut Vec<u8>) {
-    convert(om, |part| out.extend_from_slice(part.as_bytes()));
-}
+impl<'a> Classic<'a> {
+    pub fn new(om: &'a str) -> Self {
+        let counters = om
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.strip_suffix(" counter"))
+            .collect();
+        Classic { om, counters }
+    }
 
-fn convert(om: &str, mut push: impl FnMut(&str)) {
-    let counters: ahash::AHashSet<&str> = om
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" counter"))
-        .collect();
-    for line in om.lines() {
-        if line.starts_with("# UNIT ") || line == "# EOF" {
-            continue;
-        }
-        let meta = line
-            .strip_prefix("# HELP ")
-            .map(|r| ("# HELP ", r))
-            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
-        match meta {
-            Some((kind, rest)) => {
-                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                push(kind);
-                push(name);
-                if counters.contains(name) {
-                    push("_total");
-                }
-                push(" ");
-                push(tail);
+    /// Length of the classic text.
+    pub fn len(&self) -> usize {
+        let mut n = 0;
+        self.convert(|part| n += part.len());
+        n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends the classic text to `out`.
+    pub fn write_into(&self, out: &mut Vec<u8>) {
+        self.convert(|part| out.extend_from_slice(part.as_bytes()));
+    }
+
+    fn convert(&self, mut push: impl FnMut(&str)) {
+        let (om, counters) = (self.om, &self.counters);
+        for line in om.lines() {
+            if line.starts_with("# UNIT ") || line == "# EOF" {
+                continue;
             }
-            None => push(line),
+            let meta = line
+                .strip_prefix("# HELP ")
+                .map(|r| ("# HELP ", r))
+                .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+            match meta {
+                Some((kind, rest)) => {
+                    let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                    push(kind);
+                    push(name);
+                    if counters.contains(name) {
+                        push("_total");
+                    }
+                    push(" ");
+                    push(tail);
+                }
+                None => push(line),
+            }
+            push("\n");
         }
-        push("\n");
     }
 }
 
@@ -365,9 +384,9 @@ mod tests {
         let om = "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{x=\"1\"} 3\n# HELP a_seconds Time.\n# TYPE a_seconds histogram\n# UNIT a_seconds seconds\na_seconds_count 1\n# HELP g Gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
         let want = "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{x=\"1\"} 3\n# HELP a_seconds Time.\n# TYPE a_seconds histogram\na_seconds_count 1\n# HELP g Gauge.\n# TYPE g gauge\ng 1\n";
         assert_eq!(openmetrics_to_text(om), want);
-        assert_eq!(openmetrics_to_text_len(om), want.len());
+        assert_eq!(Classic::new(om).len(), want.len());
         let mut out = b"head|".to_vec();
-        openmetrics_to_text_into(om, &mut out);
+        Classic::new(om).write_into(&mut out);
         assert_eq!(out, [b"head|".as_slice(), want.as_bytes()].concat());
     }
 }

@@ -36,33 +36,24 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn the_listener_option_is_set() {
+        use std::os::fd::AsRawFd;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         super::defer_accept(&l, 1).unwrap();
-        // Read back through getsockopt: the kernel reports it in seconds (rounded to its
-        // retransmission schedule, so at least what was asked).
-        let got: i32 = nix::sys::socket::getsockopt(&l, Raw).unwrap();
-        assert!(got >= 1, "{got}");
-    }
-
-    /// TCP_DEFER_ACCEPT read back as a plain integer.
-    #[derive(Clone, Copy)]
-    struct Raw;
-    impl nix::sys::socket::GetSockOpt for Raw {
-        type Val = i32;
-        fn get<F: std::os::fd::AsFd>(&self, fd: &F) -> nix::Result<i32> {
-            let mut v: nix::libc::c_int = 0;
-            let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
-            // SAFETY: a valid fd and a buffer of the stated size.
-            let rc = unsafe {
-                nix::libc::getsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()),
-                    nix::libc::IPPROTO_TCP,
-                    nix::libc::TCP_DEFER_ACCEPT,
-                    (&mut v as *mut nix::libc::c_int).cast(),
-                    &mut len,
-                )
-            };
-            nix::errno::Errno::result(rc).map(|_| v)
-        }
+        let mut v: nix::libc::c_int = 0;
+        let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
+        // SAFETY: a valid fd and a buffer of the stated size.
+        let rc = unsafe {
+            nix::libc::getsockopt(
+                l.as_raw_fd(),
+                nix::libc::IPPROTO_TCP,
+                nix::libc::TCP_DEFER_ACCEPT,
+                (&mut v as *mut nix::libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        // The kernel reports it in seconds rounded to its retransmission schedule: at least
+        // what was asked; 0 means off.
+        assert!(v >= 1, "{v}");
     }
 }
