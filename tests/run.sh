@@ -1,10 +1,34 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs the Python tools (moto, boto3, AWS
 # CLI) into .venv, checks formatting and lints, builds the iamlet binary, runs every test.
+# Prints how long each step took at the end (also when a step fails).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-step() { printf '\n==> %s\n' "$*"; }
+
+STEPS=()
+STEP_NAME=""
+STEP_START=0
+RUN_START=$(date +%s)
+finish_step() {
+  if [ -n "$STEP_NAME" ]; then
+    STEPS+=("$(printf '%6ss  %s' $(($(date +%s) - STEP_START)) "$STEP_NAME")")
+  fi
+}
+step() {
+  finish_step
+  STEP_NAME="$*"
+  STEP_START=$(date +%s)
+  printf '\n==> %s\n' "$*"
+}
+report() {
+  local rc=$?
+  finish_step
+  printf '\n==> step times (%s)\n' "$([ "$rc" = 0 ] && echo passed || echo "FAILED, rc=$rc")"
+  printf '%s\n' "${STEPS[@]}"
+  printf '%6ss  total\n' $(($(date +%s) - RUN_START))
+}
+trap report EXIT
 
 step "python test tools"
 tests/install-python-tools.sh
@@ -12,14 +36,20 @@ export MOTO_SERVER="$ROOT/.venv/bin/moto_server"
 
 step "rustfmt"
 cargo fmt --all -- --check
+(cd loadtest/tool && cargo fmt -- --check)
 
 step "clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+(cd loadtest/tool && cargo clippy --locked --all-targets -- -D warnings)
 
 step "build"
 cargo build --locked -p iamlet
+
+step "deploy tests"
 deploy/tests/run.sh   # manifests, Helm chart, dashboard, Dockerfile, docs/configuration.md
 
 step "tests"
 cargo test --locked --workspace
-step "load-test smoke (no timing assertions)"; loadtest/run.sh --smoke
+
+step "load-test smoke (no timing assertions)"
+loadtest/run.sh --smoke

@@ -51,10 +51,11 @@ items:
 
 
 @pytest.fixture(scope="module")
-def live_metrics(tmp_path_factory) -> str:
+def live_scrapes(tmp_path_factory) -> tuple[str, str]:
     """/metrics of a real agent doing real work, in a private network namespace (nothing
     leaves it): --iptables on a veth named weave, moto as STS, one annotated pod at
-    127.0.0.1 that fetches its credentials, so every family has samples."""
+    127.0.0.1 that fetches its credentials, so every family has samples. Every wait is
+    bounded and fails the fixture with the server's log."""
     if os.geteuid() != 0 or any(shutil.which(t) is None for t in NETNS_TOOLS):
         pytest.skip("needs root and " + ", ".join(NETNS_TOOLS))
     assert IAMLET.exists(), f"{IAMLET} missing: cargo build -p iamlet"
@@ -63,33 +64,54 @@ def live_metrics(tmp_path_factory) -> str:
     (tmp / "pods.yaml").write_text(PODS)
     script = textwrap.dedent(f"""
         set -u
+        # Polls URL until it answers 2xx, at most SECONDS; else prints why with the log's tail
+        # and fails the whole script (never goes on without the server).
+        wait_for() {{
+          local url=$1 secs=$2 log=$3 pid=$4 i
+          for i in $(seq 1 $((secs * 10))); do
+            curl -fs "$url" >/dev/null 2>&1 && return 0
+            kill -0 "$pid" 2>/dev/null || {{ echo "FATAL: $log: the process exited before $url answered"; tail -n 40 "$log"; exit 1; }}
+            sleep 0.1
+          done
+          echo "FATAL: $url did not answer within ${{secs}}s"; tail -n 40 "$log"; exit 1
+        }}
         ip link set lo up
         ip link add weave type veth peer name weave-peer
         ip addr add 10.99.0.1/24 dev weave && ip link set weave up && ip link set weave-peer up
         {MOTO} -H 127.0.0.1 -p 15001 >{tmp}/moto.log 2>&1 &
         MOTO=$!
-        for _ in $(seq 1 100); do curl -fs http://127.0.0.1:15001/moto-api/ >/dev/null 2>&1 && break; sleep 0.1; done
+        trap 'kill $MOTO ${{AGENT:-}} 2>/dev/null' EXIT
+        wait_for http://127.0.0.1:15001/moto-api/ 90 {tmp}/moto.log $MOTO
         env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin AWS_REGION=us-east-1 \\
             AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_EC2_METADATA_DISABLED=true \\
             AWS_ENDPOINT_URL_STS=http://127.0.0.1:15001 \\
           {IAMLET} --app-port=8181 --iptables=true --host-ip=10.99.0.1 --host-interface=weave \\
             --workers=1 --metadata-addr=127.0.0.1:15001 --pods-from={tmp}/pods.yaml \\
+            --base-role-arn=arn:aws:iam::123456789012:role/ \\
             >{tmp}/iamlet.log 2>&1 &
         AGENT=$!
-        for _ in $(seq 1 150); do curl -fs http://127.0.0.1:8181/ready >/dev/null 2>&1 && break; sleep 0.2; done
+        wait_for http://127.0.0.1:8181/ready 60 {tmp}/iamlet.log $AGENT
+        curl -fsS http://127.0.0.1:8181/metrics >{tmp}/fresh.txt
         C=http://127.0.0.1:8181/latest/meta-data/iam/security-credentials
-        curl -fs $C/ >/dev/null; curl -fs $C/dashboard >/dev/null; curl -fs $C/dashboard >/dev/null
+        curl -fsS $C/ >/dev/null && curl -fsS $C/dashboard >/dev/null && curl -fsS $C/dashboard >/dev/null \\
+          || {{ echo "FATAL: the pod's credential requests failed"; tail -n 40 {tmp}/iamlet.log; exit 1; }}
         curl -s http://127.0.0.1:8181/latest/meta-data/placement/region >/dev/null
-        curl -fs http://127.0.0.1:8181/metrics >{tmp}/metrics.txt
-        kill $AGENT $MOTO; wait
+        curl -fsS http://127.0.0.1:8181/metrics >{tmp}/metrics.txt
         iptables-save -t nat >/dev/null
     """)
     r = subprocess.run(["unshare", "--net", "bash", "-c", script], capture_output=True,
-                       text=True, timeout=120)
-    metrics = tmp / "metrics.txt"
-    assert metrics.exists() and metrics.stat().st_size, (
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    metrics, fresh = tmp / "metrics.txt", tmp / "fresh.txt"
+    assert metrics.stat().st_size and fresh.stat().st_size, (
         r.stdout + r.stderr + (tmp / "iamlet.log").read_text())
-    return metrics.read_text()
+    return fresh.read_text(), metrics.read_text()
+
+
+@pytest.fixture(scope="module")
+def live_metrics(live_scrapes) -> str:
+    """The agent's /metrics after it served the pod."""
+    return live_scrapes[1]
 
 
 def exposed_names(text: str) -> set[str]:
@@ -154,8 +176,7 @@ def test_every_kube2iam_metric_in_the_dashboard_is_kube2iams(live_metrics):
     assert wanted, "the dashboard keeps kube2iam's panels"
     assert wanted <= KUBE2IAM_SAMPLES, wanted - KUBE2IAM_SAMPLES
     exposed = {m for m in exposed_names(live_metrics) if m.startswith("kube2iam_")}
-    if exposed:  # once iamlet exposes kube2iam's families, the dashboard's must be among them
-        assert wanted <= exposed, wanted - exposed
+    assert wanted <= exposed, f"the dashboard queries kube2iam names iamlet does not expose: {wanted - exposed}"
 
 
 def test_iamlet_families_the_issue_names_are_queried():
@@ -166,3 +187,13 @@ def test_iamlet_families_the_issue_names_are_queried():
               "iamlet_iptables_rule_present", "iamlet_http_request_duration_seconds_bucket",
               "kube2iam_http_request_duration_seconds_bucket"]:
         assert m in refs, m
+
+
+def test_a_fresh_agent_exposes_every_dashboard_metric(live_scrapes):
+    """Right after /ready, before any pod asked: every family the dashboard queries has a
+    sample (0 where nothing happened yet), so its panels show 0, not "no data"."""
+    fresh = live_scrapes[0]
+    samples = {re.split(r"[{ ]", line, maxsplit=1)[0] for line in fresh.splitlines()
+                if line and not line.startswith("#")}
+    missing = sorted(m for m in referenced_metrics() if m not in samples)
+    assert not missing, f"no sample on a fresh agent for {missing}:\n{fresh}"

@@ -243,12 +243,10 @@ fn mint_token(r: &mut Req<'_, '_>, method: &str) {
             b"Bad Request: X-aws-ec2-metadata-token-ttl-seconds must be 1..21600\n",
         );
     };
-    // The token holds whole seconds: round the expiry up, so that a token never lives
-    // shorter than the TTL asked for (a TTL of 1 minted at x.999 s would else be over at once).
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let expires = now.as_secs() + ttl + u64::from(now.subsec_nanos() > 0);
+    let expires = token::expiry(now, ttl);
     let t = r.w.shared.token_key.mint(r.peer, expires);
     r.w.metrics.tokens_issued.inc();
     r.w.metrics.request(RouteLabel::Token, 200);

@@ -19,6 +19,18 @@ const CODES: [u16; 14] = [
     200, 400, 401, 403, 404, 405, 413, 414, 431, 500, 502, 503, 504, 0,
 ];
 
+/// Cells exposed even before their first observation (at 0), so latency panels show 0, not
+/// "no data", on a fresh agent: the 200s of GET credentials, GET role list, PUT token and
+/// GET pass-through, and pass-through's 404. The other combinations appear once seen (all
+/// 392 at 0 would bloat every scrape).
+const ALWAYS: [usize; 5] = [
+    LatencyTable::idx(RouteLabel::Credentials as usize, 0, 0),
+    LatencyTable::idx(RouteLabel::RoleList as usize, 0, 0),
+    LatencyTable::idx(RouteLabel::Token as usize, 2, 0),
+    LatencyTable::idx(RouteLabel::Passthrough as usize, 0, 0),
+    LatencyTable::idx(RouteLabel::Passthrough as usize, 0, 4),
+];
+
 fn bound(i: usize) -> f64 {
     0.001 * f64::from(1u32 << i)
 }
@@ -71,7 +83,7 @@ impl Default for LatencyTable {
 }
 
 impl LatencyTable {
-    fn idx(route: usize, method: usize, code: usize) -> usize {
+    const fn idx(route: usize, method: usize, code: usize) -> usize {
         (route * METHODS.len() + method) * CODES.len() + code
     }
 
@@ -115,7 +127,7 @@ impl LatencyCollector {
                 slot.1 += c.buckets[b].load(Ordering::Relaxed);
             }
         }
-        (count > 0).then(|| Sum {
+        (count > 0 || ALWAYS.contains(&i)).then(|| Sum {
             buckets,
             count,
             sum: nanos as f64 / 1e9,

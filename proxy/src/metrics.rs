@@ -49,6 +49,9 @@ impl RouteLabel {
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// Every `outcome` of `iamlet_token_rejections_total`.
+pub const TOKEN_REJECTIONS: [&str; 3] = ["missing", "invalid", "expired"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     route: &'static str,
@@ -148,6 +151,10 @@ impl ProxyMetrics {
             "IMDSv2 tokens minted for pods",
             m.tokens_issued.clone(),
         );
+        // Known outcomes exist at 0 from the start (dashboards show 0, not "no data").
+        for outcome in TOKEN_REJECTIONS {
+            let _ = m.token_rejections.get_or_create(&OutcomeLabels { outcome });
+        }
         r.register(
             "connections_rejected",
             "Connections closed at accept because the worker was at --max-connections-per-worker",
@@ -248,8 +255,9 @@ impl WorkerMetrics {
             .inc();
     }
 
-    /// Counts a refused IMDSv2 token: `missing`, `invalid` or `expired`.
+    /// Counts a refused IMDSv2 token: one of [`TOKEN_REJECTIONS`].
     pub fn token_rejected(&self, outcome: &'static str) {
+        debug_assert!(TOKEN_REJECTIONS.contains(&outcome), "{outcome}");
         self.shared
             .token_rejections
             .get_or_create(&OutcomeLabels { outcome })

@@ -148,6 +148,15 @@ impl TokenKey {
     }
 }
 
+/// The expiry (Unix seconds) of a token minted at `now` (since the Unix epoch) for `ttl`
+/// seconds. The token holds whole seconds: the expiry is rounded up, so that a token never
+/// lives shorter than the TTL asked for (a TTL of 1 minted at x.999 s would else be over at
+/// once). [`TokenKey::verify`] takes whole seconds, so a token lives between `ttl` and
+/// `ttl + 1` seconds.
+pub fn expiry(now: std::time::Duration, ttl: u64) -> u64 {
+    now.as_secs() + ttl + u64::from(now.subsec_nanos() > 0)
+}
+
 /// Parses `X-aws-ec2-metadata-token-ttl-seconds` (1..=21600).
 pub fn parse_ttl(value: &[u8]) -> Option<u64> {
     let v = std::str::from_utf8(value).ok()?.trim();
@@ -187,6 +196,32 @@ mod tests {
             k.verify(t.as_bytes(), ip("10.0.0.2"), 999),
             TokenCheck::Invalid
         );
+    }
+
+    /// Whether a token minted at `minted` (seconds, fractional) for `ttl` is still good at
+    /// `at`, both read from the same wall clock the way the handler reads it.
+    fn good_at(minted: f64, ttl: u64, at: f64) -> bool {
+        let k = TokenKey::from_bytes(&[7; 32]);
+        let t = k.mint(
+            ip("10.0.0.1"),
+            expiry(std::time::Duration::from_secs_f64(minted), ttl),
+        );
+        k.verify(t.as_bytes(), ip("10.0.0.1"), at as u64) == TokenCheck::Valid
+    }
+
+    #[test]
+    fn a_token_lives_at_least_its_ttl_and_less_than_one_second_more() {
+        // Minted at the very end of a second: a 1-second token is good at once and a second
+        // later, and over two seconds after the start of that second.
+        assert!(good_at(1000.999, 1, 1000.999));
+        assert!(good_at(1000.999, 1, 1001.999));
+        assert!(!good_at(1000.999, 1, 1002.0));
+        // Minted on a whole second: exactly the TTL.
+        assert!(good_at(1000.0, 1, 1000.999));
+        assert!(!good_at(1000.0, 1, 1001.0));
+        // The longest TTL.
+        assert!(good_at(1000.5, MAX_TTL_SECS, 1000.5 + MAX_TTL_SECS as f64));
+        assert!(!good_at(1000.5, MAX_TTL_SECS, 1001.0 + MAX_TTL_SECS as f64));
     }
 
     #[test]

@@ -70,6 +70,11 @@ impl ResolverMetrics {
             prometheus_client::registry::Unit::Seconds,
             m.k2i_iam_seconds.clone(),
         );
+        // Families whose label values are known up front exist at 0 from the start
+        // (dashboards and rate() then show 0, not "no data").
+        for outcome in ASSUME_ROLE_OUTCOMES {
+            let _ = m.assume_role.get_or_create(&OutcomeLabels { outcome });
+        }
         k.register(
             "iam_cache_hits",
             "Total number of IAM cache hits (kube2iam-compatible).",
@@ -115,9 +120,15 @@ impl ResolverMetrics {
         m
     }
 
-    /// `error`: the AWS error code, mapped to a bounded outcome label.
     /// The per-role cache-hit counter a credential slot increments (kube2iam-compatible).
+    /// Also creates the role's successful-call series of
+    /// `kube2iam_iam_request_duration_seconds` at 0, so a role's panels show 0, not "no
+    /// data", before its first call completes.
     pub(crate) fn cache_hits_for(&self, role_arn: &str) -> Counter {
+        let _ = self.k2i_iam_seconds.get_or_create(&IamLabels {
+            code: "Success".to_owned(),
+            role_arn: role_arn.to_owned(),
+        });
         Counter::clone(&self.k2i_cache_hits.get_or_create(&RoleLabels {
             role_arn: role_arn.to_owned(),
         }))
@@ -140,13 +151,7 @@ impl ResolverMetrics {
     }
 
     pub(crate) fn observe_assume_role(&self, error: Option<&str>, took: Duration) {
-        let outcome = match error {
-            None => "success",
-            Some(c) if c.contains("Throttl") || c.contains("RequestLimitExceeded") => "throttled",
-            Some("AccessDenied") => "denied",
-            Some("ServiceUnavailable") => "unavailable",
-            Some(_) => "error",
-        };
+        let outcome = assume_role_outcome(error);
         self.assume_role
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
@@ -184,6 +189,20 @@ impl ResolverMetrics {
     }
 }
 
+/// Every `outcome` of `iamlet_sts_assume_role_total`.
+const ASSUME_ROLE_OUTCOMES: [&str; 5] = ["success", "throttled", "denied", "unavailable", "error"];
+
+/// The bounded outcome label for an AWS error code (`None`: success).
+fn assume_role_outcome(error: Option<&str>) -> &'static str {
+    match error {
+        None => "success",
+        Some(c) if c.contains("Throttl") || c.contains("RequestLimitExceeded") => "throttled",
+        Some("AccessDenied") => "denied",
+        Some("ServiceUnavailable") => "unavailable",
+        Some(_) => "error",
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WatchErrorLabels {
     resource: &'static str,
@@ -210,6 +229,10 @@ impl WatchMetrics {
             errors: Family::default(),
             relists: Family::default(),
         };
+        // Pods are always watched: their relist count exists at 0 from the start.
+        let _ = m
+            .relists
+            .get_or_create(&ResourceLabels { resource: "pods" });
         let r = registry.sub_registry_with_prefix("iamlet");
         r.register(
             "watch_errors",
@@ -234,5 +257,70 @@ impl WatchMetrics {
         self.relists
             .get_or_create(&ResourceLabels { resource })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::encoding::text::encode;
+
+    fn exposition(register: impl FnOnce(&mut Registry)) -> String {
+        let mut r = Registry::default();
+        register(&mut r);
+        let mut out = String::new();
+        encode(&mut out, &r).unwrap();
+        out
+    }
+
+    #[test]
+    fn families_with_known_labels_exist_at_zero_before_any_event() {
+        let text = exposition(|r| {
+            ResolverMetrics::register(r);
+            WatchMetrics::register(r);
+        });
+        for outcome in ASSUME_ROLE_OUTCOMES {
+            let line = format!("iamlet_sts_assume_role_total{{outcome=\"{outcome}\"}} 0");
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        assert!(
+            text.lines()
+                .any(|l| l == "iamlet_watch_relists_total{resource=\"pods\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_roles_kube2iam_series_exist_at_zero_once_its_slot_exists() {
+        let mut r = Registry::default();
+        let m = ResolverMetrics::register(&mut r);
+        let _hits = m.cache_hits_for("arn:aws:iam::1:role/a");
+        let mut text = String::new();
+        encode(&mut text, &r).unwrap();
+        assert!(
+            text.contains(
+                "kube2iam_iam_request_duration_seconds_count{code=\"Success\",role_arn=\"arn:aws:iam::1:role/a\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("kube2iam_iam_cache_hits_total{role_arn=\"arn:aws:iam::1:role/a\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn aws_error_codes_map_to_bounded_outcomes() {
+        for (code, want) in [
+            (None, "success"),
+            (Some("Throttling"), "throttled"),
+            (Some("RequestLimitExceeded"), "throttled"),
+            (Some("AccessDenied"), "denied"),
+            (Some("ServiceUnavailable"), "unavailable"),
+            (Some("InvalidClientTokenId"), "error"),
+        ] {
+            assert_eq!(assume_role_outcome(code), want, "{code:?}");
+            assert!(ASSUME_ROLE_OUTCOMES.contains(&want));
+        }
     }
 }

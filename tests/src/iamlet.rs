@@ -231,9 +231,10 @@ impl Iamlet {
 
     /// Waits at most `timeout` for a log line containing `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        crate::util::wait_until(timeout, Duration::from_millis(20), || {
+        crate::wait::poll(timeout, || {
             self.log.snapshot().iter().any(|l| l.contains(needle))
         })
+        .is_ok()
     }
 
     /// The exit status if iamlet has exited.

@@ -12,8 +12,10 @@ pub mod moto;
 pub mod netns;
 pub mod process;
 pub mod python;
+pub mod rig;
 pub mod stsproxy;
 pub mod util;
+pub mod wait;
 pub mod wire;
 
 pub use apiserver::{ApiServer, PodBuilder};

@@ -6,12 +6,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// How long moto may take to answer its first request.
-const STARTUP: Duration = Duration::from_secs(30);
-/// How often startup is polled.
-const POLL: Duration = Duration::from_millis(50);
+/// How long moto may take to answer its first request: its imports take seconds, and far
+/// longer on a machine whose cores are busy with a build.
+const STARTUP: Duration = Duration::from_secs(90);
 
 /// A running moto server; killed (SIGKILL) and reaped on drop.
 #[derive(Debug)]
@@ -64,28 +63,24 @@ impl Moto {
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + STARTUP;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!(
-                    "moto_server exited early ({status}); log:\n{}",
-                    self.log()
-                ));
-            }
-            if answers(self.addr) {
-                // Ours, not a stranger that got the port first.
-                return match self.child.try_wait() {
-                    Ok(None) => Ok(()),
-                    _ => Err(format!("moto_server exited early; log:\n{}", self.log())),
-                };
-            }
-            std::thread::sleep(POLL);
+        let answered = crate::wait::poll(STARTUP, || match self.child.try_wait() {
+            Ok(Some(status)) => Some(Err(format!("moto_server exited early ({status})"))),
+            // Ours, not a stranger that got the port first: still running once it answers.
+            _ if answers(self.addr) => Some(match self.child.try_wait() {
+                Ok(None) => Ok(()),
+                _ => Err("moto_server exited early".to_owned()),
+            }),
+            _ => None,
+        });
+        match answered {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(format!("{why}; log:\n{}", self.log())),
+            Err(waited) => Err(format!(
+                "moto_server did not answer on {} within {waited:?}; log:\n{}",
+                self.addr,
+                self.log()
+            )),
         }
-        Err(format!(
-            "moto_server did not answer on {} within {STARTUP:?}; log:\n{}",
-            self.addr,
-            self.log()
-        ))
     }
 
     /// `http://127.0.0.1:PORT`, for `AWS_ENDPOINT_URL_STS` and SDK clients.

@@ -17,7 +17,7 @@ use std::ops::{Deref, DerefMut};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Bound on one `ip`/`iptables` command.
 const CMD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -350,20 +350,6 @@ pub fn parse_response(raw: &[u8]) -> std::io::Result<(u16, String)> {
         .map_or("", |(_, b)| b)
         .to_owned();
     Ok((status, body))
-}
-
-/// Polls `cond` every 50 ms for at most `timeout`.
-pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[cfg(test)]

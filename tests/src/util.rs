@@ -1,10 +1,10 @@
-//! Small helpers shared by the rig: loopback ports, the workspace root, CI detection, a
-//! self-deleting temp directory and a bounded `wait_until`.
+//! Small helpers shared by the rig: loopback ports, the workspace root, CI detection and a
+//! self-deleting temp directory (bounded waits are in [`crate::wait`]).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bind `:0`, read it, drop it).
 /// Prefer `:0` listeners owned by the server itself; this is for processes that must be told
@@ -34,21 +34,6 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
-}
-
-/// Polls `cond` every `every` until it returns true or `timeout` passes; returns the last
-/// answer. Bounded in time and (therefore) in iterations.
-pub fn wait_until(timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(every);
-    }
 }
 
 // === impl TempDir ===
@@ -113,17 +98,5 @@ mod tests {
         assert!(p.is_dir());
         drop(d);
         assert!(!p.exists());
-    }
-
-    #[test]
-    fn wait_until_gives_up_after_timeout() {
-        let t = Instant::now();
-        assert!(!wait_until(
-            Duration::from_millis(50),
-            Duration::from_millis(10),
-            || false
-        ));
-        assert!(t.elapsed() < Duration::from_secs(2));
-        assert!(wait_until(Duration::ZERO, Duration::ZERO, || true));
     }
 }

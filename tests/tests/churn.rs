@@ -19,7 +19,7 @@
 //! counted and printed as watch lag, not as errors. After the churn the published state
 //! must equal the API server's final state (nothing lost to the faults).
 
-mod common;
+use iamlet_e2e::rig::control as common;
 
 use common::{LIST, NODE, Rig, ip, rig};
 use iamlet_e2e::apiserver::{ApiServer, EventType, Kind, PodBuilder};
@@ -450,21 +450,17 @@ fn ip_reuse_churn_never_answers_a_role_the_ips_owner_does_not_have() {
         .iter()
         .filter_map(|(ipx, o)| Some((ipx.clone(), format!("{}{}", common::BASE, o.as_ref()?))))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
     let mut have = BTreeMap::new();
-    while Instant::now() < deadline {
-        let store = r.store();
-        have = store["rolesByIP"]
+    // Bounded; the assertion on `have` below says what differs if it never converged.
+    let _ = iamlet_e2e::wait::poll(Duration::from_secs(20), || {
+        have = r.store()["rolesByIP"]
             .as_object()
             .unwrap()
             .iter()
             .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
             .collect();
-        if have == want {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        have == want
+    });
     let converged = began.elapsed() - churn_took;
 
     // Judge every answer.
@@ -544,5 +540,5 @@ fn ip_reuse_churn_never_answers_a_role_the_ips_owner_does_not_have() {
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
+        .unwrap_or_else(|| panic!("/metrics has no sample `{name}`"))
 }

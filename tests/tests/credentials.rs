@@ -4,8 +4,9 @@
 //! and tags.
 
 use iamlet_e2e::client::Conn;
+use iamlet_e2e::rig::data::{metric, sample};
 use iamlet_e2e::stsproxy::{Fault, StsProxy};
-use iamlet_e2e::{FakeImds, Iamlet, Moto, Response, get_from};
+use iamlet_e2e::{FakeImds, Iamlet, Moto, Response, get_from, wait_until};
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -70,14 +71,6 @@ impl Rig {
 
 fn json(r: &Response) -> serde_json::Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.body_str()))
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn unix_now() -> u64 {
@@ -166,9 +159,11 @@ fn prefetch_makes_a_new_pods_first_request_a_cache_hit() {
         &list(std::slice::from_ref(&base)),
         &["--backoff-max-elapsed-time=5s"],
     );
-    wait_for("the base pod's prefetch", Duration::from_secs(10), || {
-        rig.sts.calls().len() == 1
-    });
+    wait_until!(
+        Duration::from_secs(10),
+        rig.sts.calls().len() == 1,
+        "the base pod's prefetch"
+    );
     let file = rig.iamlet().pods_file_path().to_path_buf();
 
     // Without prefetch (asked before the prefetch could finish): the request waits for STS.
@@ -178,10 +173,19 @@ fn prefetch_makes_a_new_pods_first_request_a_cache_hit() {
         list(&[base.clone(), pod("cold", cold_ip, "cold-role", "")]),
     )
     .unwrap();
+    // The request arrives before iamlet knows the pod, so its prefetch cannot have finished:
+    // the request is a cache miss that waits for STS.
+    let addr = rig.iamlet().addr();
+    let (hits, misses) = cache_counts(addr);
     let t = Instant::now();
     let resp = rig.creds(cold_ip, "cold-role");
     let cold = t.elapsed();
     assert_eq!(resp.status, 200, "{}", resp.body_str());
+    assert_eq!(
+        cache_counts(addr),
+        (hits, misses + 1.0),
+        "the cold request should have waited for STS"
+    );
 
     // With prefetch: the pod appears, iamlet fetches at once; the first request is a hit.
     let warm_ip = Ipv4Addr::new(127, 0, 0, 31);
@@ -194,23 +198,17 @@ fn prefetch_makes_a_new_pods_first_request_a_cache_hit() {
         ]),
     )
     .unwrap();
-    wait_for("the new pod's prefetch", Duration::from_secs(10), || {
-        rig.sts
-            .calls()
-            .iter()
-            .any(|c| c.role_arn.ends_with("/warm-role"))
-    });
-    let fetched_at = rig
-        .sts
-        .calls()
-        .iter()
-        .find(|c| c.role_arn.ends_with("/warm-role"))
-        .unwrap()
-        .at;
-    std::thread::sleep(
-        (fetched_at + delay + Duration::from_millis(300)).saturating_duration_since(Instant::now()),
+    // A completed AssumeRole is counted only once its answer is published.
+    let fetched = format!(
+        "kube2iam_iam_request_duration_seconds_count{{code=\"Success\",role_arn=\"{BASE}warm-role\"}}"
+    );
+    wait_until!(
+        Duration::from_secs(10),
+        metric(addr, &fetched) == Some(1.0),
+        "the new pod's prefetch to complete"
     );
     let calls_before = rig.sts.calls().len();
+    let (hits, misses) = cache_counts(addr);
     let t = Instant::now();
     let resp = rig.creds(warm_ip, "warm-role");
     let warm = t.elapsed();
@@ -223,14 +221,19 @@ fn prefetch_makes_a_new_pods_first_request_a_cache_hit() {
         calls_before,
         "no STS call on the request path"
     );
-    assert!(
-        warm < delay / 2,
-        "a prefetched first request must not wait for STS: {warm:?}"
+    assert_eq!(
+        cache_counts(addr),
+        (hits + 1.0, misses),
+        "a prefetched first request is a cache hit: it does not wait for STS"
     );
-    assert!(
-        cold > delay / 4,
-        "the cold request should have waited for STS: {cold:?}"
-    );
+}
+
+/// (credential cache hits, misses) so far; a miss is a request that waited for STS.
+fn cache_counts(addr: std::net::SocketAddr) -> (f64, f64) {
+    (
+        sample(addr, "iamlet_credential_cache_hits_total"),
+        sample(addr, "iamlet_credential_cache_misses_total"),
+    )
 }
 
 #[test]
@@ -243,43 +246,50 @@ fn credentials_are_refreshed_ahead_and_no_request_waits_for_sts() {
         &list(&[pod("r", ip, "refresh-role", "")]),
         &["--iam-role-session-ttl=2s"],
     );
-    wait_for("the first credentials", Duration::from_secs(10), || {
-        rig.creds(ip, "refresh-role").status == 200
-    });
+    wait_until!(
+        Duration::from_secs(10),
+        rig.creds(ip, "refresh-role").status == 200,
+        "the first credentials"
+    );
+    let addr = rig.iamlet().addr();
+    let (hits, misses) = cache_counts(addr);
     let start = Instant::now();
     let mut keys = BTreeSet::new();
     let mut slowest = Duration::ZERO;
-    let mut n = 0;
-    while start.elapsed() < Duration::from_secs(16) {
-        let t = Instant::now();
-        let resp = rig.creds(ip, "refresh-role");
-        slowest = slowest.max(t.elapsed());
-        assert_eq!(resp.status, 200, "{}", resp.body_str());
-        let doc = json(&resp);
-        let expires = parse_time(doc["Expiration"].as_str().unwrap());
-        // Expiration is truncated to whole seconds: allow that one second.
-        assert!(
-            expires + 1 > unix_now() + 2,
-            "served credentials expire too soon: {doc} (now {})",
-            unix_now()
-        );
-        keys.insert(doc["AccessKeyId"].as_str().unwrap().to_owned());
-        n += 1;
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut n = 0.0;
+    // Ask until three refresh cycles have been served (about 15 s), checking every answer.
+    wait_until!(
+        Duration::from_secs(40),
+        {
+            let t = Instant::now();
+            let resp = rig.creds(ip, "refresh-role");
+            slowest = slowest.max(t.elapsed());
+            assert_eq!(resp.status, 200, "{}", resp.body_str());
+            let doc = json(&resp);
+            let expires = parse_time(doc["Expiration"].as_str().unwrap());
+            // Expiration is truncated to whole seconds: allow that one second.
+            assert!(
+                expires + 1 > unix_now() + 2,
+                "served credentials expire too soon: {doc} (now {})",
+                unix_now()
+            );
+            keys.insert(doc["AccessKeyId"].as_str().unwrap().to_owned());
+            n += 1.0;
+            keys.len() >= 3
+        },
+        "three refresh cycles; saw {} credentials",
+        keys.len()
+    );
     let calls = rig.sts.calls().len();
     println!(
-        "{n} requests over 16 s: {} distinct credentials, {calls} AssumeRole calls, slowest request {slowest:?}",
+        "{n} requests over {:?}: {} distinct credentials, {calls} AssumeRole calls, slowest request {slowest:?}",
+        start.elapsed(),
         keys.len()
     );
-    assert!(
-        keys.len() >= 3,
-        "expected several refresh cycles, saw {} credentials",
-        keys.len()
-    );
-    assert!(
-        slowest < Duration::from_millis(300),
-        "a request waited for STS: {slowest:?}"
+    assert_eq!(
+        cache_counts(addr),
+        (hits + n, misses),
+        "every request was a cache hit: none waited for STS"
     );
 }
 
@@ -292,9 +302,11 @@ fn an_sts_outage_serves_valid_credentials_then_a_json_500_then_recovers() {
         &list(&[pod("o", ip, "outage-role", "")]),
         &["--iam-role-session-ttl=2s", "--iam-role-error-ttl=500ms"],
     );
-    wait_for("the first credentials", Duration::from_secs(10), || {
-        rig.creds(ip, "outage-role").status == 200
-    });
+    wait_until!(
+        Duration::from_secs(10),
+        rig.creds(ip, "outage-role").status == 200,
+        "the first credentials"
+    );
     let first = json(&rig.creds(ip, "outage-role"))["AccessKeyId"]
         .as_str()
         .unwrap()
@@ -302,56 +314,48 @@ fn an_sts_outage_serves_valid_credentials_then_a_json_500_then_recovers() {
     rig.sts.set_fault(Fault::Error500);
     // Served while still valid (more than the minimum lifetime left), then JSON 500s, and
     // never anything but the last valid credentials or an error.
-    let deadline = Instant::now() + Duration::from_secs(20);
     let mut served_stale = 0;
     let mut codes = BTreeSet::new();
-    while !codes.contains("InternalFailure") {
-        assert!(
-            Instant::now() < deadline,
-            "never answered with STS's error; saw {codes:?}"
-        );
-        let resp = rig.creds(ip, "outage-role");
-        if resp.status == 200 {
-            assert!(
-                codes.is_empty(),
-                "valid credentials again after an error during the outage"
-            );
-            assert_eq!(
-                json(&resp)["AccessKeyId"],
-                first.as_str(),
-                "only the last valid credentials may be served"
-            );
-            served_stale += 1;
-        } else {
-            assert_eq!(resp.status, 500, "{}", resp.body_str());
-            assert_eq!(resp.header("content-type"), Some("application/json"));
-            let err = json(&resp);
-            assert!(
-                err["Message"].as_str().is_some_and(|m| !m.is_empty()),
-                "{err}"
-            );
-            codes.insert(err["Code"].as_str().unwrap().to_owned());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until!(
+        Duration::from_secs(20),
+        {
+            let resp = rig.creds(ip, "outage-role");
+            if resp.status == 200 {
+                assert!(
+                    codes.is_empty(),
+                    "valid credentials again after an error during the outage"
+                );
+                assert_eq!(
+                    json(&resp)["AccessKeyId"],
+                    first.as_str(),
+                    "only the last valid credentials may be served"
+                );
+                served_stale += 1;
+            } else {
+                assert_eq!(resp.status, 500, "{}", resp.body_str());
+                assert_eq!(resp.header("content-type"), Some("application/json"));
+                let err = json(&resp);
+                assert!(
+                    err["Message"].as_str().is_some_and(|m| !m.is_empty()),
+                    "{err}"
+                );
+                codes.insert(err["Code"].as_str().unwrap().to_owned());
+            }
+            codes.contains("InternalFailure")
+        },
+        "STS's error to be answered; saw {codes:?}"
+    );
     assert!(
         served_stale > 5,
         "valid credentials should have been served during the outage"
     );
     rig.sts.set_fault(Fault::Pass);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let resp = rig.creds(ip, "outage-role");
-        if resp.status == 200 {
-            assert_ne!(json(&resp)["AccessKeyId"], first.as_str());
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "did not recover after STS came back"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let resp = wait_until!(
+        Duration::from_secs(20),
+        Some(rig.creds(ip, "outage-role")).filter(|r| r.status == 200),
+        "recovery after STS came back"
+    );
+    assert_ne!(json(&resp)["AccessKeyId"], first.as_str());
     println!("outage: {served_stale} requests served the last valid credentials before the 500");
 }
 
@@ -426,9 +430,11 @@ fn the_node_wide_rate_limit_bounds_assume_role_calls() {
         })
         .collect();
     rig.start(&list(&pods), &[&format!("--sts-rate-limit={rate}")]);
-    wait_for("every prefetch", Duration::from_secs(60), || {
-        rig.sts.calls().len() >= roles
-    });
+    wait_until!(
+        Duration::from_secs(60),
+        rig.sts.calls().len() >= roles,
+        "every prefetch"
+    );
     let calls = rig.sts.calls();
     let mut at: Vec<Instant> = calls.iter().map(|c| c.at).collect();
     at.sort();
@@ -488,9 +494,11 @@ fn assume_role_calls_in_flight_are_bounded() {
             &format!("--sts-max-in-flight={bound}"),
         ],
     );
-    wait_for("every prefetch", Duration::from_secs(60), || {
-        rig.sts.passed().len() >= roles
-    });
+    wait_until!(
+        Duration::from_secs(60),
+        rig.sts.passed().len() >= roles,
+        "every prefetch"
+    );
     let took = started.elapsed();
     let most = rig.sts.max_in_flight();
     println!(

@@ -4,7 +4,7 @@
 //! iamlet's own upstream token (IMDSv2-required upstream, tokenless fallback) and bounded
 //! upstream failures (502/504 with an IMDS-style body).
 
-mod dataplane;
+use iamlet_e2e::rig::data as dataplane;
 
 use dataplane::{
     LOCAL_POD, OTHER_POD, POD, Rig, Scripted, UNAUTHORIZED_CLOSE, builder, builder_at, get_req, ip,
@@ -12,9 +12,9 @@ use dataplane::{
 };
 use iamlet_e2e::imds::{TOKEN_HEADER, TTL_HEADER};
 use iamlet_e2e::util::TempDir;
-use iamlet_e2e::{FakeImds, Moto, drivers, request_from};
+use iamlet_e2e::{FakeImds, Moto, drivers, request_from, wait_until};
 use std::net::{SocketAddr, TcpListener};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const LIST: &str = "/latest/meta-data/iam/security-credentials/";
 
@@ -214,29 +214,13 @@ fn a_token_is_bound_to_the_pod_ip_that_asked_for_it() {
     }
 }
 
-/// Waits (at most 1 s) until the wall clock is in the last 30 ms of a second.
-fn wait_for_end_of_second() {
-    let deadline = Instant::now() + Duration::from_millis(1100);
-    loop {
-        let sub = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_millis();
-        if sub >= 970 || Instant::now() > deadline {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis((970 - sub).max(1) as u64));
-    }
-}
-
 #[test]
 fn a_token_expires_after_its_ttl_and_not_before() {
+    // Where in a second a token is minted, and how long it lives, is unit-tested on an
+    // injected clock (proxy/src/token.rs); here: the real binary honours it.
     for driver in drivers() {
         let ctx = format!("driver {driver}");
         let r = Rig::start(driver, FakeImds::start(), &[]);
-        // Minted at the very end of a wall-clock second, a 1-second token must still be good
-        // right away (a TTL rounded down to the second would already be over).
-        wait_for_end_of_second();
         let minted = Instant::now();
         let token = mint(r.addr(), POD, 1);
         let resp = get(r.addr(), POD, LIST, Some(&token));
@@ -246,24 +230,26 @@ fn a_token_expires_after_its_ttl_and_not_before() {
             "{ctx}: a fresh TTL-1 token is refused ({:?} after minting)",
             minted.elapsed()
         );
-        // Then it expires: no later than ~2 s (whole-second clock), never before 1 s.
-        let mut expired_after = None;
-        while minted.elapsed() < Duration::from_secs(4) {
-            let resp = get(r.addr(), POD, LIST, Some(&token));
-            let at = minted.elapsed();
-            if resp.status == 401 {
-                assert_eq!(resp.raw, UNAUTHORIZED_CLOSE, "{ctx}");
-                expired_after = Some(at);
-                break;
-            }
-            assert_eq!(resp.status, 200, "{ctx}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let after = expired_after.unwrap_or_else(|| panic!("{ctx}: the token never expired"));
+        // Good until it expires, then refused with the exact 401.
+        let expired = wait_until!(
+            Duration::from_secs(5),
+            {
+                let resp = get(r.addr(), POD, LIST, Some(&token));
+                assert!(
+                    matches!(resp.status, 200 | 401),
+                    "{ctx}: {}",
+                    resp.body_str()
+                );
+                (resp.status == 401).then_some(resp)
+            },
+            "{ctx}: the TTL-1 token to expire"
+        );
+        let after = minted.elapsed();
         assert!(
-            after >= Duration::from_secs(1) && after <= Duration::from_millis(2300),
+            after >= Duration::from_secs(1),
             "{ctx}: a TTL-1 token expired after {after:?}"
         );
+        assert_eq!(expired.raw, UNAUTHORIZED_CLOSE, "{ctx}");
         assert!(
             metric(
                 r.addr(),
@@ -587,8 +573,9 @@ fn an_upstream_that_never_answers_gets_504_within_the_timeout() {
                 ),
                 "{ctx}"
             );
+            // Not before the 1 s bound; and by it, not by the 3 s default.
             assert!(
-                took >= Duration::from_millis(950) && took < Duration::from_millis(1800),
+                took >= Duration::from_millis(950) && took < Duration::from_secs(3),
                 "{ctx}: attempt {attempt}: 504 after {took:?} with --upstream-timeout=1s"
             );
         }
@@ -619,7 +606,13 @@ fn a_closed_upstream_port_gets_502_fast() {
             l.local_addr().unwrap()
         };
         let moto = Moto::start();
-        let iamlet = builder_at(driver, &moto, closed, &["--workers=1"]).start();
+        let iamlet = builder_at(
+            driver,
+            &moto,
+            closed,
+            &["--workers=1", "--upstream-connect-timeout=5s"],
+        )
+        .start();
         let t = Instant::now();
         let resp = get(iamlet.addr(), POD, "/latest/meta-data/instance-id", None);
         let took = t.elapsed();
@@ -633,10 +626,8 @@ fn a_closed_upstream_port_gets_502_fast() {
             ),
             "{ctx}"
         );
-        assert!(
-            took < Duration::from_millis(500),
-            "{ctx}: 502 after {took:?}"
-        );
+        // On the refusal, not when the 5 s connect bound runs out.
+        assert!(took < Duration::from_secs(5), "{ctx}: 502 after {took:?}");
         let doc: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
         assert_eq!(doc["Code"], "UpstreamUnavailable", "{ctx}");
         assert_eq!(
@@ -695,8 +686,9 @@ fn an_upstream_that_does_not_accept_connections_gets_504_after_the_connect_timeo
             ),
             "{ctx}"
         );
+        // By the 300 ms connect bound, not the 3 s response bound.
         assert!(
-            took >= Duration::from_millis(280) && took < Duration::from_millis(900),
+            took >= Duration::from_millis(280) && took < Duration::from_secs(3),
             "{ctx}: 504 after {took:?} with --upstream-connect-timeout=300ms"
         );
         drop(fillers);

@@ -6,7 +6,7 @@
 //! credential or user-data path. Every variant also gets the exact status its meaning calls
 //! for.
 
-mod dataplane;
+use iamlet_e2e::rig::data as dataplane;
 
 use dataplane::{POD, Rig, UNKNOWN, ip, mint};
 use iamlet_e2e::imds::{NODE_ROLE, TOKEN_HEADER};

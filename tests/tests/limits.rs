@@ -2,10 +2,10 @@
 //! the idle keep-alive timeout, HTTP/1.0 and `Connection: close` semantics with pipelining,
 //! and graceful shutdown on SIGTERM/SIGINT (stop accepting, finish in-flight, exit 0).
 
-mod dataplane;
+use iamlet_e2e::rig::data as dataplane;
 
 use dataplane::{POD, Rig, Scripted, builder_at, ip, metric};
-use iamlet_e2e::util::wait_until;
+use iamlet_e2e::wait_until;
 use iamlet_e2e::{Conn, FakeImds, Moto, drivers};
 use std::time::{Duration, Instant};
 
@@ -60,12 +60,13 @@ fn connections_over_the_per_worker_limit_are_closed_at_accept_and_counted() {
         }
         // Free a slot: once the worker has seen the EOF, a new connection is served.
         open.pop();
-        let served = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        wait_until!(
+            Duration::from_secs(5),
             Conn::try_open(ip(POD), r.addr())
                 .and_then(|mut c| c.try_send(LIST))
-                .is_ok_and(|resp| resp.status == 200)
-        });
-        assert!(served, "{ctx}: a freed slot must be reusable");
+                .is_ok_and(|resp| resp.status == 200),
+            "{ctx}: a freed slot to be reusable"
+        );
     }
 }
 
@@ -226,10 +227,11 @@ fn sigterm_and_sigint_stop_accepting_finish_in_flight_requests_and_exit_0() {
             iamlet.log()
         );
         // No new connections once the listeners are gone.
-        let refused = wait_until(Duration::from_secs(3), Duration::from_millis(20), || {
-            Conn::try_open(ip(POD), addr).is_err()
-        });
-        assert!(refused, "{ctx}: still accepting after the signal");
+        wait_until!(
+            Duration::from_secs(3),
+            Conn::try_open(ip(POD), addr).is_err(),
+            "{ctx}: no more accepting after the signal"
+        );
         // The idle keep-alive connection is closed; the busy one gets its answer.
         assert!(idle.is_closed_by_peer(Duration::from_secs(3)), "{ctx}");
         assert!(

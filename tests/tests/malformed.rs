@@ -2,7 +2,7 @@
 //! keeps getting correct answers between cases. Every case gets its exact 4xx or a clean close
 //! (EOF, no bytes), and iamlet stays up.
 
-mod dataplane;
+use iamlet_e2e::rig::data as dataplane;
 
 use dataplane::{POD, Rig, UNAUTHORIZED_CLOSE, ip, metric};
 use iamlet_e2e::{Conn, FakeImds, drivers};

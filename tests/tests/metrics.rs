@@ -5,12 +5,12 @@
 use iamlet_e2e::process::run_bounded;
 use iamlet_e2e::util::TempDir;
 use iamlet_e2e::{
-    FakeImds, Iamlet, Moto, free_port, get_from, is_ci, request_from, try_request_from,
+    FakeImds, Iamlet, Moto, free_port, get_from, is_ci, request_from, try_request_from, wait_until,
 };
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PODS: &str = "apiVersion: v1\nkind: List\nitems:\n- kind: Pod\n  metadata: {name: m, namespace: obs, uid: u-m, annotations: {iam.amazonaws.com/role: metrics-role}}\n  status: {phase: Running, podIP: 127.0.0.41}\n";
 
@@ -151,6 +151,66 @@ struct Prometheus {
     _dir: TempDir,
 }
 
+impl Prometheus {
+    /// Starts Prometheus with `dir/prometheus.yml` on a free port and waits (bounded) until
+    /// `/-/ready` answers 200. A port taken by a parallel test before Prometheus bound it
+    /// (it exits) is retried on another; anything else fails with the server's log.
+    fn start(prom: &std::path::Path, dir: TempDir) -> Prometheus {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let log_path = dir.path().join(format!("prometheus-{port}.log"));
+            let log = std::fs::File::create(&log_path).expect("create prometheus log");
+            let mut child = Command::new(prom)
+                .arg(format!(
+                    "--config.file={}",
+                    dir.path().join("prometheus.yml").display()
+                ))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join(format!("data-{port}")).display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("dup log"))
+                .stderr(log)
+                .spawn()
+                .expect("start prometheus");
+            let to = format!("127.0.0.1:{port}").parse().unwrap();
+            let ready = iamlet_e2e::wait::poll(Duration::from_secs(60), || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Some(Err(status));
+                }
+                let raw = b"GET /-/ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+                try_request_from(Ipv4Addr::LOCALHOST, to, raw)
+                    .ok()
+                    .filter(|r| r.status == 200)
+                    .map(|_| Ok(()))
+            });
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            match ready {
+                Ok(Ok(())) => {
+                    return Prometheus {
+                        child,
+                        port,
+                        _dir: dir,
+                    };
+                }
+                Ok(Err(status)) if log.contains("address already in use") => {
+                    last = format!("exited ({status}) on port {port}, taken meanwhile");
+                }
+                Ok(Err(status)) => panic!("prometheus exited ({status}); log:\n{log}"),
+                Err(waited) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("prometheus was not ready on port {port} after {waited:?}; log:\n{log}");
+                }
+            }
+        }
+        panic!("prometheus did not start on any of 3 free ports: {last}");
+    }
+}
+
 impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -187,41 +247,7 @@ fn a_real_prometheus_scrapes_every_family() {
         iamlet.addr().port()
     );
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
-    // A free port can be taken by a parallel test before Prometheus binds it: try a few.
-    let mut started = None;
-    for _ in 0..3 {
-        let port = free_port();
-        let mut child = Command::new(&prom)
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join(format!("data-{port}")).display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus");
-        std::thread::sleep(Duration::from_secs(2));
-        match child.try_wait() {
-            Ok(None) => {
-                started = Some((child, port));
-                break;
-            }
-            _ => {
-                let _ = child.wait();
-            }
-        }
-    }
-    let (child, port) = started.expect("prometheus did not start on any of 3 free ports");
-    let p = Prometheus {
-        child,
-        port,
-        _dir: dir,
-    };
+    let p = Prometheus::start(&prom, dir);
     let want = families_with_samples(&scrape(&iamlet));
     for must in [
         "kube2iam_http_request_duration_seconds_count",
@@ -235,27 +261,111 @@ fn a_real_prometheus_scrapes_every_family() {
         );
     }
     // Prometheus needs a few seconds before the first scrape is queryable.
-    let deadline = Instant::now() + Duration::from_secs(60);
     let mut missing: BTreeSet<String> = want.clone();
-    while !missing.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "Prometheus returned no sample for {missing:?}"
-        );
-        missing.retain(|f| {
-            // count(…) keeps the answer small (Prometheus chunks large ones).
-            let v = query(p.port, &format!("count({f}{{job=\"iamlet\"}})"));
-            !(v["status"] == "success"
-                && v["data"]["result"]
-                    .as_array()
-                    .is_some_and(|a| !a.is_empty()))
-        });
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_until!(
+        Duration::from_secs(60),
+        {
+            missing.retain(|f| {
+                // count(…) keeps the answer small (Prometheus chunks large ones).
+                let v = query(p.port, &format!("count({f}{{job=\"iamlet\"}})"));
+                !(v["status"] == "success"
+                    && v["data"]["result"]
+                        .as_array()
+                        .is_some_and(|a| !a.is_empty()))
+            });
+            missing.is_empty()
+        },
+        "Prometheus to return a sample of every family; none yet for {missing:?}"
+    );
     let up = query(p.port, "up{job=\"iamlet\"}");
     assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
     println!(
         "Prometheus returned samples for all {} families",
         want.len()
     );
+}
+
+/// Every metric name the shipped Grafana dashboard queries.
+fn dashboard_metrics() -> BTreeSet<String> {
+    let path = iamlet_e2e::workspace_root().join("deploy/chart/dashboards/iamlet.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let mut names = BTreeSet::new();
+    for prefix in ["iamlet_", "kube2iam_"] {
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(prefix) {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            // Only whole words: not the tail of a longer identifier.
+            let before = rest[..at].chars().next_back();
+            if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                names.insert(name.clone());
+            }
+            rest = &rest[at + name.len()..];
+        }
+    }
+    names
+}
+
+#[test]
+fn a_fresh_agent_exposes_every_dashboard_family_at_zero() {
+    // STS accepts connections and never answers: no AssumeRole completes, so whatever the
+    // agent exposes was there before its first event.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let imds = FakeImds::start();
+    let iamlet = Iamlet::builder()
+        .pods_yaml(PODS)
+        .imds(&imds)
+        .env(
+            "AWS_ENDPOINT_URL_STS",
+            format!("http://{}", silent.local_addr().unwrap()),
+        )
+        .arg("--base-role-arn=arn:aws:iam::123456789012:role/")
+        .start();
+    let ready = |a| get_from(Ipv4Addr::LOCALHOST, a, "/ready").status == 200;
+    wait_until!(Duration::from_secs(30), ready(iamlet.addr()), "/ready");
+    let text = scrape(&iamlet);
+    // The DNAT rule's families exist where iamlet manages the rule (--iptables): the deploy
+    // tests check them on an agent started that way, in a network namespace.
+    let want: BTreeSet<String> = dashboard_metrics()
+        .into_iter()
+        .filter(|m| !m.starts_with("iamlet_iptables_"))
+        .collect();
+    assert!(want.len() >= 8, "the dashboard's metrics: {want:?}");
+    let mut missing = Vec::new();
+    for name in &want {
+        // A sample of that name, or of the histogram of that name.
+        let has = |l: &&str| {
+            l.strip_prefix(name.as_str()).is_some_and(|rest| {
+                let rest = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| rest.strip_prefix(s))
+                    .unwrap_or(rest);
+                rest.starts_with(['{', ' '])
+            })
+        };
+        if !text.lines().any(|l| has(&l)) {
+            missing.push(name.clone());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "a fresh agent has no sample of {missing:?}:\n{text}"
+    );
+    for line in [
+        "iamlet_sts_assume_role_total{outcome=\"success\"} 0",
+        "iamlet_sts_assume_role_total{outcome=\"throttled\"} 0",
+        "iamlet_credential_cache_hits_total 0",
+        "iamlet_credential_cache_misses_total 0",
+        "iamlet_token_rejections_total{outcome=\"missing\"} 0",
+        "iamlet_http_requests_total{route=\"credentials\",status=\"2xx\"} 0",
+        "iamlet_http_requests_total{route=\"passthrough\",status=\"5xx\"} 0",
+        "iamlet_watch_relists_total{resource=\"pods\"} 0",
+        "kube2iam_iam_cache_hits_total{role_arn=\"arn:aws:iam::123456789012:role/metrics-role\"} 0",
+        "kube2iam_iam_request_duration_seconds_count{code=\"Success\",role_arn=\"arn:aws:iam::123456789012:role/metrics-role\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "`{line}` missing:\n{text}");
+    }
+    drop(silent);
 }

@@ -10,11 +10,9 @@
 
 use iamlet_e2e::iamlet::binary;
 use iamlet_e2e::imds::NODE_ROLE;
-use iamlet_e2e::netns::{
-    self, InNetns, Netns, Pod, add_local_address, add_pod, eventually, http_get,
-};
+use iamlet_e2e::netns::{self, InNetns, Netns, Pod, add_local_address, add_pod, http_get};
 use iamlet_e2e::process::run_bounded;
-use iamlet_e2e::{FakeImds, Iamlet, Moto, NODE_MARKER, Output, run_python};
+use iamlet_e2e::{FakeImds, Iamlet, Moto, NODE_MARKER, Output, run_python, wait_until};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
@@ -512,12 +510,10 @@ fn a_deleted_moved_or_emptied_rule_is_restored_within_the_verify_interval() {
     ];
     for (i, args) in tamper.iter().enumerate() {
         node.ns.exec_ok("iptables-nft", args);
-        let restored = eventually(RESTORE_WITHIN, || {
-            node.jump_on_top("iptables-nft") && node.count("iptables-nft").1.len() == 1
-        });
-        assert!(
-            restored,
-            "not restored after {args:?}:\n{}",
+        wait_until!(
+            RESTORE_WITHIN,
+            node.jump_on_top("iptables-nft") && node.count("iptables-nft").1.len() == 1,
+            "the rules restored after {args:?}:\n{}",
             node.save("iptables-nft")
         );
         assert_eq!(node.count("iptables-nft").0, 1);

@@ -4,7 +4,7 @@
 //! did not use a token would fail; the Python clients also run with IMDSv1 disabled on their
 //! side. Every client connects from 127.0.0.1, the `sdk` pod's IP.
 
-mod dataplane;
+use iamlet_e2e::rig::data as dataplane;
 
 use aws_config::imds::credentials::ImdsCredentialsProvider;
 use aws_config::provider_config::ProviderConfig;
@@ -40,11 +40,10 @@ fn client_env(r: &Rig) -> Vec<(&'static str, String)> {
 /// iamlet answered token PUTs and token-carrying requests, and refused none for lack of one.
 fn assert_used_imdsv2(r: &Rig, ctx: &str) {
     let addr = r.addr();
-    let issued = dataplane::metric(addr, "iamlet_tokens_issued_total").unwrap_or(0.0);
+    let issued = dataplane::sample(addr, "iamlet_tokens_issued_total");
     assert!(issued >= 1.0, "{ctx}: no IMDSv2 token was minted");
     assert_eq!(
-        dataplane::metric(addr, "iamlet_token_rejections_total{outcome=\"missing\"}")
-            .unwrap_or(0.0),
+        dataplane::sample(addr, "iamlet_token_rejections_total{outcome=\"missing\"}"),
         0.0,
         "{ctx}: a tokenless request was made"
     );

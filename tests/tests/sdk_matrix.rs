@@ -3,7 +3,7 @@
 //! so when iamlet runs `--imdsv2=disabled` (the token PUT answered 403). Each asserts the
 //! assumed-role ARN moto reports. Clients connect from 127.0.0.1, the `sdk` pod's IP.
 
-mod dataplane;
+use iamlet_e2e::rig::data as dataplane;
 
 use dataplane::Rig;
 use iamlet_e2e::process::{Output, run_bounded};
@@ -32,7 +32,7 @@ fn env(r: &Rig, v1_disabled: bool) -> Vec<(&'static str, String)> {
 }
 
 fn metric(r: &Rig, sample: &str) -> f64 {
-    dataplane::metric(r.addr(), sample).unwrap_or(0.0)
+    dataplane::sample(r.addr(), sample)
 }
 
 /// Runs `node tests/js/caller.mjs` with only the given environment (plus PATH and HOME).

@@ -4,9 +4,10 @@
 
 use iamlet_e2e::{
     FakeImds, Iamlet, Moto, NODE_MARKER, Response, drivers, get_from, request_from, run_python,
+    wait_until,
 };
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const BASE: &str = "arn:aws:iam::123456789012:role/";
 const CROSS: &str = "arn:aws:iam::210987654321:role/cross";
@@ -72,17 +73,14 @@ fn rig(driver: &str, extra: &[&str]) -> Rig {
     };
     // moto answers AssumeRole slowly on a busy machine: let the prefetches land (bounded)
     // so the assertions below are about answers, not about moto's speed.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     for (src, role) in [(11, "app-role"), (12, CROSS), (1, "boto-role")] {
         let path = format!("/latest/meta-data/iam/security-credentials/{role}");
-        while get(&r, src, &path).status != 200 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "credentials for {role} never arrived: {}",
-                r.iamlet.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until!(
+            Duration::from_secs(20),
+            get(&r, src, &path).status == 200,
+            "credentials for {role}: {}",
+            r.iamlet.log()
+        );
     }
     r
 }
@@ -411,19 +409,14 @@ fn pods_file_replaced_by_rename_is_picked_up() {
     std::fs::write(&tmp, updated).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     // A request from the new IP waits for the publish that contains it; allow a few rounds.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let resp = get(&r, 21, "/latest/meta-data/iam/security-credentials/");
-        if resp.status == 200 {
-            assert_eq!(resp.body_str(), "app-role");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the renamed pods file was not picked up: {}",
-            r.iamlet.log()
-        );
-    }
+    let resp = wait_until!(
+        Duration::from_secs(10),
+        Some(get(&r, 21, "/latest/meta-data/iam/security-credentials/"))
+            .filter(|r| r.status == 200),
+        "the renamed pods file to be picked up: {}",
+        r.iamlet.log()
+    );
+    assert_eq!(resp.body_str(), "app-role");
     assert_eq!(
         get(&r, 11, "/latest/meta-data/iam/security-credentials/").status,
         404,

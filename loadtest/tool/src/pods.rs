@@ -26,9 +26,9 @@ pub fn render(pods: &[Pod]) -> String {
     let mut s = String::with_capacity(pods.len() * 260 + 64);
     s.push_str("{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": [\n");
     for (i, p) in pods.iter().enumerate() {
-        let _ = write!(
+        let _ = writeln!(
             s,
-            "{{\"apiVersion\": \"v1\", \"kind\": \"Pod\", \"metadata\": {{\"name\": \"{}\", \"namespace\": \"loadtest\", \"uid\": \"{}\", \"creationTimestamp\": \"2026-01-01T00:00:00Z\", \"annotations\": {{\"iam.amazonaws.com/role\": \"{}\"}}}}, \"spec\": {{\"containers\": [{{\"name\": \"app\", \"image\": \"x\"}}]}}, \"status\": {{\"phase\": \"Running\", \"podIP\": \"{}\", \"podIPs\": [{{\"ip\": \"{}\"}}]}}}}{}\n",
+            "{{\"apiVersion\": \"v1\", \"kind\": \"Pod\", \"metadata\": {{\"name\": \"{}\", \"namespace\": \"loadtest\", \"uid\": \"{}\", \"creationTimestamp\": \"2026-01-01T00:00:00Z\", \"annotations\": {{\"iam.amazonaws.com/role\": \"{}\"}}}}, \"spec\": {{\"containers\": [{{\"name\": \"app\", \"image\": \"x\"}}]}}, \"status\": {{\"phase\": \"Running\", \"podIP\": \"{}\", \"podIPs\": [{{\"ip\": \"{}\"}}]}}}}{}",
             p.name,
             p.uid,
             p.role,

@@ -186,7 +186,9 @@ pub fn main(a: &Args) -> Result<(), String> {
     loop {
         let now = Instant::now();
         if now > limit {
-            return Err(format!("not every AssumeRole call succeeded in {timeout:?}"));
+            return Err(format!(
+                "not every AssumeRole call succeeded in {timeout:?}"
+            ));
         }
         let done = match (sts_before, sts_done) {
             (Some(b), None) => {

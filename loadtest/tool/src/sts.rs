@@ -38,7 +38,7 @@ pub fn main(a: &Args) -> Result<(), String> {
     )
 }
 
-fn form<'a>(body: &'a [u8], key: &str) -> Option<String> {
+fn form(body: &[u8], key: &str) -> Option<String> {
     let body = std::str::from_utf8(body).ok()?;
     body.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;

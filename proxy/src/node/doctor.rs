@@ -104,7 +104,10 @@ pub fn run(args: &Args, d: &DoctorArgs) -> i32 {
         emit(c.clone());
     }
     let region_from_imds = imds.and_then(|(_, r)| r);
-    emit(check_region(region_from_imds.as_deref()));
+    emit(check_region(
+        |k| std::env::var(k).ok(),
+        region_from_imds.as_deref(),
+    ));
     emit(check_sts(&args, d, hostport.as_deref()));
     emit(check_kubernetes(&args));
     i32::from(worst == Level::Fail)
@@ -543,12 +546,10 @@ fn check_imds(hostport: &str) -> (Check, Option<String>) {
 }
 
 /// The agent's region: from the environment, or (fragile) from instance metadata.
-fn check_region(from_imds: Option<&str>) -> Check {
+fn check_region(env: impl Fn(&str) -> Option<String>, from_imds: Option<&str>) -> Check {
     const N: &str = "region";
     for k in ["AWS_REGION", "AWS_DEFAULT_REGION"] {
-        if let Ok(v) = std::env::var(k)
-            && !v.is_empty()
-        {
+        if let Some(v) = env(k).filter(|v| !v.is_empty()) {
             return Check::ok(N, format!("{k}={v}"));
         }
     }
@@ -789,9 +790,35 @@ mod tests {
     }
 
     #[test]
-    fn region_from_env_wins() {
-        // The test environment may or may not set AWS_REGION; both branches are sentences.
-        let c = check_region(Some("eu-west-1"));
-        assert!(c.level != Level::Fail, "{c}");
+    fn region_from_env_wins_then_imds_then_fails() {
+        let env = |set: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                set.iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let c = check_region(env(&[("AWS_REGION", "us-west-2")]), Some("eu-west-1"));
+        assert_eq!(
+            (c.level, c.text.as_str()),
+            (Level::Ok, "AWS_REGION=us-west-2")
+        );
+        let c = check_region(
+            env(&[("AWS_REGION", ""), ("AWS_DEFAULT_REGION", "ap-south-1")]),
+            None,
+        );
+        assert_eq!(
+            (c.level, c.text.as_str()),
+            (Level::Ok, "AWS_DEFAULT_REGION=ap-south-1")
+        );
+        let c = check_region(env(&[]), Some("eu-west-1"));
+        assert_eq!(c.level, Level::Warn, "{c}");
+        assert!(
+            c.text.contains("the instance metadata says eu-west-1"),
+            "{c}"
+        );
+        let c = check_region(env(&[]), None);
+        assert_eq!(c.level, Level::Fail, "{c}");
+        assert!(c.text.starts_with("no region"), "{c}");
     }
 }

@@ -190,11 +190,7 @@ async fn fetch(
         .await;
     m.metrics.in_flight(-1);
     drop(permit);
-    m.metrics.observe_assume_role_for(
-        &key.role_arn,
-        result.as_ref().err().map(|e| e.code.as_str()),
-        started.elapsed(),
-    );
+    let took = started.elapsed();
     let now = Instant::now();
     let wall = SystemTime::now();
     match result {
@@ -223,6 +219,8 @@ async fn fetch(
                 access_key_id: creds.access_key_id.clone(),
             };
             slot.publish(Some(Arc::new(answer)));
+            // Counted once published: a scrape that sees the call can rely on its answer.
+            m.metrics.observe_assume_role_for(&key.role_arn, None, took);
             let jitter = jitter(&key.role_arn, (lifetime / 20).min(Duration::from_secs(30)));
             schedule(&slot, &m, m.policy.refresh_after(lifetime, jitter), 0);
         }
@@ -245,6 +243,8 @@ async fn fetch(
                 };
                 slot.publish(Some(Arc::new(answer)));
             }
+            m.metrics
+                .observe_assume_role_for(&key.role_arn, Some(&code), took);
             schedule(
                 &slot,
                 &m,

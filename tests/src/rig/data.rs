@@ -1,10 +1,9 @@
-//! Shared by the data-plane test files (leak, malformed, imdsv2, limits, sdk): the pods, a rig
-//! of moto + fake IMDS + iamlet, token and `/metrics` helpers, a scripted upstream. Not every file
-//! uses every helper.
-#![allow(dead_code)]
+//! The data-plane rig (leak, malformed, imdsv2, limits, sdk, sdk_matrix): three pods on
+//! 127.0.0.x in local mode, moto + fake IMDS + iamlet, token and `/metrics` helpers, a scripted
+//! upstream.
 
-use iamlet_e2e::imds::{TOKEN_HEADER, TTL_HEADER};
-use iamlet_e2e::{FakeImds, Iamlet, IamletBuilder, Moto, Response, request_from};
+use crate::imds::{TOKEN_HEADER, TTL_HEADER};
+use crate::{FakeImds, Iamlet, IamletBuilder, Moto, Response, request_from};
 use std::net::{Ipv4Addr, SocketAddr};
 
 pub const BASE: &str = "arn:aws:iam::123456789012:role/";
@@ -157,6 +156,12 @@ pub fn metric(addr: SocketAddr, sample: &str) -> Option<f64> {
     })
 }
 
+/// As [`metric`], for a sample that must exist: a missing series (a renamed metric, a label
+/// that changed) fails the test instead of reading as 0.
+pub fn sample(addr: SocketAddr, sample: &str) -> f64 {
+    metric(addr, sample).unwrap_or_else(|| panic!("/metrics has no sample `{sample}`"))
+}
+
 /// One request as [`Scripted`] saw it: method, target, headers.
 pub type Seen = (String, String, Vec<(String, String)>);
 
@@ -201,7 +206,7 @@ impl Scripted {
                     let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
                     let mut out = s.try_clone().unwrap();
                     let mut r = BufReader::new(s);
-                    while let Ok(Some(head)) = iamlet_e2e::wire::read_head(&mut r) {
+                    while let Ok(Some(head)) = crate::wire::read_head(&mut r) {
                         let mut parts = head.start.split(' ');
                         let method = parts.next().unwrap_or("").to_string();
                         let path = parts.next().unwrap_or("").to_string();

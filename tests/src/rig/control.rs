@@ -1,11 +1,10 @@
-//! Shared rig for the control-plane tests: the real `iamlet` binary watching the stand-in API
+//! The control-plane rig (control_plane, churn): the real `iamlet` binary watching the stand-in API
 //! server, moto as STS, the fake IMDS upstream, raw clients from pod IPs.
-#![allow(dead_code)] // each test target uses a different part
 
-use iamlet_e2e::apiserver::ApiServer;
-use iamlet_e2e::{FakeImds, Iamlet, Moto, Response, get_from};
+use crate::apiserver::ApiServer;
+use crate::{FakeImds, Iamlet, Moto, Response, get_from};
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const BASE: &str = "arn:aws:iam::123456789012:role/";
 pub const NODE: &str = "node-a";
@@ -56,7 +55,8 @@ impl Rig {
         serde_json::from_slice(&r.body).unwrap()
     }
 
-    /// Waits (at most `timeout`) until `cond` holds for the answer to `path` from `src`.
+    /// Asks `path` from `src` until `cond` holds for the answer (at most `timeout`), and
+    /// returns the last answer: the caller's assertions on it say what was expected.
     pub fn eventually(
         &self,
         src: &str,
@@ -64,14 +64,18 @@ impl Rig {
         timeout: Duration,
         cond: impl Fn(&Response) -> bool,
     ) -> Response {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let mut last = None;
+        let held = crate::wait::poll(timeout, || {
             let r = self.get(src, path);
-            if cond(&r) || Instant::now() >= deadline {
-                return r;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            let ok = cond(&r);
+            last = Some(r);
+            ok
+        });
+        let last = last.expect("polled at least once");
+        if held.is_err() {
+            eprintln!("{path} from {src}: condition not met within {timeout:?}");
         }
+        last
     }
 
     pub fn metrics(&self) -> String {
