@@ -306,9 +306,15 @@ pub struct ProxyArgs {
         value_delimiter = ','
     )]
     pub allow_metadata_path: Vec<String>,
-    /// Never forward user-data
+    /// Never forward user-data (the default; kept for kube2iam's flag)
     #[arg(long, env = "IAMLET_BLOCK_USER_DATA", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub block_user_data: bool,
+    /// Forward user-data to pods, as kube2iam does (it often holds the node's bootstrap secrets)
+    #[arg(long, env = "IAMLET_ALLOW_USER_DATA", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub allow_user_data: bool,
+    /// Forward the node's signed identity (dynamic/instance-identity/pkcs7, signature, rsa2048) to pods, as kube2iam does
+    #[arg(long, env = "IAMLET_ALLOW_INSTANCE_IDENTITY_SIGNATURE", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub allow_instance_identity_signature: bool,
     /// Largest request line plus headers, in bytes
     #[arg(
         long,
@@ -331,6 +337,20 @@ pub struct ProxyArgs {
     /// How long an idle keep-alive connection is kept
     #[arg(long, env = "IAMLET_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub idle_timeout: Duration,
+    /// A write to a client that makes no progress for this long closes the connection
+    #[arg(long, env = "IAMLET_WRITE_TIMEOUT", default_value = "5s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub write_timeout: Duration,
+    /// Most concurrent connections from one source address, over all workers; more are closed at accept
+    #[arg(
+        long,
+        env = "IAMLET_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 256,
+        value_name = "N"
+    )]
+    pub max_connections_per_ip: u32,
+    /// /metrics is rendered at most once per this interval and shared by the scrapes in it
+    #[arg(long, env = "IAMLET_METRICS_MAX_AGE", default_value = "1s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub metrics_max_age: Duration,
     /// Most concurrent connections per worker; more are closed at once
     #[arg(
         long,

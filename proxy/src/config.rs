@@ -110,6 +110,16 @@ impl Config {
                 "--max-request-head must be at least 256 and --max-request-body at most 65536; the defaults (8192, 1024) suit every AWS SDK.",
             ));
         }
+        if a.proxy.block_user_data && a.proxy.allow_user_data {
+            return Err(err(
+                "--block-user-data and --allow-user-data contradict each other; user-data is blocked by default, so drop --block-user-data.",
+            ));
+        }
+        if a.proxy.write_timeout.is_zero() || a.proxy.max_connections_per_ip == 0 {
+            return Err(err(
+                "--write-timeout and --max-connections-per-ip must be greater than 0; the defaults (5s, 256) suit every pod.",
+            ));
+        }
         if a.proxy.io_driver == IoDriver::Uring && !cfg!(target_os = "linux") {
             return Err(err(
                 "--io-driver=uring needs Linux; use --io-driver=epoll or auto.",

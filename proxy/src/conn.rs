@@ -1,11 +1,12 @@
 //! One HTTP/1.1 connection: read into a reused buffer, parse in place with httparse, answer
-//! every complete request (pipelining included), write the answers in one batch.
+//! the complete requests (pipelining included) up to a bound of unwritten output, write the
+//! answers in one batch. Every read and write is bounded in time.
 
 use crate::handler::handle;
 use crate::respond::{self, Persist};
 use crate::worker::Worker;
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::buf::{IoBuf, IoBufMut};
+use monoio::io::{CancelableAsyncReadRent, CancelableAsyncWriteRent, Canceller};
 use monoio::net::TcpStream;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
@@ -82,9 +83,20 @@ pub fn persistence(req: &httparse::Request<'_, '_>) -> Persist {
 /// Largest output buffer a connection keeps between answers.
 const OUT_KEEP: usize = 64 * 1024;
 
-/// Serves one connection until the peer closes, errs, idles out, or asks to close.
-pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
-    let _tracked = w.track(stream.as_raw_fd());
+/// Unwritten output after which a connection stops answering pipelined requests until it has
+/// written what it has: a client that sends many requests and reads none holds at most this
+/// (plus one answer), not one answer per request it sent.
+pub const OUT_BOUND: usize = 64 * 1024;
+
+/// Serves one connection until the peer closes, errs, idles out, stalls a write, or asks to
+/// close. `_permit` counts it against its source's connection cap while it lives.
+pub async fn serve(
+    mut stream: TcpStream,
+    peer: IpAddr,
+    w: Rc<Worker>,
+    _permit: crate::fairness::SourcePermit,
+) {
+    let tracked = w.track(stream.as_raw_fd());
     let limits = &w.shared.limits;
     let rcap = limits.max_head + limits.max_body;
     let (mut rbuf, mut out) = w.take_bufs(rcap);
@@ -106,7 +118,14 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
     let mut head_started: Option<Instant> = None;
     loop {
         let mut close = false;
+        // False when answering stopped at OUT_BOUND with complete requests still buffered:
+        // they are answered after the write, before reading more.
+        let mut need_read = true;
         while start < rbuf.len() {
+            if out.len() >= OUT_BOUND {
+                need_read = false;
+                break;
+            }
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut req = httparse::Request::new(&mut headers);
             let avail = &rbuf[start..];
@@ -170,7 +189,7 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
                 nodelay = true;
             }
             answered = true;
-            let (res, buf) = stream.write_all(out).await;
+            let (ok, buf) = write_all(&mut stream, out, limits.write_timeout).await;
             out = buf;
             out.clear();
             if out.capacity() > OUT_KEEP {
@@ -178,7 +197,8 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
                 // for the rest of a keep-alive connection.
                 out = Vec::with_capacity(4096);
             }
-            if res.is_err() {
+            if !ok {
+                w.metrics.downstream_error("write_stalled");
                 done!();
             }
         }
@@ -191,9 +211,13 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
             rbuf.drain(..start);
         }
         start = 0;
+        if !need_read {
+            continue;
+        }
         // A partial request must complete within the header timeout; an idle connection may
-        // wait for the idle timeout.
-        let timeout = if rbuf.is_empty() {
+        // wait for the idle timeout (and is the first to go when the worker needs room).
+        let idle = rbuf.is_empty();
+        let timeout = if idle {
             limits.idle_timeout
         } else {
             let started = *head_started.get_or_insert_with(Instant::now);
@@ -205,27 +229,75 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, w: Rc<Worker>) {
                 }
             }
         };
+        if idle {
+            tracked.set_idle(true);
+        }
         let len = rbuf.len();
-        let read = monoio::time::timeout(timeout, stream.read(rbuf.slice_mut(len..))).await;
-        match read {
-            Ok((Ok(n), slice)) => {
-                rbuf = slice.into_inner();
-                if n == 0 {
-                    done!();
-                }
-            }
-            Ok((Err(_), slice)) => {
-                rbuf = slice.into_inner();
-                done!();
-            }
-            Err(_) => {
-                if len > 0 {
+        let (res, slice, timed_out) =
+            read_with_timeout(&mut stream, rbuf.slice_mut(len..), timeout).await;
+        rbuf = slice.into_inner();
+        if idle {
+            tracked.set_idle(false);
+        }
+        match res {
+            Ok(n) if n > 0 && !timed_out => {}
+            _ => {
+                if timed_out && len > 0 {
                     w.metrics.downstream_error("header_timeout");
                 }
-                return;
+                done!();
             }
         }
     }
+}
+
+/// One read, cancelled after `timeout`; the buffer always comes back (the cancelled
+/// operation is awaited, so the kernel is done with it). `true`: the timeout fired.
+async fn read_with_timeout<T: monoio::buf::IoBufMut>(
+    stream: &mut TcpStream,
+    buf: T,
+    timeout: std::time::Duration,
+) -> (std::io::Result<usize>, T, bool) {
+    let canceller = Canceller::new();
+    let mut read = std::pin::pin!(stream.cancelable_read(buf, canceller.handle()));
+    monoio::select! {
+        (res, buf) = &mut read => (res, buf, false),
+        _ = monoio::time::sleep(timeout) => {
+            let _ = canceller.cancel();
+            let (res, buf) = read.await;
+            (res, buf, true)
+        }
+    }
+}
+
+/// Writes all of `out`; false when the peer is gone or a write made no progress within
+/// `timeout` (a client that stopped reading). The buffer always comes back.
+async fn write_all(
+    stream: &mut TcpStream,
+    mut out: Vec<u8>,
+    timeout: std::time::Duration,
+) -> (bool, Vec<u8>) {
+    let mut written = 0;
+    while written < out.len() {
+        let canceller = Canceller::new();
+        let slice = out.slice(written..);
+        let mut write = std::pin::pin!(stream.cancelable_write(slice, canceller.handle()));
+        let (res, slice) = monoio::select! {
+            r = &mut write => r,
+            _ = monoio::time::sleep(timeout) => {
+                let _ = canceller.cancel();
+                let (res, slice) = write.await;
+                // Whatever it wrote before the cancel, the client is not reading.
+                (res.and(Err(std::io::ErrorKind::TimedOut.into())), slice)
+            }
+        };
+        out = slice.into_inner();
+        match res {
+            Ok(0) | Err(_) => return (false, out),
+            Ok(n) => written += n,
+        }
+    }
+    (true, out)
 }
 
 /// 414 when the request line alone does not end within `max_head` bytes, else 431.

@@ -36,23 +36,6 @@ impl Req<'_, '_> {
         respond::write(self.out, status, ctype, body, self.persist, self.head_only);
     }
 
-    /// An answer of `len` bytes that `fill` appends to the output buffer (no body for HEAD).
-    fn answer_with(
-        &mut self,
-        label: RouteLabel,
-        status: Status,
-        ctype: &str,
-        len: usize,
-        fill: impl FnOnce(&mut Vec<u8>),
-    ) {
-        self.w.metrics.request(label, status.0);
-        respond::write_head(self.out, status, ctype, len, self.persist, &[]);
-        if !self.head_only {
-            self.out.reserve(len);
-            fill(self.out);
-        }
-    }
-
     fn text(&mut self, label: RouteLabel, status: Status, body: &[u8]) {
         self.answer(label, status, respond::TEXT, body);
     }
@@ -127,17 +110,7 @@ pub async fn handle(
             };
         }
         Route::Metrics if admin_allowed => {
-            // Sized from the last scrape: with many roles the exposition is megabytes, and
-            // growing a String by doubling would hold up to twice that.
-            let hint = w
-                .shared
-                .metrics_size_hint
-                .load(std::sync::atomic::Ordering::Relaxed);
-            let mut text = String::with_capacity(hint.max(16 * 1024) + hint / 16);
-            let _ = prometheus_client::encoding::text::encode(&mut text, &w.shared.registry);
-            w.shared
-                .metrics_size_hint
-                .store(text.len(), std::sync::atomic::Ordering::Relaxed);
+            let m = w.shared.rendered_metrics();
             // OpenMetrics for scrapers that ask for it (Prometheus does); the classic text
             // format otherwise (curl, promtool, older scrapers).
             let openmetrics = r.header("accept").is_some_and(|a| {
@@ -149,17 +122,14 @@ pub async fn handle(
                     RouteLabel::Admin,
                     respond::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    text.as_bytes(),
+                    m.openmetrics.as_bytes(),
                 )
             } else {
-                // Converted straight into the answer, without a second copy.
-                let classic = crate::metrics::Classic::new(&text);
-                r.answer_with(
+                r.answer(
                     RouteLabel::Admin,
                     respond::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
-                    classic.len(),
-                    |out| classic.write_into(out),
+                    &m.classic,
                 )
             };
         }
@@ -174,7 +144,15 @@ pub async fn handle(
         }
         _ if w.admin_only => return r.not_found(RouteLabel::Admin),
         Route::Metrics | Route::DebugStore => return r.not_found(RouteLabel::Denied),
-        Route::Token => return mint_token(&mut r, method),
+        // Only a known pod gets a token: an unknown source waits like a credential
+        // request, then gets the 404 (and nothing that would open the node's metadata).
+        Route::Token => {
+            if method == "PUT" && w.wait_identity(peer).await.is_none() {
+                r.head_only = false;
+                return r.not_found(RouteLabel::Token);
+            }
+            return mint_token(&mut r, method);
+        }
         Route::VersionedToken => {
             return r.text(RouteLabel::Token, respond::FORBIDDEN, b"Forbidden\n");
         }
@@ -200,11 +178,19 @@ pub async fn handle(
         | Route::ExtendedCredentials(_)
         | Route::IamInfo => credentials(&mut r, rt).await,
         Route::Denied => r.not_found(RouteLabel::Denied),
-        Route::UserData if w.shared.block_user_data => r.not_found(RouteLabel::Denied),
+        Route::UserData if !w.shared.forward_user_data => r.not_found(RouteLabel::Denied),
+        Route::IdentitySignature if !w.shared.forward_identity_signature => {
+            r.not_found(RouteLabel::Denied)
+        }
         _ => {
             if w.shared.policy == MetadataPolicy::Allowlist
                 && !w.allow_paths.iter().any(|re| re.is_match(&path))
             {
+                return r.not_found(RouteLabel::Denied);
+            }
+            // The node's metadata is for its pods only: an unknown source (not a pod of
+            // this node, or not yet known) waits like a credential request, then gets 404.
+            if w.wait_identity(peer).await.is_none() {
                 return r.not_found(RouteLabel::Denied);
             }
             let status = passthrough::forward(w, method, &path, req.headers, r.out, persist).await;

@@ -8,6 +8,7 @@ pub mod config;
 pub mod conn;
 pub mod discover;
 pub mod duration;
+pub mod fairness;
 pub mod handler;
 pub mod latency;
 pub mod malloc;

@@ -210,8 +210,6 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         None
     };
 
-    resolver.wait_first_sync()?;
-
     let token_key = match &args.proxy.imds_token_key_file {
         Some(path) => TokenKey::from_file(path),
         None => TokenKey::random(),
@@ -237,17 +235,22 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
             max_body: args.proxy.max_request_body,
             header_timeout: args.proxy.header_read_timeout,
             idle_timeout: args.proxy.idle_timeout,
+            write_timeout: args.proxy.write_timeout,
             max_connections: args.proxy.max_connections_per_worker,
         },
         imdsv2: args.proxy.imdsv2,
         token_key,
         policy: args.proxy.metadata_policy,
         allow_paths,
-        block_user_data: args.proxy.block_user_data,
+        forward_user_data: args.proxy.allow_user_data,
+        forward_identity_signature: args.proxy.allow_instance_identity_signature,
+        sources: iamlet::fairness::SourceLimiter::new(args.proxy.max_connections_per_ip),
+        metrics_cache: Default::default(),
+        metrics_rendering: AtomicBool::new(false),
+        metrics_max_age: args.proxy.metrics_max_age,
         node_ready,
         stopping: stopping.clone(),
         shutdown_grace: args.proxy.shutdown_grace,
-        metrics_size_hint: Default::default(),
     });
     let mut threads = server::spawn("iamlet-worker", app, shared.clone(), driver, false)?;
     if let Some(app6) = app6 {
@@ -264,10 +267,20 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         threads.extend(server::spawn("iamlet-admin", admin, shared, driver, true)?);
         tracing::info!(addr = %bound, "admin listening");
     }
+    // Fail-closed from the first second: the rule goes in as soon as the listeners accept,
+    // before the first pod list. Until the list arrives, requests wait (bounded) and get 404
+    // or 500, never the node's role; /ready stays false.
     if let Some(r) = &redirect {
         iamlet::node::start(r, args.node.iptables_verify_interval).map_err(anyhow::Error::msg)?;
     }
     tracing::info!(addr = %app_bound, workers, %driver, "listening");
+    if !resolver.handle.is_ready() {
+        tracing::info!(
+            "not ready until the first pod list arrives: requests wait up to --backoff-max-elapsed-time, then get 404"
+        );
+    }
+    resolver.wait_first_sync()?;
+    tracing::info!("ready: the first pod list is published");
 
     let sig = signals.wait().context("waiting for signals")?;
     tracing::info!(signal = ?sig, grace = ?args.proxy.shutdown_grace, "stopping: no new connections, finishing in-flight requests");

@@ -69,7 +69,10 @@ pub struct ProxyMetrics {
     errors: Family<ErrorLabels, Counter>,
     token_rejections: Family<OutcomeLabels, Counter>,
     tokens_issued: Counter,
-    connections_rejected: Counter,
+    connections_rejected: Family<ReasonLabels, Counter>,
+    connections_evicted: Counter,
+    /// `/metrics` renderings (a flood of scrapes shares one per --metrics-max-age).
+    pub metrics_renders: Counter,
     latency: Arc<Vec<Arc<LatencyTable>>>,
     next_table: Arc<AtomicUsize>,
 }
@@ -85,6 +88,16 @@ struct ErrorLabels {
 struct OutcomeLabels {
     outcome: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// Why a connection was closed at accept: its source already holds
+/// `--max-connections-per-ip`, or the worker is at `--max-connections-per-worker` with every
+/// connection mid-request (none idle to close instead).
+pub const REJECT_REASONS: [&str; 2] = ["per_source", "worker_full"];
 
 impl ProxyMetrics {
     /// Registers the families; `workers` sizes the per-worker latency tables.
@@ -106,7 +119,9 @@ impl ProxyMetrics {
             errors: Family::default(),
             token_rejections: Family::default(),
             tokens_issued: Counter::default(),
-            connections_rejected: Counter::default(),
+            connections_rejected: Family::default(),
+            connections_evicted: Counter::default(),
+            metrics_renders: Counter::default(),
             latency: tables,
             next_table: Arc::new(AtomicUsize::new(0)),
         };
@@ -155,10 +170,25 @@ impl ProxyMetrics {
         for outcome in TOKEN_REJECTIONS {
             let _ = m.token_rejections.get_or_create(&OutcomeLabels { outcome });
         }
+        for reason in REJECT_REASONS {
+            let _ = m
+                .connections_rejected
+                .get_or_create(&ReasonLabels { reason });
+        }
         r.register(
             "connections_rejected",
-            "Connections closed at accept because the worker was at --max-connections-per-worker",
+            "Connections closed at accept, by reason (per_source: the source address holds --max-connections-per-ip; worker_full: the worker is at --max-connections-per-worker and no connection is idle)",
             m.connections_rejected.clone(),
+        );
+        r.register(
+            "metrics_renders",
+            "Renderings of /metrics (scrapes within --metrics-max-age share one)",
+            m.metrics_renders.clone(),
+        );
+        r.register(
+            "connections_evicted",
+            "Idle keep-alive connections closed to make room for a new one at --max-connections-per-worker",
+            m.connections_evicted.clone(),
         );
         m
     }
@@ -186,12 +216,26 @@ impl ProxyMetrics {
         let table = self.latency
             [self.next_table.fetch_add(1, Ordering::Relaxed) % self.latency.len()]
         .clone();
+        let rejected_per_source = self
+            .connections_rejected
+            .get_or_create(&ReasonLabels {
+                reason: "per_source",
+            })
+            .clone();
+        let rejected_worker_full = self
+            .connections_rejected
+            .get_or_create(&ReasonLabels {
+                reason: "worker_full",
+            })
+            .clone();
         WorkerMetrics {
             latency: table,
             last: Cell::new((RouteLabel::Invalid, 0)),
             shared: self.clone(),
             tokens_issued: self.tokens_issued.clone(),
-            connections_rejected: self.connections_rejected.clone(),
+            rejected_per_source,
+            rejected_worker_full,
+            connections_evicted: self.connections_evicted.clone(),
             requests,
             connections: self.connections.clone(),
             cache_hits: self.cache_hits.clone(),
@@ -209,7 +253,9 @@ pub struct WorkerMetrics {
     last: Cell<(RouteLabel, u16)>,
     shared: ProxyMetrics,
     pub tokens_issued: Counter,
-    pub connections_rejected: Counter,
+    pub rejected_per_source: Counter,
+    pub rejected_worker_full: Counter,
+    pub connections_evicted: Counter,
     requests: [[Counter; 5]; 7],
     pub connections: Counter,
     pub cache_hits: Counter,

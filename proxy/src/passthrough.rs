@@ -19,13 +19,18 @@ const HOP_BY_HOP: [&str; 9] = [
     "content-length",
 ];
 
-/// Request headers a pod may not pass to the upstream.
-const STRIPPED_REQUEST: [&str; 5] = [
-    "host",
-    "x-forwarded-for",
-    "forwarded",
-    "x-aws-ec2-metadata-token",
-    "x-aws-ec2-metadata-token-ttl-seconds",
+/// The only request headers a pod's request carries upstream: what IMDS clients send to
+/// negotiate a GET. Everything else is dropped: `Expect` (an upstream `100 Continue` is not
+/// an answer), hop-by-hop and framing headers, `Host` (iamlet sets its own), forwarding
+/// headers (IMDS refuses tokens for proxied requests; the pod's address is not the
+/// upstream's business), and the pod's token (iamlet adds its own).
+const FORWARDED_REQUEST: [&str; 6] = [
+    "accept",
+    "accept-encoding",
+    "accept-language",
+    "user-agent",
+    "if-none-match",
+    "if-modified-since",
 ];
 
 fn is_hop_by_hop(name: &str) -> bool {
@@ -46,10 +51,9 @@ fn build(
         w.upstream.host()
     );
     for h in headers {
-        if is_hop_by_hop(h.name)
-            || STRIPPED_REQUEST
-                .iter()
-                .any(|s| h.name.eq_ignore_ascii_case(s))
+        if !FORWARDED_REQUEST
+            .iter()
+            .any(|s| h.name.eq_ignore_ascii_case(s))
         {
             continue;
         }
@@ -82,7 +86,7 @@ pub async fn forward(
             Err(e) => return fail(w, out, e, persist),
         };
         let req = build(w, method, path, headers, token.as_deref());
-        match w.upstream.exchange(req).await {
+        match w.upstream.exchange(req, head_only).await {
             Ok(resp) if resp.status == 401 && attempt == 0 => {
                 // Our token expired early, or the upstream started requiring tokens.
                 w.upstream.invalidate_token();
@@ -159,8 +163,9 @@ fn relay(
                 .parse::<usize>()
                 .ok()
         });
+    // A HEAD answer has no body; its Content-Length is the GET's, as the upstream said.
     let len = if head_only {
-        declared.unwrap_or(body.len())
+        declared.unwrap_or(0)
     } else {
         body.len()
     };

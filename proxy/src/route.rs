@@ -136,8 +136,13 @@ pub enum Route<'a> {
     /// Anything else under `iam/`, identity credentials, any other spelling of a credential
     /// path: 404, never forwarded.
     Denied,
-    /// `/{v}/user-data[/…]` (blocked by `--block-user-data`).
+    /// user-data in any spelling, version-less included (often the node's bootstrap
+    /// secrets): forwarded only with `--allow-user-data`.
     UserData,
+    /// The node's signed identity, `dynamic/instance-identity/{pkcs7,signature,rsa2048}` in
+    /// any spelling (enough for an aws-ec2 login as the node): forwarded only with
+    /// `--allow-instance-identity-signature`. The unsigned document is forwarded.
+    IdentitySignature,
     /// Everything else goes to the upstream metadata service.
     Forward,
 }
@@ -166,68 +171,103 @@ pub fn route(path: &str) -> Route<'_> {
         _ => {}
     }
     // "/{version}/…"
-    let Some((version, rest)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
-        return if is_sensitive(path) {
-            Route::Denied
-        } else {
-            Route::Forward
-        };
-    };
-    if rest == "api/token" || rest == "api/token/" {
-        return if version == "latest" {
-            Route::Token
-        } else {
-            Route::VersionedToken
-        };
-    }
-    if let Some(role) = role_suffix(rest, CREDS_EXT) {
-        return if role.is_empty() {
-            Route::Denied
-        } else {
-            Route::ExtendedCredentials(role)
-        };
-    }
-    if let Some(role) = role_suffix(rest, CREDS) {
-        return if role.is_empty() {
-            Route::RoleList
-        } else {
-            Route::Credentials(role)
-        };
-    }
-    if rest == "meta-data/iam/info" || rest == "meta-data/iam/info/" {
-        return Route::IamInfo;
+    if let Some((version, rest)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+        if rest == "api/token" || rest == "api/token/" {
+            return if version == "latest" {
+                Route::Token
+            } else {
+                Route::VersionedToken
+            };
+        }
+        if let Some(role) = role_suffix(rest, CREDS_EXT) {
+            return if role.is_empty() {
+                Route::Denied
+            } else {
+                Route::ExtendedCredentials(role)
+            };
+        }
+        if let Some(role) = role_suffix(rest, CREDS) {
+            return if role.is_empty() {
+                Route::RoleList
+            } else {
+                Route::Credentials(role)
+            };
+        }
+        if rest == "meta-data/iam/info" || rest == "meta-data/iam/info/" {
+            return Route::IamInfo;
+        }
     }
     if is_sensitive(path) {
         return Route::Denied;
     }
-    // Any case, any `;params` or suffix: never forwarded when user-data is blocked.
-    let first = rest.split('/').next().unwrap_or("");
-    if first
-        .as_bytes()
-        .get(..9)
-        .is_some_and(|p| p.eq_ignore_ascii_case(b"user-data"))
-    {
-        return Route::UserData;
+    // One check per class of secret, over the whole canonical path, whatever the case, the
+    // version segment (or none), `;params`, or escaped decorations around it: an upstream
+    // that trims or ignores those would still read the secret's path. A single tag key is
+    // free text and exempt.
+    if !is_tag_key(path) {
+        if contains_ci(path, "instance-identity")
+            && ["pkcs7", "signature", "rsa2048"]
+                .iter()
+                .any(|n| contains_ci(path, n))
+        {
+            return Route::IdentitySignature;
+        }
+        if contains_ci(path, "user-data") {
+            return Route::UserData;
+        }
     }
     Route::Forward
 }
 
+/// Case-insensitive substring test, without allocating.
+fn contains_ci(haystack: &str, needle: &str) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
+fn ends_with_ci(haystack: &str, suffix: &str) -> bool {
+    haystack.len() >= suffix.len()
+        && haystack.as_bytes()[haystack.len() - suffix.len()..]
+            .eq_ignore_ascii_case(suffix.as_bytes())
+}
+
+/// `/{v}/meta-data/tags/instance[/KEY]` with at most one plain key segment: tag keys are
+/// free text (`Diamond` contains `iam`). A deeper path, or a key with `;params` or made of
+/// dots (`..;`, which some servers read as `..`), is not a tag key.
+fn is_tag_key(path: &str) -> bool {
+    let mut segs = path.split('/').skip(2);
+    if !(segs
+        .next()
+        .is_some_and(|s| s.eq_ignore_ascii_case("meta-data"))
+        && segs.next().is_some_and(|s| s.eq_ignore_ascii_case("tags"))
+        && segs
+            .next()
+            .is_some_and(|s| s.eq_ignore_ascii_case("instance")))
+    {
+        return false;
+    }
+    match (segs.next(), segs.next()) {
+        (None, _) | (Some(""), None) => true,
+        (Some(key), None) => !key.contains(';') && !key.bytes().all(|b| b == b'.'),
+        _ => false,
+    }
+}
+
 /// Paths that must never reach the upstream whatever their spelling: IAM and identity
 /// credentials, in any case, and anything else that mentions `iam` (`iam;x`, `iam%20`,
-/// `%20iam`: an upstream that trims or drops such decorations would read `iam`) except under
-/// instance tags, whose keys are free text (`tags/instance/Diamond`).
+/// `%20iam`: an upstream that trims or drops such decorations would read `iam`) except a
+/// single instance tag key, which is free text (`tags/instance/Diamond`).
 pub fn is_sensitive(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("/iam/")
-        || lower.ends_with("/iam")
-        || lower.contains("security-credentials")
-        || lower.contains("identity-credentials")
+    if contains_ci(path, "/iam/")
+        || ends_with_ci(path, "/iam")
+        || contains_ci(path, "security-credentials")
+        || contains_ci(path, "identity-credentials")
     {
         return true;
     }
-    let mut segs = lower.split('/').skip(2);
-    let under_tags = segs.next() == Some("meta-data") && segs.next() == Some("tags");
-    lower.contains("iam") && !under_tags
+    contains_ci(path, "iam") && !is_tag_key(path)
 }
 
 #[cfg(test)]
@@ -280,6 +320,74 @@ mod tests {
         for (input, want) in bad {
             assert_eq!(canonicalize(input), Err(want), "{input}");
         }
+    }
+
+    #[test]
+    fn user_data_is_one_route_in_every_spelling() {
+        for p in [
+            "/user-data",
+            "/user-data/",
+            "/USER-DATA",
+            "/latest/%20user-data",
+            "/latest/user-data%20",
+            "/latest/user-data;x",
+            "/2009-04-04/user-data/x",
+            "/latest/meta-data/../user-data",
+        ] {
+            let c = canonicalize(p).unwrap();
+            assert_eq!(route(&c), Route::UserData, "{p} → {c}");
+        }
+        // A tag key is free text.
+        assert_eq!(
+            route("/latest/meta-data/tags/instance/user-data"),
+            Route::Forward
+        );
+    }
+
+    #[test]
+    fn the_signed_identity_is_one_route_and_the_document_is_not() {
+        for p in [
+            "/latest/dynamic/instance-identity/pkcs7",
+            "/latest/dynamic/instance-identity/signature",
+            "/latest/dynamic/instance-identity/rsa2048",
+            "/dynamic/instance-identity/pkcs7",
+            "/latest/dynamic/INSTANCE-IDENTITY/PKCS7/",
+            "/latest/dynamic/instance-identity/pkcs7;x",
+            "/latest/dynamic/instance-identity/%20signature",
+            "/2016-09-02/dynamic/instance-identity/rsa2048",
+        ] {
+            let c = canonicalize(p).unwrap();
+            assert_eq!(route(&c), Route::IdentitySignature, "{p} → {c}");
+        }
+        assert_eq!(
+            route("/latest/dynamic/instance-identity/document"),
+            Route::Forward
+        );
+        assert_eq!(route("/latest/dynamic/instance-identity/"), Route::Forward);
+    }
+
+    #[test]
+    fn the_tag_exemption_covers_one_key_and_not_a_way_to_iam() {
+        assert_eq!(
+            route("/latest/meta-data/tags/instance/..;/..;/iam;/info"),
+            Route::Denied
+        );
+        assert_eq!(
+            route("/latest/meta-data/tags/instance/Diamond/x/iam"),
+            Route::Denied
+        );
+        assert_eq!(
+            route("/latest/meta-data/tags/instance/Diamond;x"),
+            Route::Denied
+        );
+        assert_eq!(
+            route("/latest/meta-data/tags/instance/..;iam"),
+            Route::Denied
+        );
+        assert_eq!(
+            route("/latest/meta-data/tags/instance/Diamond"),
+            Route::Forward
+        );
     }
 
     #[test]
@@ -349,6 +457,8 @@ mod tests {
         );
         assert_eq!(route("/meta-data/iam/security-credentials/"), Route::Denied);
         assert_eq!(route("/latest/meta-data/instance-id"), Route::Forward);
+        assert_eq!(route("/latest/meta-data/tags/instance"), Route::Forward);
+        assert_eq!(route("/latest/meta-data/tags/instance/"), Route::Forward);
         assert_eq!(route("/healthz"), Route::Healthz);
         assert_eq!(route("/metrics"), Route::Metrics);
     }

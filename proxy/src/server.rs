@@ -170,12 +170,26 @@ async fn accept_loop(l: std::net::TcpListener, shared: Arc<Shared>, admin_only: 
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     worker.metrics.connections.inc();
-                    if worker.open_connections() >= max {
-                        worker.metrics.connections_rejected.inc();
+                    let ip = peer.ip().to_canonical();
+                    // One source may not hold every slot: past its cap it is refused, and
+                    // the others keep theirs.
+                    let Some(permit) = worker.shared.sources.try_acquire(ip) else {
+                        worker.metrics.rejected_per_source.inc();
                         drop(stream);
                         continue;
+                    };
+                    // At the worker's cap, the connection idle the longest makes room: a
+                    // newcomer is refused only when every connection is mid-request.
+                    if worker.live_connections() >= max {
+                        if worker.evict_idlest() {
+                            worker.metrics.connections_evicted.inc();
+                        } else {
+                            worker.metrics.rejected_worker_full.inc();
+                            drop(stream);
+                            continue;
+                        }
                     }
-                    monoio::spawn(conn::serve(stream, peer.ip().to_canonical(), worker.clone()));
+                    monoio::spawn(conn::serve(stream, ip, worker.clone(), permit));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

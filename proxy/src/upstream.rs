@@ -103,7 +103,7 @@ impl Upstream {
             "PUT /latest/api/token HTTP/1.1\r\nHost: {}\r\nX-aws-ec2-metadata-token-ttl-seconds: {TOKEN_TTL}\r\nContent-Length: 0\r\n\r\n",
             self.host
         );
-        match self.exchange(req.into_bytes()).await {
+        match self.exchange(req.into_bytes(), false).await {
             Ok(resp) if resp.status == 200 => {
                 let value = String::from_utf8_lossy(&resp.raw[resp.head_len..])
                     .trim()
@@ -136,13 +136,20 @@ impl Upstream {
         *self.token.borrow_mut() = TokenState::Unknown;
     }
 
-    /// Sends one request and reads one response; reuses a pooled connection when one is idle
-    /// and retries once on a fresh connection if the pooled one turned out to be dead.
-    pub async fn exchange(&self, req: Vec<u8>) -> Result<UpstreamResponse, UpstreamError> {
+    /// Sends one request and reads one response (`head`: the request was a HEAD, so the
+    /// answer has no body whatever its Content-Length); reuses a pooled connection when one is
+    /// idle and retries once on a fresh connection if the pooled one turned out to be dead.
+    pub async fn exchange(
+        &self,
+        req: Vec<u8>,
+        head: bool,
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let pooled = self.idle.borrow_mut().pop();
         let req = match pooled {
             Some(conn) => {
-                match monoio::time::timeout(self.response_timeout, round_trip(conn, req)).await {
+                match monoio::time::timeout(self.response_timeout, round_trip(conn, req, head))
+                    .await
+                {
                     Ok(Ok((resp, conn))) => return Ok(self.finish(resp, conn)),
                     Ok(Err(RoundTrip::Stale(req))) => req,
                     Ok(Err(RoundTrip::Failed(e))) => return Err(e),
@@ -160,7 +167,7 @@ impl Upstream {
                 Err(_) => return Err(UpstreamError::ConnectTimeout),
             };
         let _ = conn.set_nodelay(true);
-        match monoio::time::timeout(self.response_timeout, round_trip(conn, req)).await {
+        match monoio::time::timeout(self.response_timeout, round_trip(conn, req, head)).await {
             Ok(Ok((resp, conn))) => Ok(self.finish(resp, conn)),
             Ok(Err(RoundTrip::Stale(_))) => Err(UpstreamError::Protocol),
             Ok(Err(RoundTrip::Failed(e))) => Err(e),
@@ -189,6 +196,7 @@ enum RoundTrip {
 async fn round_trip(
     mut conn: TcpStream,
     req: Vec<u8>,
+    head: bool,
 ) -> Result<(UpstreamResponse, Option<TcpStream>), RoundTrip> {
     let (res, req) = conn.write_all(req).await;
     if res.is_err() {
@@ -196,7 +204,8 @@ async fn round_trip(
     }
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
-        match frame(&buf) {
+        match settle(&mut buf, head) {
+            Frame::Interim { .. } => unreachable!("settle skips interim answers"),
             Frame::Complete {
                 head_len,
                 total,
@@ -246,9 +255,16 @@ async fn round_trip(
     }
 }
 
-enum Frame {
+/// What the bytes read so far from the upstream hold.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// Not a complete head yet, or a close-delimited body still arriving.
     Partial,
     Invalid,
+    /// A complete 1xx head of `len` bytes: skipped, the answer follows.
+    Interim {
+        len: usize,
+    },
     Complete {
         head_len: usize,
         total: usize,
@@ -257,7 +273,39 @@ enum Frame {
     },
 }
 
-fn frame(buf: &[u8]) -> Frame {
+/// Frames what has been read of an upstream answer the way the exchange does: interim (1xx)
+/// answers are dropped from `buf`, and a complete answer is reusable only when it ended
+/// exactly where its framing said (bytes after it would be taken for the next request's
+/// answer, whichever pod sends it). Never returns `Interim`. Pure: the exchange and the fuzz
+/// target use it.
+pub fn settle(buf: &mut Vec<u8>, head: bool) -> Frame {
+    loop {
+        match frame(buf, head) {
+            Frame::Interim { len } => {
+                buf.drain(..len);
+            }
+            Frame::Complete {
+                head_len,
+                total,
+                status,
+                reusable,
+            } => {
+                // Never after a HEAD either: a server that sends a body anyway would have
+                // it read as the next answer.
+                return Frame::Complete {
+                    head_len,
+                    total,
+                    status,
+                    reusable: reusable && buf.len() == total && !head,
+                };
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Frames one upstream answer at the start of `buf` (`head`: to a HEAD request).
+pub fn frame(buf: &[u8], head: bool) -> Frame {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf) {
@@ -266,6 +314,17 @@ fn frame(buf: &[u8]) -> Frame {
         Err(_) => return Frame::Invalid,
     };
     let status = resp.code.unwrap_or(0);
+    if !(100..=599).contains(&status) {
+        return Frame::Invalid;
+    }
+    if (100..200).contains(&status) {
+        // 101 would switch protocols: never expected from IMDS.
+        return if status == 101 {
+            Frame::Invalid
+        } else {
+            Frame::Interim { len: head_len }
+        };
+    }
     let mut len = None;
     let mut close = resp.version == Some(0);
     for h in resp.headers.iter() {
@@ -273,12 +332,16 @@ fn frame(buf: &[u8]) -> Frame {
             return Frame::Invalid;
         }
         if h.name.eq_ignore_ascii_case("content-length") {
-            match std::str::from_utf8(h.value)
+            let v = std::str::from_utf8(h.value)
                 .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-            {
-                Some(n) => len = Some(n),
-                None => return Frame::Invalid,
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<usize>().ok());
+            match (v, len) {
+                (None, _) => return Frame::Invalid,
+                // Two different lengths: which one frames the answer is ambiguous.
+                (Some(n), Some(m)) if n != m => return Frame::Invalid,
+                (Some(n), _) => len = Some(n),
             }
         }
         if h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close") {
@@ -286,10 +349,14 @@ fn frame(buf: &[u8]) -> Frame {
         }
     }
     let len = match (len, status) {
+        (_, _) if head => 0,
+        (_, 204 | 304) => 0,
         (Some(n), _) => n,
-        (None, 204 | 304) | (None, 100..=199) => 0,
         (None, _) => return Frame::Partial, // close-delimited: read to EOF
     };
+    if len > MAX_RESPONSE {
+        return Frame::Invalid;
+    }
     if buf.len() < head_len + len {
         return Frame::Partial;
     }
@@ -316,35 +383,136 @@ mod tests {
 
     #[test]
     fn framing_table() {
-        assert!(matches!(
-            frame(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab"),
+        assert_eq!(
+            frame(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab", false),
             Frame::Partial
-        ));
-        assert!(matches!(
-            frame(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcEXTRA"),
+        );
+        assert_eq!(
+            frame(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcEXTRA",
+                false
+            ),
             Frame::Complete {
                 head_len: 38,
                 total: 41,
                 status: 200,
                 reusable: true
             }
-        ));
+        );
         assert!(matches!(
-            frame(b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"),
+            frame(
+                b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                false
+            ),
             Frame::Complete {
                 status: 404,
                 reusable: false,
                 ..
             }
         ));
-        assert!(matches!(
-            frame(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        assert_eq!(
+            frame(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false
+            ),
             Frame::Invalid
-        ));
-        assert!(matches!(
-            frame(b"HTTP/1.1 200 OK\r\n\r\nbody-until-close"),
+        );
+        assert_eq!(
+            frame(b"HTTP/1.1 200 OK\r\n\r\nbody-until-close", false),
             Frame::Partial
+        );
+        assert_eq!(frame(b"garbage\r\n\r\n", false), Frame::Invalid);
+    }
+
+    #[test]
+    fn an_interim_answer_is_skipped_not_taken_for_the_answer() {
+        let raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        assert_eq!(frame(raw, false), Frame::Interim { len: 25 });
+        assert_eq!(
+            frame(&raw[25..], false),
+            Frame::Complete {
+                head_len: 38,
+                total: 40,
+                status: 200,
+                reusable: true
+            }
+        );
+        assert_eq!(
+            frame(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", false),
+            Frame::Invalid
+        );
+    }
+
+    #[test]
+    fn settling_skips_interim_answers_and_pools_only_an_exact_answer() {
+        let mut buf = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec();
+        assert_eq!(
+            settle(&mut buf, false),
+            Frame::Complete {
+                head_len: 38,
+                total: 40,
+                status: 200,
+                reusable: true
+            }
+        );
+        assert!(buf.starts_with(b"HTTP/1.1 200 OK"));
+        // A second answer already behind this one: not pooled.
+        let mut buf =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n".to_vec();
+        assert!(matches!(
+            settle(&mut buf, false),
+            Frame::Complete {
+                reusable: false,
+                ..
+            }
         ));
-        assert!(matches!(frame(b"garbage\r\n\r\n"), Frame::Invalid));
+        let mut partial = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 20".to_vec();
+        assert_eq!(settle(&mut partial, false), Frame::Partial);
+        assert_eq!(partial, b"HTTP/1.1 20");
+    }
+
+    #[test]
+    fn a_head_answer_has_no_body_whatever_its_length_says() {
+        assert_eq!(
+            frame(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n", true),
+            Frame::Complete {
+                head_len: 39,
+                total: 39,
+                status: 200,
+                reusable: true
+            }
+        );
+        assert_eq!(
+            frame(b"HTTP/1.1 200 OK\r\n\r\n", true),
+            Frame::Complete {
+                head_len: 19,
+                total: 19,
+                status: 200,
+                reusable: true
+            }
+        );
+    }
+
+    #[test]
+    fn ambiguous_or_oversized_lengths_are_invalid() {
+        assert_eq!(
+            frame(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+                false
+            ),
+            Frame::Invalid
+        );
+        assert_eq!(
+            frame(b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\na", false),
+            Frame::Invalid
+        );
+        assert_eq!(
+            frame(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n",
+                false
+            ),
+            Frame::Invalid
+        );
+        assert_eq!(frame(b"HTTP/1.1 600 X\r\n\r\n", false), Frame::Invalid);
     }
 }

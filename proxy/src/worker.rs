@@ -1,17 +1,20 @@
 //! Process-wide settings shared by the workers, and each worker's own state.
 
 use crate::args::{Imdsv2Mode, MetadataPolicy};
+use crate::fairness::SourceLimiter;
 use crate::metrics::{ProxyMetrics, WorkerMetrics};
 use crate::token::TokenKey;
 use crate::upstream::Upstream;
+use arc_swap::ArcSwapOption;
 use iamlet_resolver::{Handle, Identity, RoleRules, SnapshotReader};
 use prometheus_client::registry::Registry;
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Request and connection limits.
 #[derive(Debug, Clone)]
@@ -20,6 +23,8 @@ pub struct Limits {
     pub max_body: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// A write that makes no progress for this long closes the connection.
+    pub write_timeout: Duration,
     pub max_connections: usize,
 }
 
@@ -30,6 +35,7 @@ impl Default for Limits {
             max_body: 1024,
             header_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(5),
             max_connections: 4096,
         }
     }
@@ -62,15 +68,89 @@ pub struct Shared {
     pub token_key: TokenKey,
     pub policy: MetadataPolicy,
     pub allow_paths: Vec<regex::Regex>,
-    pub block_user_data: bool,
+    /// Forward `user-data` (`--allow-user-data`); refused by default.
+    pub forward_user_data: bool,
+    /// Forward the node's signed identity (`--allow-instance-identity-signature`).
+    pub forward_identity_signature: bool,
+    /// The per-source-address connection cap, over all workers.
+    pub sources: Arc<SourceLimiter>,
+    /// The last `/metrics` rendering, shared by every scrape younger than `metrics_max_age`.
+    pub metrics_cache: ArcSwapOption<RenderedMetrics>,
+    /// Set while one worker renders `/metrics`; the others serve the previous rendering.
+    pub metrics_rendering: AtomicBool,
+    pub metrics_max_age: Duration,
     /// Node-side readiness (with --iptables: the rule is installed); `/ready` needs it and
     /// the resolver's first publish.
     pub node_ready: Arc<AtomicBool>,
     /// Set on SIGTERM/SIGINT: stop accepting, finish in-flight requests.
     pub stopping: Arc<AtomicBool>,
     pub shutdown_grace: Duration,
-    /// Size of the last `/metrics` exposition, to size the next one's buffer.
-    pub metrics_size_hint: std::sync::atomic::AtomicUsize,
+}
+
+/// One `/metrics` rendering, in both formats.
+pub struct RenderedMetrics {
+    pub at: Instant,
+    pub openmetrics: String,
+    pub classic: Vec<u8>,
+}
+
+impl Shared {
+    /// `/metrics`, rendered at most once per `metrics_max_age` in the whole process: a flood
+    /// of scrapes costs copies, not renders. While one worker renders, the others answer with
+    /// the previous rendering (or render their own when there is none yet).
+    pub fn rendered_metrics(&self) -> Arc<RenderedMetrics> {
+        let now = Instant::now();
+        let cached = self.metrics_cache.load_full();
+        if let Some(c) = &cached
+            && now.duration_since(c.at) < self.metrics_max_age
+        {
+            return c.clone();
+        }
+        let mine = self
+            .metrics_rendering
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if !mine && let Some(c) = cached {
+            return c;
+        }
+        let r = Arc::new(self.render_metrics(now));
+        if mine {
+            self.metrics_cache.store(Some(r.clone()));
+            self.metrics_rendering.store(false, Ordering::Release);
+        }
+        r
+    }
+
+    fn render_metrics(&self, at: Instant) -> RenderedMetrics {
+        self.metrics.metrics_renders.inc();
+        // Sized from the last rendering: with many roles the exposition is megabytes, and
+        // growing a String by doubling would hold up to twice that.
+        let hint = self
+            .metrics_cache
+            .load()
+            .as_ref()
+            .map_or(16 * 1024, |c| c.openmetrics.len());
+        let mut openmetrics = String::with_capacity(hint + hint / 16);
+        let _ = prometheus_client::encoding::text::encode(&mut openmetrics, &self.registry);
+        let converted = crate::metrics::Classic::new(&openmetrics);
+        let mut classic = Vec::with_capacity(converted.len());
+        converted.write_into(&mut classic);
+        RenderedMetrics {
+            at,
+            openmetrics,
+            classic,
+        }
+    }
+}
+
+/// One open connection as its worker sees it.
+#[derive(Debug)]
+pub struct ConnState {
+    fd: RawFd,
+    /// 0 while the connection has a request in progress; else the worker's idle sequence
+    /// number when it started waiting for the next request (smaller: idle for longer).
+    idle_since: Cell<u64>,
+    evicted: Cell<bool>,
 }
 
 /// One worker thread's state (`!Send`: lives on its runtime only).
@@ -83,8 +163,11 @@ pub struct Worker {
     /// Per-worker copies: a shared `Regex` would share its match-cache pool across threads.
     pub allow_paths: Vec<regex::Regex>,
     reader: RefCell<SnapshotReader>,
-    open: RefCell<ahash::AHashMap<u64, RawFd>>,
+    open: RefCell<ahash::AHashMap<u64, Rc<ConnState>>>,
     next_conn: Cell<u64>,
+    idle_seq: Cell<u64>,
+    /// Connections shut down to make room, not yet closed by their task.
+    evicting: Cell<usize>,
     /// Read and output buffers of closed connections, reused by new ones (a new connection
     /// per request is what SDKs do; this saves two allocations of ~9 and 4 KiB per request).
     bufs: RefCell<Vec<(Vec<u8>, Vec<u8>)>>,
@@ -109,6 +192,8 @@ impl Worker {
             admin_only,
             open: RefCell::new(ahash::AHashMap::new()),
             next_conn: Cell::new(0),
+            idle_seq: Cell::new(0),
+            evicting: Cell::new(0),
             bufs: RefCell::new(Vec::new()),
             shared,
         }
@@ -146,6 +231,27 @@ impl Worker {
         self.open.borrow().len()
     }
 
+    /// Open connections that are not already being closed to make room.
+    pub fn live_connections(&self) -> usize {
+        self.open.borrow().len() - self.evicting.get()
+    }
+
+    /// Closes the connection that has waited longest for its next request (a keep-alive
+    /// connection between requests); false when every connection is mid-request.
+    pub fn evict_idlest(&self) -> bool {
+        let open = self.open.borrow();
+        let idlest = open
+            .values()
+            .filter(|c| c.idle_since.get() != 0 && !c.evicted.get())
+            .min_by_key(|c| c.idle_since.get());
+        let Some(c) = idlest else { return false };
+        c.evicted.set(true);
+        self.evicting.set(self.evicting.get() + 1);
+        // Its pending read sees EOF and the connection's task ends as after a peer close.
+        let _ = nix::sys::socket::shutdown(c.fd, nix::sys::socket::Shutdown::Both);
+        true
+    }
+
     /// Tracks a connection; the returned guard untracks it.
     /// A connection's read buffer (capacity `rcap`) and output buffer, empty.
     pub fn take_bufs(&self, rcap: usize) -> (Vec<u8>, Vec<u8>) {
@@ -169,15 +275,24 @@ impl Worker {
     pub fn track(&self, fd: RawFd) -> ConnGuard<'_> {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
-        self.open.borrow_mut().insert(id, fd);
-        ConnGuard { worker: self, id }
+        let state = Rc::new(ConnState {
+            fd,
+            idle_since: Cell::new(0),
+            evicted: Cell::new(false),
+        });
+        self.open.borrow_mut().insert(id, state.clone());
+        ConnGuard {
+            worker: self,
+            id,
+            state,
+        }
     }
 
     /// Shuts down the read side of every open connection: idle ones see EOF and close,
     /// busy ones finish writing their answer first.
     pub fn close_reads(&self) {
-        for fd in self.open.borrow().values() {
-            let _ = nix::sys::socket::shutdown(*fd, nix::sys::socket::Shutdown::Read);
+        for c in self.open.borrow().values() {
+            let _ = nix::sys::socket::shutdown(c.fd, nix::sys::socket::Shutdown::Read);
         }
     }
 }
@@ -186,10 +301,29 @@ impl Worker {
 pub struct ConnGuard<'a> {
     worker: &'a Worker,
     id: u64,
+    state: Rc<ConnState>,
+}
+
+impl ConnGuard<'_> {
+    /// The connection waits for its next request (true) or has one in progress (false).
+    #[inline]
+    pub fn set_idle(&self, idle: bool) {
+        let seq = if idle {
+            let n = self.worker.idle_seq.get() + 1;
+            self.worker.idle_seq.set(n);
+            n
+        } else {
+            0
+        };
+        self.state.idle_since.set(seq);
+    }
 }
 
 impl Drop for ConnGuard<'_> {
     fn drop(&mut self) {
         self.worker.open.borrow_mut().remove(&self.id);
+        if self.state.evicted.get() {
+            self.worker.evicting.set(self.worker.evicting.get() - 1);
+        }
     }
 }

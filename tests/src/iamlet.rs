@@ -30,7 +30,10 @@ pub fn binary() -> PathBuf {
 }
 
 /// A command for the binary with a hermetic environment: inherited `AWS_*`, `IAMLET_*` and
-/// `RUST_LOG` removed; test region and credentials set; IMDS lookups by the SDK disabled.
+/// `RUST_LOG` removed; test region and credentials set; IMDS lookups by the SDK disabled;
+/// `/metrics` rendered on every scrape (`IAMLET_METRICS_MAX_AGE=0s`), since tests read a
+/// counter right after the event it counts (a flag given to the builder overrides it; the
+/// hostile tests run the default).
 fn command(bin: PathBuf) -> Command {
     let mut cmd = Command::new(bin);
     for (k, _) in std::env::vars_os() {
@@ -45,6 +48,7 @@ fn command(bin: PathBuf) -> Command {
         ("AWS_SECRET_ACCESS_KEY", "testing"),
         ("AWS_EC2_METADATA_DISABLED", "true"),
         ("NO_COLOR", "1"),
+        ("IAMLET_METRICS_MAX_AGE", "0s"),
     ]);
     cmd
 }
@@ -56,6 +60,8 @@ pub struct IamletBuilder {
     pods_yaml: Option<String>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
+    /// Return from `start` once listening, without waiting for the first pod list.
+    unsynced: bool,
 }
 
 impl IamletBuilder {
@@ -99,8 +105,16 @@ impl IamletBuilder {
         self.arg(format!("--io-driver={driver}"))
     }
 
-    /// Spawns iamlet and waits (at most 30 s) for its `listening ... addr=` log line.
-    /// Panics with the exit status and full log if it exits first or never listens.
+    /// `start` returns once iamlet listens, before its first pod list (for tests of what
+    /// pods see before the first sync).
+    pub fn unsynced(mut self) -> Self {
+        self.unsynced = true;
+        self
+    }
+
+    /// Spawns iamlet and waits (bounded) for its `listening ... addr=` log line and, unless
+    /// [`IamletBuilder::unsynced`], for its `ready:` line (the first pod list is published).
+    /// Panics with the exit status and full log if it exits first or never gets there.
     pub fn start(self) -> Iamlet {
         let dir = TempDir::new("iamlet");
         let mut cmd = command(self.binary.unwrap_or_else(binary));
@@ -140,6 +154,11 @@ impl IamletBuilder {
                 drop(me); // kill and clean up before panicking: the log is in the message
                 panic!("{msg}");
             }
+        }
+        if !self.unsynced && !me.wait_for_log("ready: the first pod list", STARTUP) {
+            let log = me.log();
+            drop(me);
+            panic!("iamlet did not log `ready:` within {STARTUP:?}; log:\n{log}");
         }
         me
     }

@@ -8,6 +8,7 @@ pub mod client;
 pub mod drivers;
 pub mod iamlet;
 pub mod imds;
+pub mod marker;
 pub mod moto;
 pub mod netns;
 pub mod process;

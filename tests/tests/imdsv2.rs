@@ -401,7 +401,7 @@ fn pass_through_on_an_imdsv2_required_upstream_uses_iamlets_own_token() {
             &get_req(
                 "/latest/meta-data/placement/region",
                 Some(&pod_token),
-                "X-Forwarded-For: 10.9.9.9\r\nForwarded: for=10.9.9.9\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eA==\r\nX-Custom: kept\r\n",
+                "X-Forwarded-For: 10.9.9.9\r\nForwarded: for=10.9.9.9\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eA==\r\nX-Custom: dropped\r\nExpect: 100-continue\r\nUser-Agent: test-agent/1.0\r\n",
             ),
         );
         assert_eq!(
@@ -436,6 +436,8 @@ fn pass_through_on_an_imdsv2_required_upstream_uses_iamlets_own_token() {
                 "forwarded",
                 "keep-alive",
                 "proxy-authorization",
+                "x-custom",
+                "expect",
             ] {
                 assert_eq!(q.header(h), None, "{ctx}: {h} reached the upstream: {q:?}");
             }
@@ -448,7 +450,12 @@ fn pass_through_on_an_imdsv2_required_upstream_uses_iamlets_own_token() {
                 "{ctx}: {q:?}"
             );
         }
-        assert_eq!(gets[1].header("x-custom"), Some("kept"), "{ctx}");
+        // Only the allow-listed request headers go upstream.
+        assert_eq!(
+            gets[1].header("user-agent"),
+            Some("test-agent/1.0"),
+            "{ctx}"
+        );
         // One worker, one pooled keep-alive connection for the token and both requests.
         assert!(
             seen.iter().all(|q| q.peer == seen[0].peer),

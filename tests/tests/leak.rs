@@ -25,16 +25,20 @@ enum Target {
     Identity,
     /// `meta-data/iam/info`
     IamInfo,
-    /// `user-data` (iamlet runs with `--block-user-data`)
+    /// `user-data` (not forwarded by default)
     UserData,
+    /// `dynamic/instance-identity/pkcs7`, the node's signed identity (not forwarded by
+    /// default)
+    Signature,
 }
 
-const TARGETS: [Target; 5] = [
+const TARGETS: [Target; 6] = [
     Target::NodeCreds,
     Target::RoleList,
     Target::Identity,
     Target::IamInfo,
     Target::UserData,
+    Target::Signature,
 ];
 
 impl Target {
@@ -52,6 +56,7 @@ impl Target {
             ],
             Target::IamInfo => vec!["meta-data", "iam", "info"],
             Target::UserData => vec!["user-data"],
+            Target::Signature => vec!["dynamic", "instance-identity", "pkcs7"],
         }
     }
 }
@@ -69,8 +74,6 @@ enum Meaning {
     MetaDataListing,
     /// Resolves to `/` (the rest is an absolute-form target's query).
     Root,
-    /// Another, harmless path the fake IMDS does not have: forwarded, 404.
-    Unknown,
 }
 
 const VERSIONS: [&str; 31] = [
@@ -126,10 +129,11 @@ fn encode_first(segs: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// The sensitive segment of a target (`iam`, `identity-credentials`, `user-data`).
+/// The sensitive segment of a target (`iam`, `identity-credentials`, `user-data`, `pkcs7`).
 fn sensitive_index(t: Target) -> usize {
     match t {
         Target::UserData => 0,
+        Target::Signature => 2,
         _ => 1,
     }
 }
@@ -299,11 +303,7 @@ fn spellings(t: Target, v: &str) -> Vec<(String, String, Meaning)> {
     add(
         "overlong UTF-8 dots",
         format!("/{v}/meta-data/%c0%ae%c0%ae/{}", segs.join("/")),
-        if t == Target::UserData {
-            Unknown
-        } else {
-            Denied
-        },
+        Denied,
     );
     add("no version", format!("/{}", segs.join("/")), Denied);
     add(
@@ -312,10 +312,6 @@ fn spellings(t: Target, v: &str) -> Vec<(String, String, Meaning)> {
         Denied,
     );
     out.into_iter()
-        .filter(|(kind, _, _)| {
-            // `/user-data` and `/latest/latest/user-data` are no user-data paths at all.
-            !(t == Target::UserData && matches!(*kind, "no version" | "extra version"))
-        })
         .map(|(kind, path, m)| (kind.to_string(), path, m))
         .collect()
 }
@@ -363,12 +359,11 @@ fn expected_status(v: &Variant) -> u16 {
     match v.meaning {
         Meaning::Invalid => 400,
         Meaning::Denied => 404,
+        // Only a known pod's requests are forwarded: an unknown source waits, then 404.
+        Meaning::MetaDataListing | Meaning::Root if !known => 404,
         // Forwarded: the fake IMDS answers GET only.
-        Meaning::MetaDataListing | Meaning::Root | Meaning::Unknown if v.method == Method::Head => {
-            405
-        }
+        Meaning::MetaDataListing | Meaning::Root if v.method == Method::Head => 405,
         Meaning::MetaDataListing | Meaning::Root => 200,
-        Meaning::Unknown => 404,
         Meaning::Same => match (v.target, known) {
             (Target::NodeCreds, true) => 403,
             (Target::RoleList | Target::IamInfo, true) => 200,
@@ -427,8 +422,9 @@ fn corpus(tokens: &BTreeMap<u8, String>) -> Vec<Variant> {
     plan.into_iter()
         .enumerate()
         .map(|(n, (what, path, target, meaning, method, http10, src))| {
-            // Every third request carries a valid token of its source.
-            let with_token = n % 3 == 0;
+            // Every third request of the pod carries its valid token (an unknown source
+            // gets none: it cannot mint one).
+            let with_token = n % 3 == 0 && src == POD;
             let mut raw = format!(
                 "{} {path} HTTP/1.{}\r\nHost: 169.254.169.254\r\n",
                 method.as_str(),
@@ -477,7 +473,7 @@ fn check_response(v: &Variant, resp: &Response) -> Result<(), String> {
     let body = resp.body_str();
     let ok = match (want, v.method, v.meaning, v.target) {
         (_, Method::Head, _, _) => body.is_empty(),
-        (405, _, Meaning::MetaDataListing | Meaning::Root | Meaning::Unknown, _) => true,
+        (405, _, Meaning::MetaDataListing | Meaning::Root, _) => true,
         (400, ..) => body == "Bad Request: invalid path\n",
         (405, ..) => body == "Method Not Allowed\n",
         (403, ..) => body == "Forbidden: the requested role is not this pod's role\n",
@@ -539,9 +535,9 @@ fn no_spelling_of_a_node_secret_path_leaks_or_reaches_the_upstream() {
         let mut r = Rig::start(
             driver,
             FakeImds::start(),
-            &["--block-user-data", "--backoff-max-elapsed-time=20ms"],
+            &["--backoff-max-elapsed-time=20ms"],
         );
-        let tokens: BTreeMap<u8, String> = [POD, UNKNOWN]
+        let tokens: BTreeMap<u8, String> = [POD]
             .into_iter()
             .map(|src| (src, mint(r.addr(), src, 21600)))
             .collect();
@@ -581,12 +577,15 @@ fn no_spelling_of_a_node_secret_path_leaks_or_reaches_the_upstream() {
             .iter()
             .map(|q| q.path.to_ascii_lowercase())
             .filter(|p| {
-                // `/{version}/user-data…` however decorated
-                let user_data = p
-                    .split('/')
-                    .nth(2)
-                    .is_some_and(|s| s.starts_with("user-data"));
-                p.contains("iam") || p.contains("identity-credentials") || user_data
+                // user-data and the signed identity, however decorated
+                let signature = p.contains("instance-identity")
+                    && ["pkcs7", "signature", "rsa2048"]
+                        .iter()
+                        .any(|n| p.contains(n));
+                p.contains("iam")
+                    || p.contains("identity-credentials")
+                    || p.contains("user-data")
+                    || signature
             })
             .collect();
         assert!(
@@ -600,10 +599,9 @@ fn no_spelling_of_a_node_secret_path_leaks_or_reaches_the_upstream() {
         for q in &forwarded {
             let listing = matches!(q.method.as_str(), "GET" | "HEAD")
                 && (q.path == "/"
-                    || VERSIONS.iter().any(|v| {
-                        q.path == format!("/{v}/meta-data/")
-                            || q.path == format!("/{v}/meta-data/%C0%AE%C0%AE/user-data")
-                    }));
+                    || VERSIONS
+                        .iter()
+                        .any(|v| q.path == format!("/{v}/meta-data/")));
             let own_token = q.method == "PUT" && q.path == "/latest/api/token";
             assert!(
                 listing || own_token,

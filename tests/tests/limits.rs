@@ -1,4 +1,5 @@
-//! Connection handling: the per-worker connection limit (excess closed at accept, counted),
+//! Connection handling: the per-worker connection limit (the longest-idle connection makes
+//! room; a newcomer is refused only when all are busy), the per-source cap (counted),
 //! the idle keep-alive timeout, HTTP/1.0 and `Connection: close` semantics with pipelining,
 //! and graceful shutdown on SIGTERM/SIGINT (stop accepting, finish in-flight, exit 0).
 
@@ -21,52 +22,171 @@ fn assert_app_role(c: &mut Conn, ctx: &str) {
 }
 
 #[test]
-fn connections_over_the_per_worker_limit_are_closed_at_accept_and_counted() {
+fn at_the_per_worker_limit_the_longest_idle_connection_makes_room() {
     for driver in drivers() {
         let ctx = format!("driver {driver}");
         // /metrics on its own listener, so reading it takes no slot on the app worker.
         // (port 0: any free port, no race with other tests for a pre-picked one)
-        let metrics_port = "--metrics-port=0".to_owned();
         let r = Rig::start(
             driver,
             FakeImds::start(),
             &[
                 "--workers=1",
                 "--max-connections-per-worker=3",
-                &metrics_port,
+                "--metrics-port=0",
             ],
         );
         let admin = r.iamlet.admin_addr().expect("admin listener");
+        // Three keep-alive connections, served and then idle, oldest first.
         let mut open: Vec<Conn> = (0..3)
             .map(|_| {
                 let mut c = Conn::open(ip(POD), r.addr());
-                assert_app_role(&mut c, &ctx); // served, so tracked
+                assert_app_role(&mut c, &ctx);
                 c
             })
             .collect();
-        let mut excess = Conn::open(ip(POD), r.addr());
+        // A fourth is served: the connection idle the longest is closed for it.
+        let mut newcomer = Conn::open(ip(POD), r.addr());
+        assert_app_role(&mut newcomer, &ctx);
+        assert!(
+            open[0].is_closed_by_peer(Duration::from_secs(3)),
+            "{ctx}: the longest-idle connection must be closed"
+        );
+        for c in &mut open[1..] {
+            assert_app_role(c, &ctx);
+        }
+        assert_eq!(
+            metric(admin, "iamlet_connections_evicted_total"),
+            Some(1.0),
+            "{ctx}"
+        );
+        assert_eq!(
+            metric(
+                admin,
+                "iamlet_connections_rejected_total{reason=\"worker_full\"}"
+            ),
+            Some(0.0),
+            "{ctx}"
+        );
+    }
+}
+
+#[test]
+fn at_the_per_worker_limit_with_every_connection_busy_the_newcomer_is_refused_and_counted() {
+    for driver in drivers() {
+        let ctx = format!("driver {driver}");
+        // An upstream that holds GETs: a pass-through request stays in flight until released.
+        let up = Scripted::start(200, true);
+        let moto = Moto::start();
+        let iamlet = builder_at(
+            driver,
+            &moto,
+            up.addr,
+            &[
+                "--workers=1",
+                "--max-connections-per-worker=3",
+                "--metrics-port=0",
+            ],
+        )
+        .start();
+        let admin = iamlet.admin_addr().expect("admin listener");
+        let slow = b"GET /latest/meta-data/slow HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut busy: Vec<Conn> = (0..3)
+            .map(|_| {
+                let mut c = Conn::open(ip(POD), iamlet.addr());
+                c.write_all(slow).unwrap();
+                c
+            })
+            .collect();
+        // All three are mid-request once the upstream holds their GETs.
+        let mut held = 0;
+        while held < 3 {
+            let (method, _, _) = up
+                .next(Duration::from_secs(5))
+                .unwrap_or_else(|| panic!("{ctx}: only {held} requests reached the upstream"));
+            held += usize::from(method == "GET");
+        }
+        let mut excess = Conn::open(ip(POD), iamlet.addr());
+        excess.write_all(LIST).unwrap();
         assert!(
             excess.is_closed_by_peer(Duration::from_secs(3)),
             "{ctx}: the fourth connection must be closed"
         );
         assert_eq!(
-            metric(admin, "iamlet_connections_rejected_total"),
+            metric(
+                admin,
+                "iamlet_connections_rejected_total{reason=\"worker_full\"}"
+            ),
             Some(1.0),
             "{ctx}"
         );
-        // The first three still work.
-        for c in &mut open {
-            assert_app_role(c, &ctx);
+        // The busy ones get their answers.
+        up.release();
+        for c in &mut busy {
+            let resp = c.read_response().unwrap();
+            assert_eq!(
+                (resp.status, resp.body_str().as_str()),
+                (200, "upstream-ok"),
+                "{ctx}"
+            );
         }
         // Free a slot: once the worker has seen the EOF, a new connection is served.
-        open.pop();
+        busy.pop();
         wait_until!(
             Duration::from_secs(5),
-            Conn::try_open(ip(POD), r.addr())
+            Conn::try_open(ip(POD), iamlet.addr())
                 .and_then(|mut c| c.try_send(LIST))
                 .is_ok_and(|resp| resp.status == 200),
             "{ctx}: a freed slot to be reusable"
         );
+    }
+}
+
+#[test]
+fn one_source_gets_at_most_its_connection_cap_and_its_neighbours_keep_theirs() {
+    for driver in drivers() {
+        let ctx = format!("driver {driver}");
+        let r = Rig::start(
+            driver,
+            FakeImds::start(),
+            &["--max-connections-per-ip=4", "--metrics-port=0"],
+        );
+        let admin = r.iamlet.admin_addr().expect("admin listener");
+        let mut held: Vec<Conn> = (0..4)
+            .map(|_| {
+                let mut c = Conn::open(ip(POD), r.addr());
+                assert_app_role(&mut c, &ctx);
+                c
+            })
+            .collect();
+        let mut fifth = Conn::open(ip(POD), r.addr());
+        fifth.write_all(LIST).unwrap();
+        assert!(
+            fifth.is_closed_by_peer(Duration::from_secs(3)),
+            "{ctx}: the fifth connection from one source must be closed"
+        );
+        assert_eq!(
+            metric(
+                admin,
+                "iamlet_connections_rejected_total{reason=\"per_source\"}"
+            ),
+            Some(1.0),
+            "{ctx}"
+        );
+        // Another pod is not affected, and the source's own four still work.
+        let other = iamlet_e2e::get_from(
+            ip(dataplane::OTHER_POD),
+            r.addr(),
+            "/latest/meta-data/iam/security-credentials/",
+        );
+        assert_eq!(
+            (other.status, other.body_str().as_str()),
+            (200, "other-role"),
+            "{ctx}"
+        );
+        for c in &mut held {
+            assert_app_role(c, &ctx);
+        }
     }
 }
 

@@ -1078,3 +1078,83 @@ fn ipv6_metadata_address_is_redirected_with_ip6tables() {
     assert!(out.stdout.contains("(ipv6, nft)"), "{out:?}");
     assert!(!node.save("ip6tables-nft").contains("IAMLET"));
 }
+
+#[test]
+fn an_api_server_that_refuses_the_agent_at_boot_never_opens_the_nodes_role() {
+    require_netns!("node");
+    use iamlet_e2e::apiserver::{ApiServer, PodBuilder};
+    let node = Node::builder(&["cali1"]).moto().build();
+    let pod = node.pod("cali1");
+    // The stand-in API server lives in the node namespace; it refuses the agent (RBAC not
+    // applied yet) for a minute.
+    let api = node.ns.own(node.ns.run(ApiServer::start));
+    api.refuse(Some(403));
+    api.create_pod(
+        &PodBuilder::running("shop", &pod.name, "node-a", &pod.ip.to_string())
+            .role(&role_of("cali1")),
+    );
+    let mut b = Iamlet::builder()
+        .unsynced()
+        .env("AWS_ENDPOINT_URL_STS", node.sts_endpoint())
+        .arg(format!("--api-server={}", api.url()))
+        .arg("--node=node-a");
+    for a in node.flags(&[]) {
+        b = b.arg(a);
+    }
+    let iamlet = node.ns.own(node.ns.run(move || b.start()));
+    assert!(
+        iamlet.wait_for_log("not ready until the first pod list", Duration::from_secs(5)),
+        "{}",
+        iamlet.log()
+    );
+    // The rule is in before the first sync.
+    assert!(
+        node.jump_on_top("iptables-nft"),
+        "{}",
+        node.save("iptables-nft")
+    );
+    let refused_for = Duration::from_secs(60);
+    let start = Instant::now();
+    let mut asked = 0;
+    while start.elapsed() < refused_for {
+        let s = seen(pod);
+        assert_ne!(
+            s,
+            Seen::NodeRole,
+            "the pod reached the node's role after {:?}",
+            start.elapsed()
+        );
+        assert!(
+            matches!(&s, Seen::Other(a) if a.starts_with("404 ")),
+            "while unsynced, a pod gets 404: {s:?}"
+        );
+        assert_eq!(
+            node.admin("/ready").0,
+            503,
+            "/ready while the API server refuses"
+        );
+        asked += 1;
+        // Each ask waits --backoff-max-elapsed-time (300 ms) for the pod that never comes.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        node.imds_requests_from(pod),
+        0,
+        "a request of the pod reached the metadata service"
+    );
+    assert!(
+        iamlet.log().contains("403"),
+        "the refusal is logged:\n{}",
+        iamlet.log()
+    );
+    // The API server relents: the pod gets its own role (the watcher retries with backoff).
+    api.refuse(None);
+    wait_until!(
+        Duration::from_secs(60),
+        seen(pod) == Seen::Iamlet(role_of("cali1")),
+        "the pod's own role once the API server answers; log:\n{}",
+        iamlet.log()
+    );
+    assert_eq!(node.admin("/ready").0, 200);
+    println!("{asked} requests during {refused_for:?} of refusals: none reached the node's role");
+}

@@ -265,10 +265,17 @@ fn a_pod_gets_its_role_listing_and_credentials_and_nothing_else() {
             "{ctx}"
         );
         assert_eq!(resp.header("server"), Some("EC2ws"), "{ctx}");
-        let resp = get(&r, 99, "//latest/./meta-data/instance-id");
+        let resp = get(&r, 12, "//latest/./meta-data/instance-id");
         assert_eq!(
             (resp.status, resp.body_str().as_str()),
             (200, "i-0fake00000000001"),
+            "{ctx}"
+        );
+        // An address that is no pod of this node gets none of the node's metadata.
+        let resp = get(&r, 99, "/latest/meta-data/instance-id");
+        assert_eq!(
+            (resp.status, resp.body_str().as_str()),
+            (404, iamlet_e2e::rig::data::not_found_body()),
             "{ctx}"
         );
         // iamlet's own upstream token PUT is expected; the pods' GETs arrive canonical.

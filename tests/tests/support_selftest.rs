@@ -194,7 +194,7 @@ fn fake_iamlet(dir: &std::path::Path, port: Option<u16>) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let tail = match port {
         Some(p) => format!(
-            "printf 'INFO iamlet: admin listening addr=0.0.0.0:1234\\n' >&2\nprintf '\\033[2m2026-11-28T22:00:00Z\\033[0m  INFO iamlet: listening \\033[3maddr\\033[0m=0.0.0.0:{p} workers=2\\n' >&2\nexec sleep 30"
+            "printf 'INFO iamlet: admin listening addr=0.0.0.0:1234\\n' >&2\nprintf '\\033[2m2026-11-28T22:00:00Z\\033[0m  INFO iamlet: listening \\033[3maddr\\033[0m=0.0.0.0:{p} workers=2\\n' >&2\nprintf 'INFO iamlet: ready: the first pod list is published\\n' >&2\nexec sleep 30"
         ),
         None => "echo 'error: bad flag' >&2; exit 7".to_string(),
     };

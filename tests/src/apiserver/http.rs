@@ -177,6 +177,19 @@ fn respond(out: &mut TcpStream, code: u16, body: &Value) -> io::Result<()> {
 
 /// Handles one request; `Ok(false)` closes the connection.
 fn route(req: &ApiRequest, shared: &Arc<Shared>, out: &mut TcpStream) -> io::Result<bool> {
+    let refused = *super::lock(&shared.faults.refuse);
+    match refused {
+        Some(401) => {
+            respond(out, 401, &status_json(401, "Unauthorized", "Unauthorized"))?;
+            return Ok(true);
+        }
+        Some(code) => {
+            let msg = "pods is forbidden: User \"system:serviceaccount:kube-system:iamlet\" cannot list resource \"pods\" in API group \"\" at the cluster scope";
+            respond(out, code, &status_json(code, "Forbidden", msg))?;
+            return Ok(true);
+        }
+        None => {}
+    }
     if let Some(token) = &shared.opts.token {
         let want = format!("Bearer {token}");
         if wire::header(&req.headers, "authorization") != Some(want.as_str()) {

@@ -84,6 +84,8 @@ pub(crate) struct Faults {
     stall_until: Mutex<Option<Instant>>,
     list_delay: Mutex<Duration>,
     fail_next: Mutex<VecDeque<u16>>,
+    /// While set, every request is refused with this status (401 or 403).
+    pub(crate) refuse: Mutex<Option<u16>>,
     duplicate_next: AtomicU64,
     pub(crate) stale_lag: AtomicU64,
 }
@@ -407,6 +409,12 @@ impl ApiServer {
     /// The next `n` list or watch requests get HTTP `code` (e.g. 500) with a Status body.
     pub fn fail_next(&self, n: usize, code: u16) {
         lock(&self.shared.faults.fail_next).extend(std::iter::repeat_n(code, n));
+    }
+
+    /// Refuses every request with `code` (401: the token is not accepted; 403: RBAC not
+    /// applied), as a real API server does, until called with `None`.
+    pub fn refuse(&self, code: Option<u16>) {
+        *lock(&self.shared.faults.refuse) = code;
     }
 
     /// Open watch streams send nothing for `d` (changes queue up, then flow).
