@@ -51,5 +51,10 @@ deploy/tests/run.sh   # manifests, Helm chart, dashboard, Dockerfile, docs/confi
 step "tests"
 cargo test --locked --workspace
 
+step "image: built with mmdebstrap + buildah, run with podman in a node namespace"
+# The debug binary CI just built (a release build takes minutes); the image's runtime
+# definition is the release image's.
+deploy/image/test.sh --binary target/debug/iamlet
+
 step "load-test smoke (no timing assertions)"
 loadtest/run.sh --smoke

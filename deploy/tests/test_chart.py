@@ -98,8 +98,8 @@ def test_kube2iam_style_values_reach_the_flags():
               "--iptables-backend=legacy", "--metadata-policy=allowlist",
               "--allow-metadata-path=^/latest/meta-data/placement/"]:
         assert a in args, (a, args)
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"http": 8181, "metrics": 9543}
+    assert "ports" not in c, "no host ports: they block the surge pod"
+    assert "--handover-socket=/run/iamlet/handover.sock" in args
     env = {e["name"]: e for e in c["env"]}
     assert env["AWS_REGION"]["value"] == "eu-west-1"
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "iamlet-aws"

@@ -9,7 +9,7 @@ import yaml
 from deploylib import (MANIFESTS, agent_container, by_kind, check_config, expanded_args,
                        manifest_objects, validate)
 
-# The field guide's kube2iam DaemonSet args (shared/MISSION.md), unchanged, plus --node.
+# The kube2iam rollout guide's DaemonSet args, unchanged, plus --node.
 SEED_ARGS = [
     "--app-port=8181",
     "--auto-discover-base-arn",
@@ -45,7 +45,7 @@ def agent_ds():
 
 def test_daemonset_keeps_the_seed_args_and_adds_node():
     c = agent_container(agent_ds())
-    assert c["args"] == SEED_ARGS + ["--node=$(NODE_NAME)"]
+    assert c["args"] == SEED_ARGS + ["--node=$(NODE_NAME)", "--handover-socket=/run/iamlet/handover.sock"]
 
 
 def test_daemonset_args_pass_check_config():
@@ -91,8 +91,14 @@ def test_daemonset_node_integration():
     assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
     assert c["resources"]["limits"]["memory"]
     assert "cpu" not in c["resources"].get("limits", {}), "a CPU limit throttles answers"
+    # Upgrades surge: the new pod takes the old one's sockets over the host directory.
+    assert mounts["handover"] == "/run/iamlet"
+    assert vols["handover"]["hostPath"] == {"path": "/run/iamlet", "type": "DirectoryOrCreate"}
     ru = ds["spec"]["updateStrategy"]
-    assert ru == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
+    assert ru == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    # A hostNetwork pod's declared port is a host port: the scheduler would keep the surge
+    # pod off the node.
+    assert "ports" not in c
 
 
 def test_rbac():

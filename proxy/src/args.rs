@@ -137,7 +137,8 @@ pub struct IamArgs {
     /// use the regional sts endpoint if AWS_REGION is set (iamlet always does)
     #[arg(long, env = "IAMLET_USE_REGIONAL_STS_ENDPOINT", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub use_regional_sts_endpoint: bool,
-    /// Max interval for backoff when querying for role.
+    /// Accepted for kube2iam compatibility, no effect: a request waiting for its pod or its
+    /// credentials is woken when they arrive (no polling); --backoff-max-elapsed-time bounds it
     #[arg(long, env = "IAMLET_BACKOFF_MAX_INTERVAL", default_value = "1s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub backoff_max_interval: Duration,
     /// Max elapsed time for backoff when querying for role (how long a request from an unknown IP waits for the pod to appear)
@@ -368,6 +369,11 @@ pub struct ProxyArgs {
     /// On SIGTERM/SIGINT: how long in-flight requests may finish before exit
     #[arg(long, env = "IAMLET_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub shutdown_grace: Duration,
+    /// Unix socket for upgrades without a refused connection: a starting iamlet takes the
+    /// running one's listening sockets over it, then the old one drains and exits (the
+    /// manifests use /run/iamlet/handover.sock on a hostPath). Off when not set
+    #[arg(long, env = "IAMLET_HANDOVER_SOCKET", value_name = "PATH")]
+    pub handover_socket: Option<PathBuf>,
 }
 
 /// STS tuning (iamlet's own).
@@ -479,7 +485,7 @@ pub(crate) mod tests {
         assert_eq!(a.log.log_level, "info");
     }
 
-    /// The field guide's kube2iam DaemonSet args (MISSION.md), with a literal host IP.
+    /// The kube2iam rollout guide's DaemonSet args, with a literal host IP.
     pub(crate) const SEED_ARGS: [&str; 8] = [
         "--app-port=8181",
         "--auto-discover-base-arn",

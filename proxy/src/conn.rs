@@ -202,7 +202,11 @@ pub async fn serve(
                 done!();
             }
         }
-        if close || w.stopping() {
+        // A stopping worker ends a connection once it has answered and holds nothing more
+        // to answer. One accepted but not yet read is read and answered first (with
+        // `Connection: close`, see `persist` above): closing it unread would reset a client
+        // that did nothing wrong.
+        if close || (w.stopping() && answered && start >= rbuf.len()) {
             done!();
         }
         if start == rbuf.len() {

@@ -10,6 +10,7 @@ pub mod discover;
 pub mod duration;
 pub mod fairness;
 pub mod handler;
+pub mod handover;
 pub mod latency;
 pub mod malloc;
 pub mod metrics;

@@ -9,7 +9,7 @@ use iamlet::config::{self, Config, EX_USAGE};
 use iamlet::metrics::{Kube2iamStatus, ProxyMetrics};
 use iamlet::token::TokenKey;
 use iamlet::worker::{Limits, Shared, UpstreamConfig};
-use iamlet::{discover, server};
+use iamlet::{discover, handover, server};
 use iamlet_resolver::source::kube::KubeOptions;
 use iamlet_resolver::{AnnotationKeys, CredPolicy, PodSource, RoleRules, SessionMode};
 use nix::sys::signal::{SigSet, Signal};
@@ -179,17 +179,39 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         r.metrics().register(&mut registry);
     }
 
-    // A listener with SO_REUSEPORT (ours have it) would silently share the port with another.
-    for (port, flag) in [
-        (args.node.app_port, "--app-port"),
-        (metrics_port, "--metrics-port"),
-    ] {
-        iamlet::node::port::check_not_shared(port, flag).map_err(anyhow::Error::msg)?;
-    }
     let driver = server::resolve_driver(args.proxy.io_driver).map_err(anyhow::Error::msg)?;
-    let app_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.node.app_port));
-    let app = server::bind(app_addr, workers)
-        .map_err(|e| bind_error(e, args.node.app_port, "--app-port"))?;
+    server::register_driver_metric(&mut registry, driver);
+    // An upgrade: the running iamlet's own listening sockets, if one serves at the handover
+    // socket; else ours, bound now.
+    let mut taken = match &args.proxy.handover_socket {
+        Some(path) => handover::take_over(path)?,
+        None => None,
+    };
+    let (app, taken_admin) = match taken.as_mut() {
+        Some(t) => {
+            let l = std::mem::take(&mut t.listeners);
+            tracing::info!(
+                app = l.app.len(),
+                admin = l.admin.len(),
+                "handover: took the running iamlet's listening sockets; it serves until this one is ready"
+            );
+            (l.app, Some(l.admin).filter(|a| !a.is_empty()))
+        }
+        None => {
+            // A listener with SO_REUSEPORT (ours have it) would silently share the port
+            // with another process.
+            for (port, flag) in [
+                (args.node.app_port, "--app-port"),
+                (metrics_port, "--metrics-port"),
+            ] {
+                iamlet::node::port::check_not_shared(port, flag).map_err(anyhow::Error::msg)?;
+            }
+            let app_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.node.app_port));
+            let app = server::bind(app_addr, workers)
+                .map_err(|e| bind_error(e, args.node.app_port, "--app-port"))?;
+            (app, None)
+        }
+    };
     let app_bound = app[0].local_addr().context("listener address")?;
     let app6 = if args.node.ipv6 {
         Some(
@@ -202,12 +224,22 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     // A separate admin listener when --metrics-port differs from --app-port, or is 0 (any
     // free port) given explicitly.
     let separate_admin = metrics_port != args.node.app_port || args.node.metrics_port == Some(0);
-    let admin = if separate_admin {
-        let l = server::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, metrics_port)), 1)
-            .map_err(|e| bind_error(e, metrics_port, "--metrics-port"))?;
-        Some(l)
-    } else {
-        None
+    let admin = match taken_admin {
+        Some(l) if separate_admin => Some(l),
+        _ if separate_admin => Some(
+            server::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, metrics_port)), 1)
+                .map_err(|e| bind_error(e, metrics_port, "--metrics-port"))?,
+        ),
+        _ => None,
+    };
+    // Copies of our listening sockets, for handing them to the next iamlet.
+    let offered = handover::Listeners {
+        app: dup_all(&app)?,
+        admin: admin
+            .as_deref()
+            .map(dup_all)
+            .transpose()?
+            .unwrap_or_default(),
     };
 
     let token_key = match &args.proxy.imds_token_key_file {
@@ -248,10 +280,34 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         metrics_cache: Default::default(),
         metrics_rendering: AtomicBool::new(false),
         metrics_max_age: args.proxy.metrics_max_age,
+        sweeping: AtomicBool::new(false),
         node_ready,
         stopping: stopping.clone(),
         shutdown_grace: args.proxy.shutdown_grace,
     });
+    // After a handover the old process serves until this one has its pod list: accept only
+    // then. Otherwise accept at once (fail-closed: the rule goes in right after).
+    let mut synced = false;
+    if let Some(t) = &taken {
+        tracing::info!("handover: waiting for the first pod list before accepting");
+        let old_gone = t.watch_old();
+        loop {
+            if let Some(r) = resolver.wait_first_sync_for(Duration::from_millis(50)) {
+                r?;
+                synced = true;
+                break;
+            }
+            if old_gone.try_recv().is_ok() {
+                // Nobody accepts on the sockets now: take the connections, and let them wait
+                // for the pod list as at any start.
+                tracing::warn!(
+                    "handover: the previous iamlet went away before this one was ready; accepting now"
+                );
+                break;
+            }
+        }
+    }
+    let shared_for_sweep = shared.clone();
     let mut threads = server::spawn("iamlet-worker", app, shared.clone(), driver, false)?;
     if let Some(app6) = app6 {
         threads.extend(server::spawn(
@@ -279,14 +335,47 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
             "not ready until the first pod list arrives: requests wait up to --backoff-max-elapsed-time, then get 404"
         );
     }
-    resolver.wait_first_sync()?;
+    if !synced {
+        resolver.wait_first_sync()?;
+    }
+    if let Some(t) = taken {
+        // Synced and accepting on the same sockets: the old process may stop now. Its
+        // cancelled accepts may take a connection's wake-up with them: sweep the queues
+        // until it is surely gone.
+        shared_for_sweep.sweeping.store(true, Ordering::Relaxed);
+        let s = shared_for_sweep.clone();
+        let sweep_for = args.proxy.shutdown_grace + Duration::from_secs(1);
+        std::thread::spawn(move || {
+            std::thread::sleep(sweep_for);
+            s.sweeping.store(false, Ordering::Relaxed);
+        });
+        match t.finish() {
+            Ok(()) => tracing::info!("handover: the previous iamlet stopped accepting"),
+            Err(e) => {
+                tracing::warn!(error = %e, "handover: the previous iamlet did not confirm; both accept until it exits")
+            }
+        }
+    }
+    let handed_over = Arc::new(AtomicBool::new(false));
+    if let Some(path) = &args.proxy.handover_socket {
+        let flag = handed_over.clone();
+        handover::offer(path, offered, stopping.clone(), move || {
+            flag.store(true, Ordering::SeqCst);
+            // Process-directed, so the main thread's sigwait sees it: the usual graceful
+            // stop (no new accepts, in-flight requests finish), with the rule untouched.
+            let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGTERM);
+        })?;
+    } else {
+        drop(offered);
+    }
+    // Last: whoever waits for this line may upgrade this process at once.
     tracing::info!("ready: the first pod list is published");
 
     let sig = signals.wait().context("waiting for signals")?;
     tracing::info!(signal = ?sig, grace = ?args.proxy.shutdown_grace, "stopping: no new connections, finishing in-flight requests");
     stopping.store(true, Ordering::SeqCst);
     if let Some(r) = &redirect {
-        r.stop();
+        r.stop(handed_over.load(Ordering::SeqCst));
     }
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -302,6 +391,13 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         tracing::warn!("in-flight requests did not finish within --shutdown-grace; exiting");
     }
     Ok(())
+}
+
+fn dup_all(listeners: &[std::net::TcpListener]) -> std::io::Result<Vec<std::net::TcpListener>> {
+    listeners
+        .iter()
+        .map(std::net::TcpListener::try_clone)
+        .collect()
 }
 
 fn bind_error(e: std::io::Error, port: u16, flag: &str) -> anyhow::Error {

@@ -5,8 +5,8 @@
 //! `/metrics` answer with hundreds of per-role series — later blocks of that size come from
 //! the heap, and the pages stay resident after they are freed. Fixing the threshold at its
 //! default (128 KiB) turns that growth off: blocks of 128 KiB and more are mapped on demand
-//! and unmapped when freed. Measured with 750 pods and 750 roles (loadtest/RESULTS.md):
-//! anonymous memory 16.7 → 9.0 MiB. The data plane's per-connection buffers (9 KiB by
+//! and unmapped when freed, which keeps a node with hundreds of roles at about half the
+//! anonymous memory (loadtest/RESULTS.md). The data plane's per-connection buffers (9 KiB by
 //! default) stay far below the threshold, so the request path never maps memory.
 #![allow(unsafe_code)]
 

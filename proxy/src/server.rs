@@ -28,8 +28,8 @@ impl std::fmt::Display for Driver {
 
 /// Picks the driver. `auto` takes io_uring only where it is at least as fast as epoll: the
 /// kernel must offer the ops monoio needs and accept `IORING_SETUP_COOP_TASKRUN` (Linux 5.19+).
-/// Without it every completion interrupts the worker through task_work, and io_uring served
-/// ~28 % fewer requests per second than epoll at ~40 % more CPU per request (loadtest/RESULTS.md).
+/// Without it every completion interrupts the worker through task_work, and io_uring serves
+/// fewer requests per second than epoll at more CPU per request (loadtest/RESULTS.md).
 pub fn resolve_driver(d: IoDriver) -> Result<Driver, String> {
     let uring_ok = monoio::utils::detect_uring();
     match d {
@@ -38,12 +38,49 @@ pub fn resolve_driver(d: IoDriver) -> Result<Driver, String> {
         IoDriver::Uring => Err(
             "--io-driver=uring was requested but this kernel does not offer io_uring (too old, or disabled by kernel.io_uring_disabled or seccomp); use --io-driver=epoll or auto.".into(),
         ),
-        IoDriver::Auto => Ok(if uring_ok && uring_fast() {
-            Driver::Uring
-        } else {
-            Driver::Epoll
-        }),
+        IoDriver::Auto if !uring_ok => {
+            // Container runtimes' default seccomp profiles (Docker, containerd, podman) block
+            // io_uring: say so once, so a slower node is explained by its log.
+            tracing::info!(
+                driver = "epoll",
+                "io_uring unavailable (blocked by seccomp, disabled by kernel.io_uring_disabled, or the kernel is too old): serving on epoll"
+            );
+            Ok(Driver::Epoll)
+        }
+        IoDriver::Auto if !uring_fast() => {
+            tracing::info!(
+                driver = "epoll",
+                "io_uring without COOP_TASKRUN (Linux before 5.19) is slower than epoll: serving on epoll"
+            );
+            Ok(Driver::Epoll)
+        }
+        IoDriver::Auto => Ok(Driver::Uring),
     }
+}
+
+/// `iamlet_io_driver_info{driver="uring"|"epoll"} 1`: the driver the workers run on.
+pub fn register_driver_metric(registry: &mut prometheus_client::registry::Registry, d: Driver) {
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+    struct DriverLabel {
+        driver: &'static str,
+    }
+    let family = prometheus_client::metrics::family::Family::<
+        DriverLabel,
+        prometheus_client::metrics::gauge::Gauge,
+    >::default();
+    family
+        .get_or_create(&DriverLabel {
+            driver: match d {
+                Driver::Uring => "uring",
+                Driver::Epoll => "epoll",
+            },
+        })
+        .set(1);
+    registry.sub_registry_with_prefix("iamlet").register(
+        "io_driver_info",
+        "The I/O driver the workers run on (1 for the one in use)",
+        family,
+    );
 }
 
 /// Whether the kernel accepts the ring setup that makes io_uring competitive (see
@@ -104,13 +141,13 @@ pub fn spawn(
 type UringSetup = (&'static str, fn(&mut io_uring::Builder));
 
 /// io_uring setups, best first. With the kernel's default setup, a completion that arrives
-/// for a worker is delivered as task_work with a signal-style notification; under load the
-/// worker spent ~18 % of its CPU in `__pv_queued_spin_lock_slowpath` under `io_run_task_work`
-/// and `get_signal` (perf, loadtest/RESULTS.md) and used ~40 % more CPU per request than
-/// epoll. DEFER_TASKRUN (Linux 6.1+; needs SINGLE_ISSUER, which holds: only this thread
-/// touches its ring) queues completions on a lock-free list that the worker drains when it
-/// enters the ring to wait; COOP_TASKRUN (5.19+) drops the interrupt. Both measured at epoll's
-/// CPU per request. Kernels that refuse a flag (EINVAL) get the next setup.
+/// for a worker is delivered as task_work with a signal-style notification, so a busy worker
+/// spends its time in spin-lock slow paths under `io_run_task_work` and `get_signal` and pays
+/// more CPU per request than epoll (perf profiles in loadtest/RESULTS.md). DEFER_TASKRUN
+/// (Linux 6.1+; needs SINGLE_ISSUER, which holds: only this thread touches its ring) queues
+/// completions on a lock-free list that the worker drains when it enters the ring to wait;
+/// COOP_TASKRUN (5.19+) drops the interrupt; either brings io_uring to epoll's CPU per
+/// request. Kernels that refuse a flag (EINVAL) get the next setup.
 const URING_SETUPS: [UringSetup; 3] = [
     ("defer_taskrun", |b| {
         b.setup_single_issuer().setup_defer_taskrun();
@@ -154,7 +191,65 @@ fn run_worker(l: std::net::TcpListener, shared: Arc<Shared>, driver: Driver, adm
     }
 }
 
+/// How often a worker looks for connections waiting in its listener's queue while
+/// `Shared::sweeping` is set.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+enum Step {
+    Accepted(std::io::Result<(monoio::net::TcpStream, SocketAddr)>),
+    Sweep,
+    Stop,
+}
+
+/// Accepts, without waiting, whatever is queued on the listener. Right after a listener
+/// handover the previous process cancels its pending accepts on the same sockets; an
+/// io_uring accept wakes one waiter per connection, and a wake-up taken by an accept being
+/// cancelled can leave a connection queued with no waiter woken for it (until the next
+/// connection arrives, which may never come from a client waiting on this one).
+fn sweep(worker: &Rc<Worker>, listener: &std::net::TcpListener, max: usize) {
+    for _ in 0..1024 {
+        let Ok((s, peer)) = listener.accept() else {
+            return;
+        };
+        let stream = s
+            .set_nonblocking(true)
+            .and_then(|()| monoio::net::TcpStream::from_std(s));
+        if let Ok(stream) = stream {
+            admit(worker, stream, peer, max);
+        }
+    }
+}
+
+/// Takes an accepted connection, or closes it at once when its source is at its cap or the
+/// worker is full of busy connections.
+fn admit(worker: &Rc<Worker>, stream: monoio::net::TcpStream, peer: SocketAddr, max: usize) {
+    worker.metrics.connections.inc();
+    let ip = peer.ip().to_canonical();
+    // One source may not hold every slot: past its cap it is refused, and the others keep
+    // theirs.
+    let Some(permit) = worker.shared.sources.try_acquire(ip) else {
+        worker.metrics.rejected_per_source.inc();
+        return;
+    };
+    // At the worker's cap, the connection idle the longest makes room: a newcomer is refused
+    // only when every connection is mid-request.
+    if worker.live_connections() >= max {
+        if worker.evict_idlest() {
+            worker.metrics.connections_evicted.inc();
+        } else {
+            worker.metrics.rejected_worker_full.inc();
+            return;
+        }
+    }
+    worker.starting();
+    monoio::spawn(conn::serve(stream, ip, worker.clone(), permit));
+}
+
 async fn accept_loop(l: std::net::TcpListener, shared: Arc<Shared>, admin_only: bool) {
+    // A non-blocking handle on the same socket for sweeps (see `Shared::sweeping`).
+    let sweeper = l
+        .try_clone()
+        .and_then(|d| d.set_nonblocking(true).map(|()| d));
     let listener = match monoio::net::TcpListener::from_std(l) {
         Ok(l) => l,
         Err(e) => {
@@ -165,46 +260,62 @@ async fn accept_loop(l: std::net::TcpListener, shared: Arc<Shared>, admin_only: 
     let worker = Rc::new(Worker::new(shared, admin_only));
     let max = worker.shared.limits.max_connections;
     let mut stop = std::pin::pin!(stopped(worker.clone()));
+    // One accept in flight at a time, kept across sweeps: dropping it would cancel it.
+    let mut canceller = monoio::io::Canceller::new();
+    let mut accept = Box::pin(listener.cancelable_accept(canceller.handle()));
     loop {
-        monoio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    worker.metrics.connections.inc();
-                    let ip = peer.ip().to_canonical();
-                    // One source may not hold every slot: past its cap it is refused, and
-                    // the others keep theirs.
-                    let Some(permit) = worker.shared.sources.try_acquire(ip) else {
-                        worker.metrics.rejected_per_source.inc();
-                        drop(stream);
-                        continue;
-                    };
-                    // At the worker's cap, the connection idle the longest makes room: a
-                    // newcomer is refused only when every connection is mid-request.
-                    if worker.live_connections() >= max {
-                        if worker.evict_idlest() {
-                            worker.metrics.connections_evicted.inc();
-                        } else {
-                            worker.metrics.rejected_worker_full.inc();
-                            drop(stream);
-                            continue;
-                        }
+        let step = if worker
+            .shared
+            .sweeping
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            monoio::select! {
+                a = &mut accept => Step::Accepted(a),
+                _ = &mut stop => Step::Stop,
+                _ = monoio::time::sleep(SWEEP_EVERY) => Step::Sweep,
+            }
+        } else {
+            monoio::select! {
+                a = &mut accept => Step::Accepted(a),
+                _ = &mut stop => Step::Stop,
+            }
+        };
+        match step {
+            Step::Accepted(a) => {
+                canceller = monoio::io::Canceller::new();
+                accept = Box::pin(listener.cancelable_accept(canceller.handle()));
+                match a {
+                    Ok((stream, peer)) => admit(&worker, stream, peer, max),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        monoio::time::sleep(std::time::Duration::from_millis(10)).await;
                     }
-                    monoio::spawn(conn::serve(stream, ip, worker.clone(), permit));
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Step::Sweep => {
+                if let Ok(s) = &sweeper {
+                    sweep(&worker, s, max);
                 }
-            },
-            _ = &mut stop => break,
+            }
+            Step::Stop => {
+                // Cancelled, then awaited: an accept the kernel already completed yields its
+                // connection, which is served (dropping it would reset a client).
+                let _ = canceller.cancel();
+                if let Ok((stream, peer)) = accept.await {
+                    admit(&worker, stream, peer, max);
+                }
+                break;
+            }
         }
     }
     // Graceful stop: no more accepts; idle keep-alive connections are closed, busy ones
     // finish their answer, bounded by --shutdown-grace.
     drop(listener);
+    // The socket must stop listening with the workers, not linger on a spare handle.
+    drop(sweeper);
     worker.close_reads();
     let deadline = std::time::Instant::now() + worker.shared.shutdown_grace;
-    while worker.open_connections() > 0 && std::time::Instant::now() < deadline {
+    while worker.unfinished_connections() > 0 && std::time::Instant::now() < deadline {
         monoio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }

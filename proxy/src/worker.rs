@@ -79,6 +79,9 @@ pub struct Shared {
     /// Set while one worker renders `/metrics`; the others serve the previous rendering.
     pub metrics_rendering: AtomicBool,
     pub metrics_max_age: Duration,
+    /// Set for a while after a listener handover: workers also sweep their listener's queue
+    /// (`server::sweep`), for a connection whose wake-up the previous process took with it.
+    pub sweeping: AtomicBool,
     /// Node-side readiness (with --iptables: the rule is installed); `/ready` needs it and
     /// the resolver's first publish.
     pub node_ready: Arc<AtomicBool>,
@@ -168,6 +171,8 @@ pub struct Worker {
     idle_seq: Cell<u64>,
     /// Connections shut down to make room, not yet closed by their task.
     evicting: Cell<usize>,
+    /// Connections accepted whose task has not run yet (a stopping worker waits for them).
+    starting: Cell<usize>,
     /// Read and output buffers of closed connections, reused by new ones (a new connection
     /// per request is what SDKs do; this saves two allocations of ~9 and 4 KiB per request).
     bufs: RefCell<Vec<(Vec<u8>, Vec<u8>)>>,
@@ -194,6 +199,7 @@ impl Worker {
             next_conn: Cell::new(0),
             idle_seq: Cell::new(0),
             evicting: Cell::new(0),
+            starting: Cell::new(0),
             bufs: RefCell::new(Vec::new()),
             shared,
         }
@@ -229,6 +235,16 @@ impl Worker {
     /// Number of open connections on this worker.
     pub fn open_connections(&self) -> usize {
         self.open.borrow().len()
+    }
+
+    /// A connection was accepted; its task will call [`Worker::track`].
+    pub fn starting(&self) {
+        self.starting.set(self.starting.get() + 1);
+    }
+
+    /// Connections accepted and not yet closed, whether or not their task has run.
+    pub fn unfinished_connections(&self) -> usize {
+        self.open.borrow().len() + self.starting.get()
     }
 
     /// Open connections that are not already being closed to make room.
@@ -273,6 +289,7 @@ impl Worker {
     }
 
     pub fn track(&self, fd: RawFd) -> ConnGuard<'_> {
+        self.starting.set(self.starting.get().saturating_sub(1));
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
         let state = Rc::new(ConnState {
@@ -288,11 +305,15 @@ impl Worker {
         }
     }
 
-    /// Shuts down the read side of every open connection: idle ones see EOF and close,
-    /// busy ones finish writing their answer first.
+    /// Shuts down the read side of every idle keep-alive connection (it sees EOF and
+    /// closes). Busy ones, and ones accepted but not yet read, are left alone: they answer
+    /// their request with `Connection: close` (the worker is stopping) and close then — a
+    /// shut-down read would drop a request already sent and reset the connection.
     pub fn close_reads(&self) {
         for c in self.open.borrow().values() {
-            let _ = nix::sys::socket::shutdown(c.fd, nix::sys::socket::Shutdown::Read);
+            if c.idle_since.get() != 0 {
+                let _ = nix::sys::socket::shutdown(c.fd, nix::sys::socket::Shutdown::Read);
+            }
         }
     }
 }

@@ -83,6 +83,16 @@ impl Resolver {
     pub fn wait_first_sync(&self) -> Result<(), StartError> {
         self.first_sync.recv().unwrap_or(Err(StartError::Stopped))
     }
+
+    /// As [`Resolver::wait_first_sync`], at most `timeout`: `None` when it has not happened
+    /// yet (call again to keep waiting).
+    pub fn wait_first_sync_for(&self, timeout: Duration) -> Option<Result<(), StartError>> {
+        match self.first_sync.recv_timeout(timeout) {
+            Ok(r) => Some(r),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => Some(Err(StartError::Stopped)),
+        }
+    }
 }
 
 /// Starts the resolver on its own thread (`iamlet-resolver`, a current-thread tokio runtime).

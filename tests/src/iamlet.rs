@@ -62,6 +62,8 @@ pub struct IamletBuilder {
     envs: Vec<(String, String)>,
     /// Return from `start` once listening, without waiting for the first pod list.
     unsynced: bool,
+    /// Return from `start` once the log has this line, listening or not.
+    until: Option<String>,
 }
 
 impl IamletBuilder {
@@ -112,6 +114,13 @@ impl IamletBuilder {
         self
     }
 
+    /// `start` returns as soon as the log has a line containing `needle` (e.g. a step of a
+    /// handover, before the new process listens); [`Iamlet::addr`] is then unknown.
+    pub fn until(mut self, needle: &str) -> Self {
+        self.until = Some(needle.to_owned());
+        self
+    }
+
     /// Spawns iamlet and waits (bounded) for its `listening ... addr=` log line and, unless
     /// [`IamletBuilder::unsynced`], for its `ready:` line (the first pod list is published).
     /// Panics with the exit status and full log if it exits first or never gets there.
@@ -148,6 +157,14 @@ impl IamletBuilder {
             pods_file,
             _dir: dir,
         };
+        if let Some(needle) = &self.until {
+            if !me.wait_for_log(needle, STARTUP) {
+                let log = me.log();
+                drop(me);
+                panic!("iamlet did not log `{needle}` within {STARTUP:?}; log:\n{log}");
+            }
+            return me;
+        }
         match me.wait_listening() {
             Ok(port) => me.port = port,
             Err(msg) => {

@@ -48,7 +48,8 @@ struct State {
     max_in_flight: usize,
 }
 
-/// Counts one AssumeRole call as in flight until dropped (the answer written or given up).
+/// Counts one AssumeRole call as in flight until dropped (just before the answer is written,
+/// or when the call is given up).
 struct InFlight<'a>(&'a Mutex<State>);
 
 impl<'a> InFlight<'a> {
@@ -193,7 +194,7 @@ fn serve(conn: TcpStream, upstream: SocketAddr, state: &Mutex<State>, stop: &Ato
         }
         (fault, if is_assume { st.expires_in } else { None })
     };
-    let _in_flight = is_assume.then(|| InFlight::enter(state));
+    let in_flight = is_assume.then(|| InFlight::enter(state));
     match fault {
         Fault::Pass => {}
         Fault::Delay(d) => std::thread::sleep(d),
@@ -256,6 +257,9 @@ fn serve(conn: TcpStream, upstream: SocketAddr, state: &Mutex<State>, stop: &Ato
         Some(d) => rewrite_expiration(&resp, d),
         None => resp,
     };
+    // Answered: out of flight before the bytes go out, since the caller may start its next
+    // call the moment it has them, before this thread runs again.
+    drop(in_flight);
     let _ = conn.write_all(&resp);
 }
 

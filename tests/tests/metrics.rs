@@ -367,5 +367,22 @@ fn a_fresh_agent_exposes_every_dashboard_family_at_zero() {
     ] {
         assert!(text.lines().any(|l| l == line), "`{line}` missing:\n{text}");
     }
+    // The driver the workers run on, as the `listening` line says.
+    let log = iamlet.log();
+    let driver = log
+        .lines()
+        .find(|l| l.contains(" listening "))
+        .and_then(|l| l.split("driver=").nth(1))
+        .map(|d| d.split_whitespace().next().unwrap_or("").to_owned())
+        .unwrap_or_else(|| panic!("no driver in the listening line:\n{log}"));
+    let line = format!("iamlet_io_driver_info{{driver=\"{driver}\"}} 1");
+    assert!(text.lines().any(|l| l == line), "`{line}` missing:\n{text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("iamlet_io_driver_info{"))
+            .count(),
+        1,
+        "one driver:\n{text}"
+    );
     drop(silent);
 }

@@ -424,7 +424,7 @@ fn kill_9_leaves_the_rule_restart_keeps_one_set_cleanup_removes_everything() {
     assert_eq!(node.imds_requests_from(node.pod("cali1")), 0);
 
     // Restart: exactly one rule set, whatever ran before; twice, then with another interface
-    // value (the seed's "rule added twice with different --host-interface values").
+    // value (kube2iam's "rule added twice with different --host-interface values").
     for flags in [
         &["--host-interface=cali+"][..],
         &["--host-interface=cali+"],
@@ -491,7 +491,7 @@ fn a_deleted_moved_or_emptied_rule_is_restored_within_the_verify_interval() {
     let want = Seen::Iamlet(role_of("cali1"));
     assert_eq!(seen(node.pod("cali1")), want);
     let tamper: &[&[&str]] = &[
-        // The jump deleted by hand (the seed's manual fix, applied to a running agent).
+        // The jump deleted by hand (kube2iam users' manual fix, applied to a running agent).
         &["-t", "nat", "-D", "PREROUTING", "1"],
         // Another rule inserted above it (kube2iam PR #21).
         &[
@@ -768,7 +768,7 @@ fn startup_errors_are_one_sentence_with_the_fix() {
     std::fs::write(&pods_file, "apiVersion: v1\nkind: List\nitems: []\n").unwrap();
     let pods_flag = format!("--pods-from={}", pods_file.display());
 
-    // The wrong --host-interface for the CNI (the seed's `route ip+net: no such network
+    // The wrong --host-interface for the CNI (kube2iam's `route ip+net: no such network
     // interface`).
     let out = node.cli_str(&[
         "--iptables",

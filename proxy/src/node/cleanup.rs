@@ -1,7 +1,7 @@
 //! `iamlet cleanup [--kube2iam]`: removes everything iamlet installed — the IAMLET chain and
 //! every jump to it, IPv4 and IPv6, in every installed backend — in one atomic restore per
 //! table. With `--kube2iam`, also kube2iam's PREROUTING DNAT rules to the metadata address
-//! (the seed's manual `iptables -t nat -S PREROUTING | grep 169.254.169.254` + `-D`).
+//! (kube2iam's manual fix: `iptables -t nat -S PREROUTING | grep 169.254.169.254` + `-D`).
 //! Idempotent: nothing to remove is success.
 
 use super::backend::{Backend, Tool};

@@ -1,4 +1,4 @@
-//! `iamlet doctor`: the node checks of design.md ("Node integration"), one line each —
+//! `iamlet doctor`: the node checks, one line each —
 //! `OK|WARN|FAIL <check>: <what was found / what to do>` — exit 1 on any FAIL. Run with the
 //! agent's flags; inside the agent's container (`kubectl exec ds/iamlet -- iamlet doctor`)
 //! it adopts the running agent's flags when none are given.

@@ -116,14 +116,18 @@ impl Redirect {
                 format!("cannot install the {} redirect with {}: {e}; iamlet needs NET_ADMIN (privileged: true) and a working {}.", d.family, self.backend.tool(d.family, Tool::Restore), self.backend.tool(d.family, Tool::Tables))
             })?;
             match outcome {
+                // Untouched, and no conntrack flush: the connections it tracks already go to
+                // an iamlet (during a handover, to the one handing its sockets over).
                 Outcome::AlreadyInPlace => {
                     tracing::info!(family = %d.family, backend = %self.backend, chain = rules::CHAIN, "iptables redirect already in place")
                 }
                 Outcome::Applied(p) => {
-                    tracing::info!(family = %d.family, backend = %self.backend, chain = rules::CHAIN, fixed = %rules::describe(&p), "iptables redirect installed")
+                    tracing::info!(family = %d.family, backend = %self.backend, chain = rules::CHAIN, fixed = %rules::describe(&p), "iptables redirect installed");
+                    // Connections a pod opened before the rule reached the node's metadata
+                    // service: cut them.
+                    self.flush_conntrack(d);
                 }
             }
-            self.flush_conntrack(d);
             self.metrics.set_present(d.family, true);
         }
         self.ready.store(true, Ordering::Release);
@@ -257,13 +261,21 @@ impl Redirect {
 
     /// On exit: stops the verifier (waiting for a pass in progress); removes the redirect
     /// with `--iptables-remove-on-exit`, otherwise leaves it so pods never fall through to the
-    /// node's role (fail-closed).
-    pub fn stop(&self) {
+    /// node's role (fail-closed). After a listener handover (`handed_over`) the redirect is
+    /// the new process's: only the verifier stops.
+    pub fn stop(&self, handed_over: bool) {
         if let Some(tx) = self.verifier.get() {
             let (ack_tx, ack_rx) = mpsc::channel();
             if tx.send(ack_tx).is_ok() {
                 let _ = ack_rx.recv_timeout(cmd::TIMEOUT * 4);
             }
+        }
+        if handed_over {
+            tracing::info!(
+                chain = rules::CHAIN,
+                "listeners handed over: the iptables redirect stays as it is for the new process"
+            );
+            return;
         }
         if !self.remove_on_exit {
             tracing::info!(

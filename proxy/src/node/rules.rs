@@ -12,7 +12,7 @@ pub const CHAIN: &str = "IAMLET";
 /// Port pods send metadata requests to.
 pub const METADATA_PORT: u16 = 80;
 
-/// Comment on the jump from PREROUTING. It names the metadata address so that the seed's
+/// Comment on the jump from PREROUTING. It names the metadata address so that kube2iam users' habitual
 /// `iptables -t nat -S PREROUTING | grep 169.254.169.254` finds it, and says how to go.
 fn jump_comment(metadata: IpAddr) -> String {
     format!(

@@ -1,0 +1,253 @@
+//! Upgrades through the listener handover, with the real binary: a client opening a new
+//! connection per request keeps asking while iamlet is replaced again and again; not one
+//! request may be refused, reset, answered with an error, or take a second. Then the
+//! half-done handovers: the new process killed before it takes over, the old one killed
+//! while the new one syncs — one process serves at every step.
+
+use iamlet_e2e::apiserver::ApiServer;
+use iamlet_e2e::rig::data::{self as dataplane, POD, ip};
+use iamlet_e2e::util::TempDir;
+use iamlet_e2e::{FakeImds, Iamlet, Moto, drivers, try_request_from, wait_until};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const LIST: &[u8] = b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n";
+
+/// A pod asking for its role listing on a new connection each time, as fast as it can
+/// (bounded by `stop` and a count), recording every failure with when it happened.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, allow_not_found: bool) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let (s, o, f) = (stop.clone(), ok.clone(), failures.clone());
+        let thread = std::thread::spawn(move || {
+            let began = Instant::now();
+            for _ in 0..2_000_000u32 {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let t = Instant::now();
+                let r = try_request_from(ip(POD), addr, LIST);
+                let took = t.elapsed();
+                let at = began.elapsed();
+                match r {
+                    Ok(r) if r.status == 200 && took < Duration::from_secs(1) => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) if r.status == 404 && allow_not_found => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => f
+                        .lock()
+                        .unwrap()
+                        .push(format!("{at:?}: {} after {took:?}", r.status)),
+                    Err(e) => f.lock().unwrap().push(format!("{at:?}: {e}")),
+                }
+            }
+        });
+        Load {
+            stop,
+            ok,
+            failures,
+            thread: Some(thread),
+        }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Waits until at least `n` more requests succeeded (the load is flowing).
+    fn wait_for_more(&self, n: u64) {
+        let from = self.ok();
+        wait_until!(
+            Duration::from_secs(20),
+            self.ok() >= from + n,
+            "{n} more answered requests (failures: {:?})",
+            self.failures.lock().unwrap()
+        );
+    }
+
+    fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("load thread");
+        }
+        (self.ok(), self.failures.lock().unwrap().clone())
+    }
+}
+
+fn agent(driver: &str, moto: &Moto, imds: &FakeImds, sock: &str) -> iamlet_e2e::IamletBuilder {
+    dataplane::builder(
+        driver,
+        moto,
+        imds,
+        &[&format!("--handover-socket={sock}"), "--workers=2"],
+    )
+}
+
+#[test]
+fn upgrades_hand_the_listening_sockets_over_and_refuse_no_connection() {
+    for driver in drivers() {
+        let dir = TempDir::new("handover");
+        let sock = dir.path().join("run/handover.sock").display().to_string();
+        let (moto, imds) = (Moto::start(), FakeImds::start());
+        let mut old = agent(driver, &moto, &imds, &sock).start();
+        let addr = old.addr();
+        let load = Load::start(addr, false);
+        load.wait_for_more(50);
+        let upgrades = 5;
+        for i in 0..upgrades {
+            let new = agent(driver, &moto, &imds, &sock).start();
+            assert!(
+                new.log()
+                    .contains("handover: took the running iamlet's listening sockets"),
+                "driver {driver}: upgrade {i}: {}",
+                new.log()
+            );
+            assert_eq!(new.addr(), addr, "driver {driver}: the same socket");
+            let (code, timed_out) = old.wait_exit(Duration::from_secs(20));
+            assert_eq!(
+                (code, timed_out),
+                (Some(0), false),
+                "driver {driver}: upgrade {i}: the old process drains and exits: {}",
+                old.log()
+            );
+            assert!(
+                old.wait_for_log(
+                    "handover: the new process accepts on our sockets",
+                    Duration::from_secs(5)
+                ),
+                "driver {driver}: {}",
+                old.log()
+            );
+            old = new;
+            load.wait_for_more(50);
+        }
+        let (ok, failures) = load.finish();
+        println!(
+            "driver {driver}: {upgrades} upgrades under load: {ok} requests, {} failed",
+            failures.len()
+        );
+        assert!(
+            failures.is_empty(),
+            "driver {driver}: {} of {} requests failed across {upgrades} upgrades: {:?}",
+            failures.len(),
+            ok + failures.len() as u64,
+            &failures[..failures.len().min(10)]
+        );
+        let mode = std::fs::metadata(&sock).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.permissions().mode() & 0o777, 0o600, "driver {driver}");
+    }
+}
+
+#[test]
+fn a_new_process_killed_before_it_takes_over_leaves_the_old_one_serving() {
+    let driver = drivers()[0];
+    let dir = TempDir::new("handover-kill-new");
+    let sock = dir.path().join("handover.sock").display().to_string();
+    let (moto, imds) = (Moto::start(), FakeImds::start());
+    let mut old = agent(driver, &moto, &imds, &sock).start();
+    let addr = old.addr();
+    let load = Load::start(addr, false);
+    load.wait_for_more(50);
+    // A new process that holds the sockets but never syncs (its API server refuses it).
+    let api = ApiServer::start();
+    api.refuse(Some(403));
+    let mut stuck = Iamlet::builder()
+        .sts(&moto)
+        .imds(&imds)
+        .arg(format!("--api-server={}", api.url()))
+        .arg("--node=node-a")
+        .arg(format!("--handover-socket={sock}"))
+        .until("handover: waiting for the first pod list")
+        .start();
+    load.wait_for_more(50);
+    stuck.kill_9();
+    load.wait_for_more(50);
+    assert!(
+        old.try_exit_status().is_none(),
+        "the old process must keep serving: {}",
+        old.log()
+    );
+    assert!(
+        old.wait_for_log("handover abandoned; still serving", Duration::from_secs(5)),
+        "{}",
+        old.log()
+    );
+    // The next upgrade still works.
+    let new = agent(driver, &moto, &imds, &sock).start();
+    let (code, _) = old.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{}", old.log());
+    load.wait_for_more(50);
+    let (ok, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {ok} failed: {failures:?}",
+        failures.len()
+    );
+    drop(new);
+}
+
+#[test]
+fn an_old_process_killed_during_the_handover_leaves_the_new_one_accepting() {
+    let driver = drivers()[0];
+    let dir = TempDir::new("handover-kill-old");
+    let sock = dir.path().join("handover.sock").display().to_string();
+    let (moto, imds) = (Moto::start(), FakeImds::start());
+    let mut old = agent(driver, &moto, &imds, &sock).start();
+    let addr = old.addr();
+    // The new process syncs from an API server that refuses it for now, so the old one dies
+    // while the new one waits: the new one must take the connections at once (they wait for
+    // the pod list and get 404 meanwhile, never a refused or reset connection).
+    let api = ApiServer::start();
+    api.refuse(Some(403));
+    api.create_pod(
+        &iamlet_e2e::PodBuilder::running("shop", "app", "node-a", "127.0.0.11").role("app-role"),
+    );
+    let new = Iamlet::builder()
+        .sts(&moto)
+        .imds(&imds)
+        .arg(format!("--api-server={}", api.url()))
+        .arg("--node=node-a")
+        .arg(format!("--base-role-arn={}", dataplane::BASE))
+        .arg("--backoff-max-elapsed-time=200ms")
+        .arg(format!("--handover-socket={sock}"))
+        .until("handover: waiting for the first pod list")
+        .start();
+    let load = Load::start(addr, true);
+    load.wait_for_more(20);
+    let killed_at = load.ok();
+    old.kill_9();
+    assert!(
+        new.wait_for_log("previous iamlet went away", Duration::from_secs(5)),
+        "{}",
+        new.log()
+    );
+    load.wait_for_more(20);
+    api.refuse(None);
+    wait_until!(
+        Duration::from_secs(60),
+        try_request_from(ip(POD), addr, LIST).is_ok_and(|r| r.status == 200),
+        "the new process's pods once its API server answers"
+    );
+    let (ok, failures) = load.finish();
+    // The client asks one request at a time: the one the killed process was answering, if
+    // any, dies with it. Nothing else may fail.
+    assert!(
+        failures.len() <= 1,
+        "{} of {ok} failed (killed after {killed_at} answers): {failures:?}",
+        failures.len()
+    );
+}
