@@ -768,7 +768,19 @@ def main():
     p.add_argument("--soak-seconds", type=int, default=600)
     p.add_argument("--soak-pods", type=int, default=200)
     p.add_argument("--soak-roles", type=int, default=20)
-    p.add_argument("--skip", default="", help="comma-separated: matrix,scaling,storm,soak")
+    p.add_argument("--attack-seconds", type=float, default=None, help="attack: seconds per phase (10; smoke 1.5)")
+    p.add_argument("--attack-quiet", type=float, default=None,
+                   help="attack: quiet seconds after each phase, at least --metrics-max-age (3; smoke 1.2)")
+    p.add_argument("--attack-workers", type=int, default=None, help="attack: iamlet workers (2)")
+    p.add_argument("--attack-conns", type=int, default=None, help="attack phase a: connections (10000; smoke 2000)")
+    p.add_argument("--attack-slowloris", type=int, default=None, help="attack phase c: connections (2000; smoke 500)")
+    p.add_argument("--upgrade-count", type=int, default=None, help="upgrade: upgrades per mode (20; smoke 2)")
+    p.add_argument("--upgrade-rate", type=int, default=None,
+                   help="upgrade: the pod's requests per second, each on a new connection (1000; smoke 500)")
+    p.add_argument("--upgrade-gap", type=float, default=None, help="upgrade: seconds of steady load between upgrades (1; smoke 0.3)")
+    p.add_argument("--upgrade-workers", type=int, default=None, help="upgrade: iamlet workers (2)")
+    p.add_argument("--upgrade-driver", default=None, help="upgrade: iamlet --io-driver (epoll)")
+    p.add_argument("--skip", default="", help="comma-separated: matrix,scaling,storm,soak,attack,upgrade")
     a = p.parse_args()
     skip = set(filter(None, a.skip.split(",")))
 
@@ -817,6 +829,14 @@ def main():
         storm(env, results, "storm_fake_sts_small", env.fake_sts_port, count=min(32, a.storm_pods))
     if "soak" not in skip:
         soak(env, results)
+    if "attack" not in skip:
+        import attack
+
+        attack.run(env, results, sys.modules[__name__])
+    if "upgrade" not in skip:
+        import upgrade
+
+        upgrade.run(env, results, sys.modules[__name__])
     results["wall_s"] = round(time.time() - t0, 1)
     results["environment"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     kill_all()

@@ -131,6 +131,14 @@ def problems(results):
             p.append(f"soak: {sk['errors']} errors, {sk['wrong_role']} wrong-role answers")
         if not sk["requests"]:
             p.append("soak: no requests")
+    if results.get("attack"):
+        import attack
+
+        p += attack.problems(results)
+    if results.get("upgrade"):
+        import upgrade
+
+        p += upgrade.problems(results)
     return p
 
 
@@ -208,7 +216,7 @@ def targets(results, summ, scal):
     return t
 
 
-def markdown(results, summ, scal, svg_rel):
+def markdown(results, summ, scal, svg_rel, attack_svg_rel=None, upgrade_svg_rel=None):
     e = results["environment"]
     L = []
     title = "Smoke run" if results.get("smoke") else "Data-plane load test"
@@ -329,6 +337,16 @@ def markdown(results, summ, scal, svg_rel):
             L.append("| RSS MiB | " + " | ".join(f"{p['rss_kib'] / 1024:.1f}" for p in pts[::step]) + " |")
             L.append("| errors / wrong | " + " | ".join(f"{p['errors']}/{p['wrong_role']}" for p in pts[::step]) + " |")
         L.append("")
+    if results.get("attack"):
+        import attack
+
+        L.append(attack.markdown(results, attack_svg_rel).rstrip("\n"))
+        L.append("")
+    if results.get("upgrade"):
+        import upgrade
+
+        L.append(upgrade.markdown(results, upgrade_svg_rel).rstrip("\n"))
+        L.append("")
     L.append("Targets:")
     L.append("")
     L.append("| target | measured | met |")
@@ -404,7 +422,26 @@ def write(results, out_dir, smoke=False):
         json.dump(results, f, indent=1)
     with open(spath, "w") as f:
         f.write(svg(summ))
-    md = markdown(results, summ, scal, os.path.relpath(spath, os.path.dirname(results_md)))
+    paths = [jpath, spath]
+    attack_rel = None
+    if results.get("attack"):
+        import attack
+
+        apath = os.path.join(out_dir, base + "-attack.svg")
+        with open(apath, "w") as f:
+            f.write(attack.svg(results))
+        paths.append(apath)
+        attack_rel = os.path.relpath(apath, os.path.dirname(results_md))
+    upgrade_rel = None
+    if results.get("upgrade") and not results["upgrade"].get("skipped"):
+        import upgrade
+
+        upath = os.path.join(out_dir, base + "-upgrade.svg")
+        with open(upath, "w") as f:
+            f.write(upgrade.svg(results))
+        paths.append(upath)
+        upgrade_rel = os.path.relpath(upath, os.path.dirname(results_md))
+    md = markdown(results, summ, scal, os.path.relpath(spath, os.path.dirname(results_md)), attack_rel, upgrade_rel)
     new = not os.path.exists(results_md)
     with open(results_md, "a") as f:
         if new:
@@ -412,4 +449,4 @@ def write(results, out_dir, smoke=False):
                     "raw JSON and charts are in `loadtest/results/`. Other benchmark sections "
                     "(control plane) are kept separate.\n\n")
         f.write("\n" + md)
-    return [jpath, spath, results_md]
+    return paths + [results_md]
