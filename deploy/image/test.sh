@@ -569,7 +569,7 @@ nsenter --net="/run/netns/iamlet-pod1-$ID" python3 "$WORK/load.py" "${ROLES[1]}"
 LOAD=$!
 PIDS+=("$LOAD")
 for i in $(seq 1 50); do
-  grep -q '^first ok' "$WORK/load.log" && break
+  grep -qs '^first ok' "$WORK/load.log" && break
   kill -0 "$LOAD" 2>/dev/null || surge_fail "the load stopped"
   sleep 0.1
 done

@@ -353,6 +353,25 @@ fn hand_over(conn: &UnixStream, path: &Path, listeners: &Listeners) -> Result<()
 mod tests {
     use super::*;
 
+    /// Offers a copy of `app` at `path`; the receiver gets a message when asked to stop.
+    fn offer_one(
+        path: &Path,
+        app: &TcpListener,
+    ) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<()>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = offer(
+            path,
+            Listeners {
+                app: vec![app.try_clone().unwrap()],
+                admin: vec![],
+            },
+            Default::default(),
+            move || tx.send(()).unwrap(),
+        )
+        .unwrap();
+        (t, rx)
+    }
+
     #[test]
     fn the_sockets_line_is_parsed_strictly() {
         assert_eq!(
@@ -378,17 +397,7 @@ mod tests {
         let addr = app.local_addr().unwrap();
         // A client queued on the old listener before the handover.
         let mut queued = std::net::TcpStream::connect(addr).unwrap();
-        let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
-        let t = offer(
-            &path,
-            Listeners {
-                app: vec![app.try_clone().unwrap()],
-                admin: vec![],
-            },
-            Default::default(),
-            move || stopped_tx.send(()).unwrap(),
-        )
-        .unwrap();
+        let (t, stopped_rx) = offer_one(&path, &app);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let taken = take_over(&path).unwrap().expect("a peer serves");
@@ -426,17 +435,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("iamlet-abandon-{}", std::process::id()));
         let path = dir.join("handover.sock");
         let app = TcpListener::bind("127.0.0.1:0").unwrap();
-        let (stopped_tx, stopped_rx) = std::sync::mpsc::channel::<()>();
-        let _t = offer(
-            &path,
-            Listeners {
-                app: vec![app.try_clone().unwrap()],
-                admin: vec![],
-            },
-            Default::default(),
-            move || stopped_tx.send(()).unwrap(),
-        )
-        .unwrap();
+        let (_t, stopped_rx) = offer_one(&path, &app);
         // Takes the sockets, then dies (drops everything) before STOP.
         let taken = take_over(&path).unwrap().unwrap();
         drop(taken);

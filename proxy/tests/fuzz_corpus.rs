@@ -11,9 +11,12 @@ mod response_harness;
 
 use std::path::Path;
 
-#[test]
-fn every_corpus_input_replays_without_panics_and_keeps_the_invariants() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/request");
+/// Runs every file of `corpus/<name>` (at least `min` of them) through `check`; no input may
+/// panic. Returns how many were replayed.
+fn replay(name: &str, min: usize, check: fn(&[u8])) -> usize {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(name);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.expect("dir entry").path())
@@ -21,22 +24,28 @@ fn every_corpus_input_replays_without_panics_and_keeps_the_invariants() {
         .collect();
     files.sort();
     assert!(
-        files.len() >= 50,
+        files.len() >= min,
         "only {} corpus files in {}",
         files.len(),
         dir.display()
     );
     for f in &files {
         let data = std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        let outcome = std::panic::catch_unwind(|| harness::check(&data));
+        let outcome = std::panic::catch_unwind(|| check(&data));
         assert!(
             outcome.is_ok(),
-            "{} ({:?}) broke the harness",
+            "{} ({:?}) broke the {name} harness",
             f.display(),
             String::from_utf8_lossy(&data)
         );
     }
-    println!("replayed {} corpus inputs", files.len());
+    files.len()
+}
+
+#[test]
+fn every_corpus_input_replays_without_panics_and_keeps_the_invariants() {
+    let n = replay("request", 50, harness::check);
+    println!("replayed {n} corpus inputs");
 }
 
 #[test]
@@ -55,23 +64,6 @@ fn hand_picked_targets_keep_the_invariants() {
 
 #[test]
 fn every_upstream_answer_in_the_corpus_is_framed_within_the_invariants() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/response");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    assert!(files.len() >= 16, "only {} corpus files", files.len());
-    for f in &files {
-        let data = std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        let outcome = std::panic::catch_unwind(|| response_harness::check(&data));
-        assert!(
-            outcome.is_ok(),
-            "{} ({:?}) broke the response harness",
-            f.display(),
-            String::from_utf8_lossy(&data)
-        );
-    }
-    println!("replayed {} upstream answers", files.len());
+    let n = replay("response", 16, response_harness::check);
+    println!("replayed {n} upstream answers");
 }
