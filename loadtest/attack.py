@@ -28,6 +28,8 @@ import sys
 import threading
 import time
 
+from report import esc, fmt
+
 MARKER = "UPSTREAM-MARKER"
 ATTACKER = "127.0.0.11"
 NEIGHBOUR = "127.0.0.12"
@@ -649,12 +651,6 @@ def run(env, results, bench):
 # ---------------------------------------------------------------- report
 
 
-def fmt(x, nd=0):
-    if x is None:
-        return "–"
-    return f"{x:,.{nd}f}"
-
-
 def problems(results):
     r = results.get("attack")
     if not r:
@@ -839,5 +835,3 @@ def short_title(p, cfg):
             "c": f"{cfg['slowloris']:,} slowloris", "d": "upstream 100 Continue"}.get(p["id"], p["title"])
 
 
-def esc(s):
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -148,6 +148,11 @@ def fmt(x, nd=0):
     return f"{x:,.{nd}f}"
 
 
+def esc(s):
+    """Text for an SVG element."""
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def lat(a):
     if not a:
         return "–"

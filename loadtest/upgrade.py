@@ -36,6 +36,8 @@ import subprocess
 import sys
 import time
 
+from report import esc, fmt
+
 POD_ROLE = "up-role"
 NODE_ROLE = "node-role"
 IFACE = "cali1"
@@ -782,12 +784,6 @@ def run(env, results, bench):
 # ---------------------------------------------------------------- report
 
 
-def fmt(x, nd=0):
-    if x is None:
-        return "–"
-    return f"{x:,.{nd}f}"
-
-
 def problems(results):
     r = results.get("upgrade")
     if not r:
@@ -950,10 +946,6 @@ def ystep(ymax):
         if k * e * 6 >= ymax:
             return k * e
     return ymax / 5
-
-
-def esc(s):
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # ---------------------------------------------------------------- subcommands

@@ -116,6 +116,7 @@ pub async fn serve(
     // When a not-yet-complete request was first seen (slowloris bound). Taken only when a read
     // leaves a partial request, so a complete request costs no clock read for it.
     let mut head_started: Option<Instant> = None;
+    let mut canceller = Canceller::new();
     loop {
         let mut close = false;
         // False when answering stopped at OUT_BOUND with complete requests still buffered:
@@ -189,7 +190,7 @@ pub async fn serve(
                 nodelay = true;
             }
             answered = true;
-            let (ok, buf) = write_all(&mut stream, out, limits.write_timeout).await;
+            let (ok, buf) = write_all(&mut stream, out, limits.write_timeout, &mut canceller).await;
             out = buf;
             out.clear();
             if out.capacity() > OUT_KEEP {
@@ -238,7 +239,7 @@ pub async fn serve(
         }
         let len = rbuf.len();
         let (res, slice, timed_out) =
-            read_with_timeout(&mut stream, rbuf.slice_mut(len..), timeout).await;
+            read_with_timeout(&mut stream, rbuf.slice_mut(len..), timeout, &mut canceller).await;
         rbuf = slice.into_inner();
         if idle {
             tracked.set_idle(false);
@@ -257,17 +258,19 @@ pub async fn serve(
 
 /// One read, cancelled after `timeout`; the buffer always comes back (the cancelled
 /// operation is awaited, so the kernel is done with it). `true`: the timeout fired.
+/// `canceller` is the connection's: one serves every operation until it cancels one (it is
+/// then replaced), so a request costs no allocation for it.
 async fn read_with_timeout<T: monoio::buf::IoBufMut>(
     stream: &mut TcpStream,
     buf: T,
     timeout: std::time::Duration,
+    canceller: &mut Canceller,
 ) -> (std::io::Result<usize>, T, bool) {
-    let canceller = Canceller::new();
     let mut read = std::pin::pin!(stream.cancelable_read(buf, canceller.handle()));
     monoio::select! {
         (res, buf) = &mut read => (res, buf, false),
         _ = monoio::time::sleep(timeout) => {
-            let _ = canceller.cancel();
+            *canceller = std::mem::take(canceller).cancel();
             let (res, buf) = read.await;
             (res, buf, true)
         }
@@ -280,16 +283,16 @@ async fn write_all(
     stream: &mut TcpStream,
     mut out: Vec<u8>,
     timeout: std::time::Duration,
+    canceller: &mut Canceller,
 ) -> (bool, Vec<u8>) {
     let mut written = 0;
     while written < out.len() {
-        let canceller = Canceller::new();
         let slice = out.slice(written..);
         let mut write = std::pin::pin!(stream.cancelable_write(slice, canceller.handle()));
         let (res, slice) = monoio::select! {
             r = &mut write => r,
             _ = monoio::time::sleep(timeout) => {
-                let _ = canceller.cancel();
+                *canceller = std::mem::take(canceller).cancel();
                 let (res, slice) = write.await;
                 // Whatever it wrote before the cancel, the client is not reading.
                 (res.and(Err(std::io::ErrorKind::TimedOut.into())), slice)

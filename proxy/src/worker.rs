@@ -232,11 +232,6 @@ impl Worker {
         self.shared.stopping.load(Ordering::Relaxed)
     }
 
-    /// Number of open connections on this worker.
-    pub fn open_connections(&self) -> usize {
-        self.open.borrow().len()
-    }
-
     /// A connection was accepted; its task will call [`Worker::track`].
     pub fn starting(&self) {
         self.starting.set(self.starting.get() + 1);
@@ -305,10 +300,11 @@ impl Worker {
         }
     }
 
-    /// Shuts down the read side of every idle keep-alive connection (it sees EOF and
-    /// closes). Busy ones, and ones accepted but not yet read, are left alone: they answer
-    /// their request with `Connection: close` (the worker is stopping) and close then — a
-    /// shut-down read would drop a request already sent and reset the connection.
+    /// Shuts down the read side of every connection waiting for a request: it reads what
+    /// the client already sent (a shut-down read still returns queued data) and then sees
+    /// EOF, so an idle keep-alive connection closes and a fresh one still gets its request
+    /// answered. Busy ones are left alone: they answer with `Connection: close` (the worker
+    /// is stopping) and close then.
     pub fn close_reads(&self) {
         for c in self.open.borrow().values() {
             if c.idle_since.get() != 0 {

@@ -1147,6 +1147,23 @@ fn an_api_server_that_refuses_the_agent_at_boot_never_opens_the_nodes_role() {
         "the refusal is logged:\n{}",
         iamlet.log()
     );
+    // doctor says why the agent is not ready.
+    let mut args = node.flags(&[]);
+    args.extend([
+        format!("--api-server={}", api.url()),
+        "--node=node-a".into(),
+        "doctor".into(),
+    ]);
+    let sts = node.sts_endpoint();
+    let out = node.cli(&args, &[("AWS_ENDPOINT_URL_STS", sts.as_str())]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL kubernetes:") && l.contains("RBAC denies")),
+        "{}",
+        out.stdout
+    );
     // The API server relents: the pod gets its own role (the watcher retries with backoff).
     api.refuse(None);
     wait_until!(
