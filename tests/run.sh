@@ -42,6 +42,18 @@ step "clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 (cd loadtest/tool && cargo clippy --locked --all-targets -- -D warnings)
 
+step "crate boundaries"
+# The data plane (crate iamlet) reaches the control plane only through iamlet-resolver's
+# handle types: no async runtime or Kubernetes client of its own.
+direct=$(cargo tree --locked -p iamlet --depth 1 -e normal --prefix none | awk '{print $1}')
+for forbidden in tokio kube k8s-openapi; do
+  if grep -qx "$forbidden" <<<"$direct"; then
+    echo "proxy/Cargo.toml depends on $forbidden directly; keep it in iamlet-resolver or iamlet-node" >&2
+    exit 1
+  fi
+done
+echo "iamlet's direct dependencies: $(tr '\n' ' ' <<<"$direct")"
+
 step "build"
 cargo build --locked -p iamlet
 

@@ -3,16 +3,40 @@
 
 use crate::duration::parse_go_duration;
 use clap::{ArgAction, Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use iamlet_node::MetadataAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
+use thiserror::Error;
+
+/// A flag value of the wrong shape (clap prefixes the flag and the value).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FlagError {
+    #[error("invalid boolean {0:?}: use true or false")]
+    Bool(String),
+    #[error("not an IP address; pass the node's IP, e.g. --host-ip=$(HOST_IP) from status.hostIP")]
+    HostIp,
+    #[error(
+        "not an IPv6 address; pass the node's IPv6 address (status.hostIPs) or omit it to REDIRECT to --app-port"
+    )]
+    HostIpv6,
+}
 
 /// Go/pflag boolean syntax: bare `--flag`, or `--flag=true|false|1|0|t|f`.
-pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+pub fn parse_go_bool(s: &str) -> Result<bool, FlagError> {
     match s {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
-        _ => Err(format!("invalid boolean {s:?}: use true or false")),
+        _ => Err(FlagError::Bool(s.to_owned())),
     }
+}
+
+fn parse_host_ip(s: &str) -> Result<IpAddr, FlagError> {
+    s.trim().parse().map_err(|_| FlagError::HostIp)
+}
+
+fn parse_host_ipv6(s: &str) -> Result<Ipv6Addr, FlagError> {
+    s.trim().parse().map_err(|_| FlagError::HostIpv6)
 }
 
 macro_rules! go_bool {
@@ -167,7 +191,7 @@ pub struct NodeArgs {
         default_value = "169.254.169.254",
         value_name = "HOST[:PORT]"
     )]
-    pub metadata_addr: String,
+    pub metadata_addr: MetadataAddr,
     /// Add iptables rule (also requires --host-ip)
     #[arg(long, env = "IAMLET_IPTABLES", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub iptables: bool,
@@ -184,8 +208,8 @@ pub struct NodeArgs {
     )]
     pub host_interface: Vec<String>,
     /// IP address of host
-    #[arg(long, env = "IAMLET_HOST_IP", value_name = "IP")]
-    pub host_ip: Option<String>,
+    #[arg(long, env = "IAMLET_HOST_IP", value_name = "IP", value_parser = parse_host_ip)]
+    pub host_ip: Option<IpAddr>,
     /// How often the iptables rule is checked and restored if removed or moved
     #[arg(long, env = "IAMLET_IPTABLES_VERIFY_INTERVAL", default_value = "10s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub iptables_verify_interval: Duration,
@@ -204,8 +228,8 @@ pub struct NodeArgs {
     #[arg(long, env = "IAMLET_IPV6", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub ipv6: bool,
     /// IPv6 address of host for the ip6tables DNAT (default: REDIRECT to --app-port on the arriving interface)
-    #[arg(long, env = "IAMLET_HOST_IPV6", value_name = "IP")]
-    pub host_ipv6: Option<String>,
+    #[arg(long, env = "IAMLET_HOST_IPV6", value_name = "IP", value_parser = parse_host_ipv6)]
+    pub host_ipv6: Option<Ipv6Addr>,
 }
 
 /// Which iptables implementation `--iptables` drives.
@@ -217,6 +241,16 @@ pub enum IptablesBackend {
     Nft,
     /// iptables-legacy (x_tables kernel API).
     Legacy,
+}
+
+impl From<IptablesBackend> for iamlet_node::backend::Choice {
+    fn from(b: IptablesBackend) -> Self {
+        match b {
+            IptablesBackend::Auto => Self::Auto,
+            IptablesBackend::Nft => Self::Nft,
+            IptablesBackend::Legacy => Self::Legacy,
+        }
+    }
 }
 
 /// Subcommands (kube2iam has none; without one, iamlet runs the agent).
@@ -470,7 +504,7 @@ pub(crate) mod tests {
     fn defaults_match_kube2iam() {
         let a = parse(&[]).unwrap();
         assert_eq!(a.node.app_port, 8181);
-        assert_eq!(a.node.metadata_addr, "169.254.169.254");
+        assert_eq!(a.node.metadata_addr.hostport(), "169.254.169.254:80");
         assert_eq!(a.node.host_interface, ["docker0"]);
         assert!(!a.node.iptables);
         assert_eq!(a.iam.iam_role_key, "iam.amazonaws.com/role");
@@ -502,7 +536,7 @@ pub(crate) mod tests {
         let a = parse(&SEED_ARGS).unwrap();
         assert!(a.iam.auto_discover_base_arn && a.node.iptables && a.iam.use_regional_sts_endpoint);
         assert!(a.iam.auto_discover_default_role);
-        assert_eq!(a.node.host_ip.as_deref(), Some("10.0.0.1"));
+        assert_eq!(a.node.host_ip, Some("10.0.0.1".parse().unwrap()));
         assert_eq!(a.node.host_interface, ["weave"]);
     }
 

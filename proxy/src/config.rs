@@ -1,21 +1,118 @@
 //! Validation: turns parsed flags into a checked configuration, or one sentence naming the
-//! flag and the fix (exit code 64, like linkerd's EX_USAGE).
+//! flag and the fix (exit code 64, like linkerd's EX_USAGE). Everything derived from the
+//! flags is computed here once — addresses parsed, patterns compiled, the node's redirect
+//! and the resolver's settings — so the rest of the program takes typed values.
 
-use crate::args::{Args, IoDriver};
+use crate::args::{Args, IoDriver, MetadataPolicy, RestrictionFormat, SessionName};
+use crate::worker::Limits;
+use iamlet_node::RedirectConfig;
+use iamlet_node::iface::{self, IfaceError};
 use iamlet_resolver::roles::is_valid_base_arn;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use iamlet_resolver::source::kube::KubeOptions;
+use iamlet_resolver::{AnnotationKeys, CredPolicy, PodSource, RoleRules, SessionMode};
+use std::net::IpAddr;
 use thiserror::Error;
 
 /// Exit code for bad usage.
 pub const EX_USAGE: i32 = 64;
 
 /// A configuration problem, phrased as one sentence with the fix.
-#[derive(Debug, Error, PartialEq, Eq)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    /// What clap said (its first line), for a flag it could not parse.
+    #[error("{0}; run `iamlet --help` for the flags.")]
+    Flags(String),
+    #[error(
+        "--base-role-arn {0:?} is not a role ARN prefix; use the form arn:aws:iam::123456789012:role/ (12-digit account, optional path)."
+    )]
+    BaseRoleArn(String),
+    #[error("--auto-discover-base-arn cannot be used with --base-role-arn; drop one of them.")]
+    DiscoverWithBaseArn,
+    #[error(
+        "--default-role and --auto-discover-default-role cannot be used together; drop one of them."
+    )]
+    DiscoverWithDefaultRole,
+    #[error(
+        "--iptables needs --host-ip to know where to redirect metadata traffic; add --host-ip=$(HOST_IP) (status.hostIP from the Downward API)."
+    )]
+    IptablesNeedsHostIp,
+    #[error(
+        "--host-ip must be the node's IPv4 address for the iptables rule; give the IPv6 one with --host-ipv6 (and --ipv6)."
+    )]
+    HostIpNotV4,
+    #[error("--host-ipv6 is only used with --ipv6; add --ipv6 or drop --host-ipv6.")]
+    HostIpv6WithoutIpv6,
+    #[error(
+        "--iptables-verify-interval must be greater than 0; use e.g. 10s (how often the rule is checked and restored)."
+    )]
+    VerifyInterval,
+    #[error(
+        "--app-port=0 picks a random port, which the iptables rule cannot point at; give --iptables a fixed --app-port (e.g. 8181)."
+    )]
+    RandomPortWithIptables,
+    #[error(transparent)]
+    Interfaces(#[from] IfaceError),
+    #[error("--workers must be at least 1; omit it for one worker per core.")]
+    NoWorkers,
+    #[error("--workers is larger than 1024; omit it for one worker per core.")]
+    TooManyWorkers,
+    #[error("--log-level {0:?} is not a level; use one of trace, debug, info, warn, error.")]
+    LogLevel(String),
+    #[error(
+        "--backoff-max-elapsed-time must be greater than 0; use e.g. 2s (how long a new pod's first request may wait)."
+    )]
+    NoWait,
+    #[error(
+        "--pods-from cannot be combined with --api-server or --kubeconfig; use the file (local mode) or the API server, not both."
+    )]
+    PodsFromWithApiServer,
+    #[error(
+        "--allow-metadata-path {pattern:?} is not a regular expression ({why}); fix the pattern, e.g. ^/latest/meta-data/placement/.*"
+    )]
+    AllowPath { pattern: String, why: String },
+    #[error(
+        "--metadata-policy=allowlist forwards nothing without --allow-metadata-path; add at least one pattern, e.g. --allow-metadata-path='^/latest/meta-data/placement/'."
+    )]
+    EmptyAllowlist,
+    #[error(
+        "--max-request-head must be at least 256 and --max-request-body at most 65536; the defaults (8192, 1024) suit every AWS SDK."
+    )]
+    RequestLimits,
+    #[error(
+        "--block-user-data and --allow-user-data contradict each other; user-data is blocked by default, so drop --block-user-data."
+    )]
+    UserDataContradiction,
+    #[error(
+        "--write-timeout and --max-connections-per-ip must be greater than 0; the defaults (5s, 256) suit every pod."
+    )]
+    ConnectionLimits,
+    #[error("--io-driver=uring needs Linux; use --io-driver=epoll or auto.")]
+    UringNeedsLinux,
+}
 
-fn err(s: impl Into<String>) -> ConfigError {
-    ConfigError(s.into())
+/// Parses the command line (flags, then `IAMLET_*` variables); help and version requests
+/// come back as clap errors to print as they are.
+pub fn parse_args<I, T>(argv: I) -> Result<Args, Result<clap::Error, ConfigError>>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::Parser;
+    Args::try_parse_from(argv).map_err(|e| {
+        if matches!(
+            e.kind(),
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+        ) {
+            return Ok(e);
+        }
+        let text = e.to_string();
+        let first = text
+            .lines()
+            .next()
+            .unwrap_or("invalid arguments")
+            .trim_start_matches("error: ");
+        Err(ConfigError::Flags(first.to_owned()))
+    })
 }
 
 /// The checked configuration.
@@ -24,60 +121,39 @@ pub struct Config {
     pub args: Args,
     pub workers: usize,
     pub metrics_port: u16,
-    pub host_ip: Option<IpAddr>,
-    /// `host:port` with the default port 80 filled in.
-    pub metadata_hostport: String,
+    /// A separate admin listener: `--metrics-port` differs from `--app-port`, or is 0 (any
+    /// free port) given explicitly.
+    pub separate_admin: bool,
+    /// The redirect `--iptables` installs; None without it.
+    pub redirect: Option<RedirectConfig>,
+    /// `--allow-metadata-path`, compiled.
+    pub allow_paths: Vec<regex::Regex>,
+    pub limits: Limits,
     /// tracing filter directive derived from --log-level/--verbose.
     pub log_filter: String,
 }
 
 impl Config {
-    /// Validates flags without touching the network (beyond parsing literal addresses).
+    /// Validates flags without touching the network.
     pub fn validate(args: Args) -> Result<Config, ConfigError> {
         let a = &args;
         if let Some(base) = a.iam.base_role_arn.as_deref().filter(|b| !b.is_empty()) {
             if !is_valid_base_arn(base) {
-                return Err(err(format!(
-                    "--base-role-arn {base:?} is not a role ARN prefix; use the form arn:aws:iam::123456789012:role/ (12-digit account, optional path)."
-                )));
+                return Err(ConfigError::BaseRoleArn(base.to_owned()));
             }
             if a.iam.auto_discover_base_arn {
-                return Err(err(
-                    "--auto-discover-base-arn cannot be used with --base-role-arn; drop one of them.",
-                ));
+                return Err(ConfigError::DiscoverWithBaseArn);
             }
         }
         if a.iam.auto_discover_default_role
             && a.iam.default_role.as_deref().is_some_and(|d| !d.is_empty())
         {
-            return Err(err(
-                "--default-role and --auto-discover-default-role cannot be used together; drop one of them.",
-            ));
+            return Err(ConfigError::DiscoverWithDefaultRole);
         }
-        let host_ip = match a.node.host_ip.as_deref().filter(|h| !h.is_empty()) {
-            Some(h) => Some(h.parse::<IpAddr>().map_err(|_| {
-                err(format!("--host-ip {h:?} is not an IP address; pass the node's IP, e.g. --host-ip=$(HOST_IP) from status.hostIP."))
-            })?),
-            None => None,
-        };
-        if a.node.iptables && host_ip.is_none() {
-            return Err(err(
-                "--iptables needs --host-ip to know where to redirect metadata traffic; add --host-ip=$(HOST_IP) (status.hostIP from the Downward API).",
-            ));
-        }
-        crate::node::validate(&a.node, host_ip).map_err(err)?;
-        let metadata_hostport = metadata_hostport(&a.node.metadata_addr)?;
+        let redirect = redirect(&args)?;
         let workers = match a.proxy.workers {
-            Some(0) => {
-                return Err(err(
-                    "--workers must be at least 1; omit it for one worker per core.",
-                ));
-            }
-            Some(n) if n > 1024 => {
-                return Err(err(
-                    "--workers is larger than 1024; omit it for one worker per core.",
-                ));
-            }
+            Some(0) => return Err(ConfigError::NoWorkers),
+            Some(n) if n > 1024 => return Err(ConfigError::TooManyWorkers),
             Some(n) => n,
             None => std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -85,86 +161,145 @@ impl Config {
         };
         let log_filter = log_filter(&a.log.log_level, a.log.verbose)?;
         if a.iam.backoff_max_elapsed_time.is_zero() {
-            return Err(err(
-                "--backoff-max-elapsed-time must be greater than 0; use e.g. 2s (how long a new pod's first request may wait).",
-            ));
+            return Err(ConfigError::NoWait);
         }
         if a.kube.pods_from.is_some()
             && (a.kube.api_server.is_some() || a.kube.kubeconfig.is_some())
         {
-            return Err(err(
-                "--pods-from cannot be combined with --api-server or --kubeconfig; use the file (local mode) or the API server, not both.",
-            ));
+            return Err(ConfigError::PodsFromWithApiServer);
         }
         let metrics_port = a.node.metrics_port.unwrap_or(a.node.app_port);
-        allow_paths(&a.proxy.allow_metadata_path)?;
-        if a.proxy.metadata_policy == crate::args::MetadataPolicy::Allowlist
+        let allow_paths = allow_paths(&a.proxy.allow_metadata_path)?;
+        if a.proxy.metadata_policy == MetadataPolicy::Allowlist
             && a.proxy.allow_metadata_path.is_empty()
         {
-            return Err(err(
-                "--metadata-policy=allowlist forwards nothing without --allow-metadata-path; add at least one pattern, e.g. --allow-metadata-path='^/latest/meta-data/placement/'.",
-            ));
+            return Err(ConfigError::EmptyAllowlist);
         }
         if a.proxy.max_request_head < 256 || a.proxy.max_request_body > 64 * 1024 {
-            return Err(err(
-                "--max-request-head must be at least 256 and --max-request-body at most 65536; the defaults (8192, 1024) suit every AWS SDK.",
-            ));
+            return Err(ConfigError::RequestLimits);
         }
         if a.proxy.block_user_data && a.proxy.allow_user_data {
-            return Err(err(
-                "--block-user-data and --allow-user-data contradict each other; user-data is blocked by default, so drop --block-user-data.",
-            ));
+            return Err(ConfigError::UserDataContradiction);
         }
         if a.proxy.write_timeout.is_zero() || a.proxy.max_connections_per_ip == 0 {
-            return Err(err(
-                "--write-timeout and --max-connections-per-ip must be greater than 0; the defaults (5s, 256) suit every pod.",
-            ));
+            return Err(ConfigError::ConnectionLimits);
         }
         if a.proxy.io_driver == IoDriver::Uring && !cfg!(target_os = "linux") {
-            return Err(err(
-                "--io-driver=uring needs Linux; use --io-driver=epoll or auto.",
-            ));
+            return Err(ConfigError::UringNeedsLinux);
         }
+        let limits = Limits {
+            max_head: a.proxy.max_request_head,
+            max_body: a.proxy.max_request_body,
+            header_timeout: a.proxy.header_read_timeout,
+            idle_timeout: a.proxy.idle_timeout,
+            write_timeout: a.proxy.write_timeout,
+            max_connections: a.proxy.max_connections_per_worker,
+        };
         Ok(Config {
             workers,
             metrics_port,
-            host_ip,
-            metadata_hostport,
+            separate_admin: metrics_port != a.node.app_port || a.node.metrics_port == Some(0),
+            redirect,
+            allow_paths,
+            limits,
             log_filter,
             args,
         })
     }
+
+    /// Where pods come from: `--pods-from`, else the API server.
+    pub fn pod_source(&self) -> PodSource {
+        match &self.args.kube.pods_from {
+            Some(path) => PodSource::File {
+                path: path.clone(),
+                node: self.args.kube.node.clone(),
+            },
+            None => PodSource::Kube(self.kube_options()),
+        }
+    }
+
+    pub fn kube_options(&self) -> KubeOptions {
+        kube_options(&self.args.kube)
+    }
+
+    /// The resolver's settings; `session_prefix` names node-wide sessions (the node name).
+    pub fn resolver(&self, rules: RoleRules, session_prefix: String) -> iamlet_resolver::Config {
+        let a = &self.args;
+        iamlet_resolver::Config {
+            rules,
+            keys: AnnotationKeys {
+                role: a.iam.iam_role_key.clone(),
+                external_id: a.iam.iam_external_id.clone(),
+            },
+            restrictions: a.iam.namespace_restrictions.then(|| {
+                iamlet_resolver::NamespaceRestrictions {
+                    key: a.iam.namespace_key.clone(),
+                    format: match a.iam.namespace_restriction_format {
+                        RestrictionFormat::Glob => iamlet_resolver::RestrictionFormat::Glob,
+                        RestrictionFormat::Regexp => iamlet_resolver::RestrictionFormat::Regexp,
+                    },
+                }
+            }),
+            source: self.pod_source(),
+            creds: CredPolicy {
+                session_ttl: a.iam.iam_role_session_ttl,
+                error_ttl: a.iam.iam_role_error_ttl,
+                session_prefix,
+                rate_limit: a.sts.sts_rate_limit,
+                max_in_flight: a.sts.sts_max_in_flight as usize,
+            },
+            metadata_addr: a.node.metadata_addr.hostport().to_owned(),
+            sts_timeout: a.sts.sts_timeout,
+            sessions: match (a.sts.session_name, a.sts.session_tags) {
+                (SessionName::Node, false) => SessionMode::Node,
+                (_, tags) => SessionMode::Pod { tags },
+            },
+        }
+    }
 }
 
-/// `--metadata-addr` is `host[:port]` (kube2iam accepts a bare host); port 80 by default.
-pub fn metadata_hostport(addr: &str) -> Result<String, ConfigError> {
-    let a = addr
-        .trim()
-        .trim_start_matches("http://")
-        .trim_end_matches('/');
-    let bad = || {
-        err(format!(
-            "--metadata-addr {addr:?} is not host[:port]; use e.g. 169.254.169.254 or 127.0.0.1:1338."
-        ))
+/// How to reach the API server.
+pub fn kube_options(k: &crate::args::KubeArgs) -> KubeOptions {
+    KubeOptions {
+        kubeconfig: k.kubeconfig.clone(),
+        api_server: k.api_server.clone(),
+        api_token: k.api_token.clone(),
+        insecure: k.insecure,
+        node: k.node.clone(),
+    }
+}
+
+/// The node flags: `--host-interface` syntax always; with `--iptables`, the redirect.
+fn redirect(a: &Args) -> Result<Option<RedirectConfig>, ConfigError> {
+    let n = &a.node;
+    iface::validate_values(&n.host_interface)?;
+    if n.iptables_verify_interval.is_zero() {
+        return Err(ConfigError::VerifyInterval);
+    }
+    if n.host_ipv6.is_some() && !n.ipv6 {
+        return Err(ConfigError::HostIpv6WithoutIpv6);
+    }
+    if !n.iptables {
+        return Ok(None);
+    }
+    let host_ip = match n.host_ip {
+        None => return Err(ConfigError::IptablesNeedsHostIp),
+        Some(IpAddr::V6(_)) => return Err(ConfigError::HostIpNotV4),
+        Some(IpAddr::V4(ip)) => ip,
     };
-    if a.is_empty() || a.contains('/') || a.contains(char::is_whitespace) {
-        return Err(bad());
+    if n.app_port == 0 {
+        return Err(ConfigError::RandomPortWithIptables);
     }
-    if a.parse::<SocketAddr>().is_ok() {
-        return Ok(a.to_owned());
-    }
-    if let Ok(ip) = a
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-    {
-        return Ok(SocketAddr::new(ip, 80).to_string());
-    }
-    match a.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(a.to_owned()),
-        Some(_) => Err(bad()),
-        None => Ok(format!("{a}:80")),
-    }
+    Ok(Some(RedirectConfig {
+        app_port: n.app_port,
+        host_ip,
+        host_ipv6: n.host_ipv6,
+        interfaces: n.host_interface.clone(),
+        backend: n.iptables_backend.into(),
+        ipv6: n.ipv6,
+        remove_on_exit: n.iptables_remove_on_exit,
+        verify_interval: n.iptables_verify_interval,
+    }))
 }
 
 /// Compiles `--allow-metadata-path` patterns.
@@ -174,18 +309,14 @@ pub fn allow_paths(patterns: &[String]) -> Result<Vec<regex::Regex>, ConfigError
         .map(|p| {
             regex::Regex::new(p).map_err(|e| {
                 let first = e.to_string();
-                let first = first.lines().last().unwrap_or("invalid").trim().to_owned();
-                err(format!("--allow-metadata-path {p:?} is not a regular expression ({first}); fix the pattern, e.g. ^/latest/meta-data/placement/.*"))
+                let why = first.lines().last().unwrap_or("invalid").trim().to_owned();
+                ConfigError::AllowPath {
+                    pattern: p.clone(),
+                    why,
+                }
             })
         })
         .collect()
-}
-
-/// Resolves the metadata address once at start-up.
-pub fn resolve_metadata(hostport: &str) -> Result<SocketAddr, ConfigError> {
-    hostport.to_socket_addrs().ok().and_then(|mut it| it.next()).ok_or_else(|| {
-        err(format!("--metadata-addr {hostport:?} does not resolve; use an IP address such as 169.254.169.254."))
-    })
 }
 
 /// Maps logrus level names to a tracing filter.
@@ -197,9 +328,7 @@ pub fn log_filter(level: &str, verbose: bool) -> Result<String, ConfigError> {
         "debug" => "debug",
         "trace" => "trace",
         _ => {
-            return Err(err(format!(
-                "--log-level {level:?} is not a level; use one of trace, debug, info, warn, error."
-            )));
+            return Err(ConfigError::LogLevel(level.to_owned()));
         }
     };
     let lvl = if verbose && matches!(lvl, "error" | "warn" | "info") {
@@ -214,18 +343,25 @@ pub fn log_filter(level: &str, verbose: bool) -> Result<String, ConfigError> {
 mod tests {
     use super::*;
     use clap::Parser;
+    use std::time::Duration;
 
     fn check(args: &[&str]) -> Result<Config, ConfigError> {
-        Config::validate(
-            Args::try_parse_from(std::iter::once("iamlet").chain(args.iter().copied())).unwrap(),
-        )
+        let args = parse_args(std::iter::once("iamlet").chain(args.iter().copied()))
+            .map_err(|e| e.unwrap_err())?;
+        Config::validate(args)
+    }
+
+    fn node(args: &[&str]) -> crate::args::NodeArgs {
+        Args::try_parse_from(std::iter::once("iamlet").chain(args.iter().copied()))
+            .unwrap()
+            .node
     }
 
     #[test]
     fn seed_daemonset_args_pass_check_config() {
         let c = check(&crate::args::tests::SEED_ARGS).unwrap();
         assert_eq!(c.metrics_port, 8181);
-        assert_eq!(c.metadata_hostport, "169.254.169.254:80");
+        assert_eq!(c.args.node.metadata_addr.hostport(), "169.254.169.254:80");
     }
 
     #[test]
@@ -254,29 +390,80 @@ mod tests {
             (&["--pods-from=/p", "--api-server=https://x"], "--pods-from"),
         ];
         for (args, want) in cases {
-            let e = check(args).unwrap_err().0;
+            let e = check(args).unwrap_err().to_string();
             assert!(e.contains(want), "{args:?}: {e}");
             assert!(!e.contains('\n') && e.ends_with('.'), "one sentence: {e}");
         }
     }
 
     #[test]
-    fn metadata_addr_forms() {
+    fn node_validations_are_one_sentence() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--host-interface="], "--host-interface is empty"),
+            (&["--host-interface=!a,!b"], "at most one !negated"),
+            (
+                &["--iptables-verify-interval=0s"],
+                "--iptables-verify-interval",
+            ),
+            (
+                &["--iptables", "--host-ip=fd00::1"],
+                "--host-ip must be the node's IPv4 address",
+            ),
+            (
+                &["--host-ipv6=10.0.0.1", "--ipv6"],
+                "'10.0.0.1' for '--host-ipv6",
+            ),
+            (&["--host-ipv6=fd00::1"], "only used with --ipv6"),
+            (
+                &["--iptables", "--host-ip=10.0.0.1", "--app-port=0"],
+                "--app-port=0",
+            ),
+        ];
+        for (args, want) in cases {
+            let e = check(args).unwrap_err().to_string();
+            assert!(e.contains(want), "{args:?}: {e}");
+            assert!(e.ends_with('.') && !e.contains('\n'), "{e}");
+        }
+        let c = check(&["--iptables", "--host-interface=auto", "--host-ip=10.0.0.1"]).unwrap();
         assert_eq!(
-            metadata_hostport("169.254.169.254").unwrap(),
-            "169.254.169.254:80"
+            c.redirect.map(|r| (r.host_ip, r.interfaces)),
+            Some(("10.0.0.1".parse().unwrap(), vec!["auto".to_owned()]))
         );
-        assert_eq!(
-            metadata_hostport("127.0.0.1:1338").unwrap(),
-            "127.0.0.1:1338"
+    }
+
+    #[test]
+    fn node_flags_parse_with_kube2iam_defaults() {
+        let n = node(&[]);
+        assert_eq!(n.host_interface, ["docker0"]);
+        assert_eq!(n.iptables_verify_interval, Duration::from_secs(10));
+        assert!(!n.iptables_remove_on_exit && !n.ipv6);
+        let n = node(&[
+            "--host-interface=cali+,!eth0",
+            "--host-interface",
+            "weave",
+            "--iptables-verify-interval=500ms",
+            "--iptables-remove-on-exit",
+            "--iptables-backend=legacy",
+            "--ipv6",
+            "--host-ipv6=fd00::1",
+        ]);
+        assert_eq!(n.host_interface, ["cali+", "!eth0", "weave"]);
+        assert_eq!(n.iptables_verify_interval, Duration::from_millis(500));
+        assert!(n.iptables_remove_on_exit && n.ipv6);
+        assert_eq!(n.iptables_backend, crate::args::IptablesBackend::Legacy);
+    }
+
+    #[test]
+    fn subcommands_parse_after_the_agent_flags() {
+        use crate::args::Command;
+        let a = Args::try_parse_from(["iamlet", "--app-port=9", "cleanup", "--kube2iam"]).unwrap();
+        assert!(matches!(a.command, Some(Command::Cleanup(c)) if c.kube2iam));
+        assert_eq!(a.node.app_port, 9);
+        let a = Args::try_parse_from(["iamlet", "doctor", "--test-role=r"]).unwrap();
+        assert!(
+            matches!(a.command, Some(Command::Doctor(d)) if d.test_role.as_deref() == Some("r"))
         );
-        assert_eq!(metadata_hostport("localhost:99").unwrap(), "localhost:99");
-        assert_eq!(
-            metadata_hostport("[fd00:ec2::254]").unwrap(),
-            "[fd00:ec2::254]:80"
-        );
-        assert_eq!(metadata_hostport("imds").unwrap(), "imds:80");
-        assert!(metadata_hostport("a:b").is_err());
+        assert!(Args::try_parse_from(["iamlet"]).unwrap().command.is_none());
     }
 
     #[test]

@@ -2,14 +2,24 @@
 //! `500ms`, `1.5h`, `300us`, `0`.
 
 use std::time::Duration;
+use thiserror::Error;
+
+/// A flag value that is not a Go duration.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DurationError {
+    #[error("invalid duration {0:?}: use Go syntax such as 500ms, 15m, 1h30m")]
+    Syntax(String),
+    #[error("invalid duration {0:?}: must not be negative")]
+    Negative(String),
+}
 
 /// Parses a non-negative Go duration.
-pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}: use Go syntax such as 500ms, 15m, 1h30m");
+pub fn parse_go_duration(s: &str) -> Result<Duration, DurationError> {
+    let bad = || DurationError::Syntax(s.to_owned());
     let t = s.trim();
     let t = t.strip_prefix('+').unwrap_or(t);
     if t.starts_with('-') {
-        return Err(format!("invalid duration {s:?}: must not be negative"));
+        return Err(DurationError::Negative(s.to_owned()));
     }
     if t == "0" {
         return Ok(Duration::ZERO);

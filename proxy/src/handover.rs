@@ -201,6 +201,47 @@ impl Taken {
         rx
     }
 
+    /// The old process serves until this one has its pod list: waits for the list (true),
+    /// or until the old process went away (false: nobody accepts on the sockets now, so
+    /// this one must, and connections wait for the pod list as at any start).
+    pub fn wait_for_sync(
+        &self,
+        resolver: &iamlet_resolver::Resolver,
+    ) -> Result<bool, iamlet_resolver::StartError> {
+        tracing::info!("handover: waiting for the first pod list before accepting");
+        let old_gone = self.watch_old();
+        loop {
+            if let Some(r) = resolver.wait_first_sync_for(Duration::from_millis(50)) {
+                return r.map(|()| true);
+            }
+            if old_gone.try_recv().is_ok() {
+                tracing::warn!(
+                    "handover: the previous iamlet went away before this one was ready; accepting now"
+                );
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Synced and accepting on the same sockets: the old process may stop now. Its
+    /// cancelled accepts may take a connection's wake-up with them, so the workers sweep
+    /// the listeners' queues for `sweep_for`, until it is surely gone.
+    pub fn complete(self, shared: &std::sync::Arc<crate::worker::Shared>, sweep_for: Duration) {
+        use std::sync::atomic::Ordering;
+        shared.sweeping.store(true, Ordering::Relaxed);
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(sweep_for);
+            s.sweeping.store(false, Ordering::Relaxed);
+        });
+        match self.finish() {
+            Ok(()) => tracing::info!("handover: the previous iamlet stopped accepting"),
+            Err(e) => {
+                tracing::warn!(error = %e, "handover: the previous iamlet did not confirm; both accept until it exits")
+            }
+        }
+    }
+
     /// Tells the old process to stop accepting (this one accepts on the same sockets now)
     /// and waits for its acknowledgement.
     pub fn finish(self) -> Result<(), HandoverError> {

@@ -1,12 +1,13 @@
 //! iamlet's data plane: a thread-per-core monoio HTTP/1.1 server that answers pods' instance
 //! metadata requests from the resolver's lock-free snapshot and passes other paths to the
-//! real metadata service. It holds no tokio or kube type; the control plane is in
-//! `iamlet-resolver`.
+//! real metadata service. It holds no tokio or kube type: the control plane is in
+//! `iamlet-resolver`, the node plane (iptables, interfaces, doctor's checks) in
+//! `iamlet-node`.
 
 pub mod args;
 pub mod config;
 pub mod conn;
-pub mod discover;
+pub mod doctor;
 pub mod duration;
 pub mod fairness;
 pub mod handler;
@@ -14,7 +15,6 @@ pub mod handover;
 pub mod latency;
 pub mod malloc;
 pub mod metrics;
-pub mod node;
 pub mod passthrough;
 pub mod respond;
 pub mod route;

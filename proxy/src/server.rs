@@ -1,14 +1,23 @@
 //! Listeners and worker threads: one monoio runtime per worker, each with its own
-//! SO_REUSEPORT listener, io_uring or epoll.
+//! SO_REUSEPORT listener per address family (IPv4, and IPv6 with `--ipv6`), io_uring or
+//! epoll. One worker per core serves both families.
 
 use crate::args::IoDriver;
 use crate::conn;
 use crate::worker::{Shared, Worker};
 use socket2::{Domain, Protocol, Socket, Type};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use thiserror::Error;
+
+/// `--io-driver=uring` on a kernel without it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error(
+    "--io-driver=uring was requested but this kernel does not offer io_uring (too old, or disabled by kernel.io_uring_disabled or seccomp); use --io-driver=epoll or auto."
+)]
+pub struct NoUring;
 
 /// The driver actually used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,14 +39,12 @@ impl std::fmt::Display for Driver {
 /// kernel must offer the ops monoio needs and accept `IORING_SETUP_COOP_TASKRUN` (Linux 5.19+).
 /// Without it every completion interrupts the worker through task_work, and io_uring serves
 /// fewer requests per second than epoll at more CPU per request (loadtest/RESULTS.md).
-pub fn resolve_driver(d: IoDriver) -> Result<Driver, String> {
+pub fn resolve_driver(d: IoDriver) -> Result<Driver, NoUring> {
     let uring_ok = monoio::utils::detect_uring();
     match d {
         IoDriver::Epoll => Ok(Driver::Epoll),
         IoDriver::Uring if uring_ok => Ok(Driver::Uring),
-        IoDriver::Uring => Err(
-            "--io-driver=uring was requested but this kernel does not offer io_uring (too old, or disabled by kernel.io_uring_disabled or seccomp); use --io-driver=epoll or auto.".into(),
-        ),
+        IoDriver::Uring => Err(NoUring),
         IoDriver::Auto if !uring_ok => {
             // Container runtimes' default seccomp profiles (Docker, containerd, podman) block
             // io_uring: say so once, so a slower node is explained by its log.
@@ -117,24 +124,74 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
     Ok(all)
 }
 
-/// Spawns one named worker thread per listener.
+/// `count` SO_REUSEPORT listeners on `[::]:port`, IPv6 only (the IPv4 listeners serve
+/// IPv4), for `--ipv6`.
+pub fn bind_v6(port: u16, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let one = |port: u16| -> std::io::Result<std::net::TcpListener> {
+        let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+        s.set_only_v6(true)?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        s.listen(1024)?;
+        Ok(s.into())
+    };
+    let first = one(port)?;
+    let bound = first.local_addr()?.port();
+    let mut all = vec![first];
+    for _ in 1..count.max(1) {
+        all.push(one(bound)?);
+    }
+    Ok(all)
+}
+
+/// `0.0.0.0:port`, `count` listeners.
+pub fn bind_v4(port: u16, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), count)
+}
+
+/// Spawns one named worker thread per entry; each worker accepts on every listener of its
+/// entry (one per address family).
 pub fn spawn(
     name: &str,
-    listeners: Vec<std::net::TcpListener>,
+    per_worker: Vec<Vec<std::net::TcpListener>>,
     shared: Arc<Shared>,
     driver: Driver,
     admin_only: bool,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
-    listeners
+    per_worker
         .into_iter()
         .enumerate()
-        .map(|(id, l)| {
+        .map(|(id, ls)| {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-{id}"))
-                .spawn(move || run_worker(l, shared, driver, admin_only))
+                .spawn(move || run_worker(ls, shared, driver, admin_only))
         })
         .collect()
+}
+
+/// Pairs the n-th listener of each family, so that worker n accepts on both.
+pub fn per_worker(
+    v4: Vec<std::net::TcpListener>,
+    v6: Option<Vec<std::net::TcpListener>>,
+) -> Vec<Vec<std::net::TcpListener>> {
+    let mut v6 = v6.unwrap_or_default().into_iter();
+    let mut out: Vec<Vec<_>> = v4.into_iter().map(|l| vec![l]).collect();
+    for w in out.iter_mut() {
+        w.extend(v6.next());
+    }
+    // More IPv6 listeners than IPv4 ones (not bound so by iamlet): every one is served.
+    for (i, l) in v6.enumerate() {
+        let n = out.len().max(1);
+        if out.is_empty() {
+            out.push(Vec::new());
+        }
+        out[i % n].push(l);
+    }
+    out
 }
 
 /// An io_uring setup: its name (logged) and the flags it sets on the builder.
@@ -158,7 +215,12 @@ const URING_SETUPS: [UringSetup; 3] = [
     ("default", |_| {}),
 ];
 
-fn run_worker(l: std::net::TcpListener, shared: Arc<Shared>, driver: Driver, admin_only: bool) {
+fn run_worker(
+    ls: Vec<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    driver: Driver,
+    admin_only: bool,
+) {
     let result = match driver {
         Driver::Uring => {
             let mut built = Err(std::io::Error::other("no io_uring setup tried"));
@@ -178,12 +240,12 @@ fn run_worker(l: std::net::TcpListener, shared: Arc<Shared>, driver: Driver, adm
                     Err(e) => tracing::debug!(setup = name, error = %e, "io_uring setup refused"),
                 }
             }
-            built.map(|mut rt| rt.block_on(accept_loop(l, shared, admin_only)))
+            built.map(|mut rt| rt.block_on(worker_main(ls, shared, admin_only)))
         }
         Driver::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()
             .build()
-            .map(|mut rt| rt.block_on(accept_loop(l, shared, admin_only))),
+            .map(|mut rt| rt.block_on(worker_main(ls, shared, admin_only))),
     };
     if let Err(e) = result {
         tracing::error!(error = %e, %driver, "worker runtime failed to start");
@@ -245,7 +307,26 @@ fn admit(worker: &Rc<Worker>, stream: monoio::net::TcpStream, peer: SocketAddr, 
     monoio::spawn(conn::serve(stream, ip, worker.clone(), permit));
 }
 
-async fn accept_loop(l: std::net::TcpListener, shared: Arc<Shared>, admin_only: bool) {
+/// One worker: an accept loop per listener on one runtime, then the graceful stop.
+async fn worker_main(ls: Vec<std::net::TcpListener>, shared: Arc<Shared>, admin_only: bool) {
+    let worker = Rc::new(Worker::new(shared, admin_only));
+    let loops: Vec<_> = ls
+        .into_iter()
+        .map(|l| monoio::spawn(accept_loop(l, worker.clone())))
+        .collect();
+    for l in loops {
+        l.await;
+    }
+    // Graceful stop: no more accepts; idle keep-alive connections are closed, busy ones
+    // finish their answer, bounded by --shutdown-grace.
+    worker.close_reads();
+    let deadline = std::time::Instant::now() + worker.shared.shutdown_grace;
+    while worker.unfinished_connections() > 0 && std::time::Instant::now() < deadline {
+        monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+async fn accept_loop(l: std::net::TcpListener, worker: Rc<Worker>) {
     // A non-blocking handle on the same socket for sweeps (see `Shared::sweeping`).
     let sweeper = l
         .try_clone()
@@ -257,7 +338,6 @@ async fn accept_loop(l: std::net::TcpListener, shared: Arc<Shared>, admin_only: 
             std::process::exit(1);
         }
     };
-    let worker = Rc::new(Worker::new(shared, admin_only));
     let max = worker.shared.limits.max_connections;
     let mut stop = std::pin::pin!(stopped(worker.clone()));
     // One accept in flight at a time, kept across sweeps: dropping it would cancel it.
@@ -308,16 +388,9 @@ async fn accept_loop(l: std::net::TcpListener, shared: Arc<Shared>, admin_only: 
             }
         }
     }
-    // Graceful stop: no more accepts; idle keep-alive connections are closed, busy ones
-    // finish their answer, bounded by --shutdown-grace.
     drop(listener);
     // The socket must stop listening with the workers, not linger on a spare handle.
     drop(sweeper);
-    worker.close_reads();
-    let deadline = std::time::Instant::now() + worker.shared.shutdown_grace;
-    while worker.unfinished_connections() > 0 && std::time::Instant::now() < deadline {
-        monoio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
 }
 
 /// Resolves once the process is stopping. Checks a flag every 50 ms: one timer per worker
@@ -326,4 +399,115 @@ async fn stopped(worker: Rc<Worker>) {
     while !worker.stopping() {
         monoio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// A listener could not be opened.
+#[derive(Debug, Error)]
+pub enum ListenError {
+    #[error(transparent)]
+    InUse(#[from] iamlet_node::port::PortInUse),
+    #[error("cannot listen on {flag} {port}: {source}")]
+    Bind {
+        flag: &'static str,
+        port: u16,
+        source: std::io::Error,
+    },
+    #[error("cannot copy the listening sockets for the next iamlet: {0}")]
+    Dup(std::io::Error),
+    #[error("cannot read the listener's address: {0}")]
+    Address(std::io::Error),
+}
+
+impl ListenError {
+    fn bind(e: std::io::Error, port: u16, flag: &'static str) -> ListenError {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            ListenError::InUse(iamlet_node::port::PortInUse {
+                port,
+                flag,
+                holders: iamlet_node::port::holder_of(port),
+            })
+        } else {
+            ListenError::Bind {
+                flag,
+                port,
+                source: e,
+            }
+        }
+    }
+}
+
+/// The agent's listening sockets.
+#[derive(Debug)]
+pub struct Opened {
+    /// Per worker: IPv4, and IPv6 with `--ipv6`.
+    pub app: Vec<Vec<std::net::TcpListener>>,
+    pub app_addr: SocketAddr,
+    /// The separate admin listener (`--metrics-port`), if any.
+    pub admin: Option<Vec<std::net::TcpListener>>,
+    /// Copies, for handing them to the next iamlet.
+    pub offered: crate::handover::Listeners,
+}
+
+/// Opens the listeners: the running iamlet's own (`taken`, an upgrade), else ours, bound now.
+pub fn open(
+    config: &crate::config::Config,
+    taken: Option<crate::handover::Listeners>,
+) -> Result<Opened, ListenError> {
+    let (app_port, metrics_port, workers) = (
+        config.args.node.app_port,
+        config.metrics_port,
+        config.workers,
+    );
+    let (app, taken_admin) = match taken {
+        Some(l) => {
+            tracing::info!(
+                app = l.app.len(),
+                admin = l.admin.len(),
+                "handover: took the running iamlet's listening sockets; it serves until this one is ready"
+            );
+            (l.app, Some(l.admin).filter(|a| !a.is_empty()))
+        }
+        None => {
+            // A listener with SO_REUSEPORT (ours have it) would silently share the port
+            // with another process.
+            iamlet_node::port::check_not_shared(app_port, "--app-port")?;
+            iamlet_node::port::check_not_shared(metrics_port, "--metrics-port")?;
+            let app = bind_v4(app_port, workers)
+                .map_err(|e| ListenError::bind(e, app_port, "--app-port"))?;
+            (app, None)
+        }
+    };
+    let app_addr = app[0].local_addr().map_err(ListenError::Address)?;
+    let app6 = if config.args.node.ipv6 {
+        Some(
+            bind_v6(app_addr.port(), app.len())
+                .map_err(|e| ListenError::bind(e, app_addr.port(), "--app-port"))?,
+        )
+    } else {
+        None
+    };
+    let admin = match taken_admin {
+        Some(l) if config.separate_admin => Some(l),
+        _ if config.separate_admin => Some(
+            bind_v4(metrics_port, 1)
+                .map_err(|e| ListenError::bind(e, metrics_port, "--metrics-port"))?,
+        ),
+        _ => None,
+    };
+    let dup = |ls: &[std::net::TcpListener]| -> Result<Vec<_>, ListenError> {
+        ls.iter()
+            .map(std::net::TcpListener::try_clone)
+            .collect::<std::io::Result<_>>()
+            .map_err(ListenError::Dup)
+    };
+    let offered = crate::handover::Listeners {
+        app: dup(&app)?,
+        admin: admin.as_deref().map(dup).transpose()?.unwrap_or_default(),
+    };
+    Ok(Opened {
+        app: per_worker(app, app6),
+        app_addr,
+        admin,
+        offered,
+    })
 }

@@ -29,6 +29,32 @@ pub struct TokenKey {
     key: hmac::Key,
 }
 
+/// The token key could not be made or read.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenKeyError {
+    #[error("the system random source failed")]
+    Random,
+    #[error("cannot {what} --imds-token-key-file {}: {source}", path.display())]
+    File {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--imds-token-key-file {} holds {len} bytes; it needs at least 32 (delete it to have one generated)", path.display())]
+    Short {
+        path: std::path::PathBuf,
+        len: usize,
+    },
+}
+
+fn random_secret() -> Result<[u8; 32], TokenKeyError> {
+    let mut secret = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut secret)
+        .map_err(|_| TokenKeyError::Random)?;
+    Ok(secret)
+}
+
 impl std::fmt::Debug for TokenKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("TokenKey(..)")
@@ -43,46 +69,42 @@ impl TokenKey {
     }
 
     /// A fresh random key (tokens die with the process).
-    pub fn random() -> Result<Self, String> {
-        let mut secret = [0u8; 32];
-        SystemRandom::new()
-            .fill(&mut secret)
-            .map_err(|_| "the system random source failed".to_owned())?;
-        Ok(Self::from_bytes(&secret))
+    pub fn random() -> Result<Self, TokenKeyError> {
+        Ok(Self::from_bytes(&random_secret()?))
     }
 
     /// Reads the key from `path`, creating it (32 random bytes, mode 0600) when missing.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let shown = path.display();
+    pub fn from_file(path: &Path) -> Result<Self, TokenKeyError> {
+        let file_error = |what, source| TokenKeyError::File {
+            what,
+            path: path.to_owned(),
+            source,
+        };
         match std::fs::File::open(path) {
             Ok(mut f) => {
                 let mut secret = Vec::new();
                 f.read_to_end(&mut secret)
-                    .map_err(|e| format!("cannot read --imds-token-key-file {shown}: {e}"))?;
+                    .map_err(|e| file_error("read", e))?;
                 if secret.len() < 32 {
-                    return Err(format!(
-                        "--imds-token-key-file {shown} holds {} bytes; it needs at least 32 (delete it to have one generated)",
-                        secret.len()
-                    ));
+                    return Err(TokenKeyError::Short {
+                        path: path.to_owned(),
+                        len: secret.len(),
+                    });
                 }
                 Ok(Self::from_bytes(&secret))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut secret = [0u8; 32];
-                SystemRandom::new()
-                    .fill(&mut secret)
-                    .map_err(|_| "the system random source failed".to_owned())?;
+                let secret = random_secret()?;
                 let mut f = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
                     .open(path)
-                    .map_err(|e| format!("cannot create --imds-token-key-file {shown}: {e}"))?;
-                f.write_all(&secret)
-                    .map_err(|e| format!("cannot write --imds-token-key-file {shown}: {e}"))?;
+                    .map_err(|e| file_error("create", e))?;
+                f.write_all(&secret).map_err(|e| file_error("write", e))?;
                 Ok(Self::from_bytes(&secret))
             }
-            Err(e) => Err(format!("cannot open --imds-token-key-file {shown}: {e}")),
+            Err(e) => Err(file_error("open", e)),
         }
     }
 
@@ -253,6 +275,7 @@ mod tests {
         assert!(
             TokenKey::from_file(&dir)
                 .unwrap_err()
+                .to_string()
                 .contains("at least 32")
         );
         let _ = std::fs::remove_file(&dir);

@@ -8,6 +8,7 @@ pub mod handle;
 pub mod index;
 pub mod metrics;
 pub mod pod;
+pub mod probe;
 pub mod render;
 pub mod restrict;
 pub mod roles;
@@ -39,8 +40,10 @@ use thiserror::Error;
 pub enum StartError {
     #[error(transparent)]
     Sts(#[from] creds::sts::StsSetupError),
-    #[error("{0}")]
-    Source(String),
+    #[error(transparent)]
+    Kube(#[from] source::kube::KubeSetupError),
+    #[error(transparent)]
+    PodsFile(#[from] pod::PodsFileError),
     #[error("cannot start the resolver thread: {0}")]
     Thread(std::io::Error),
     #[error("the resolver thread stopped before its first sync")]

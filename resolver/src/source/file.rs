@@ -48,14 +48,9 @@ fn load(
     state: &mut State,
 ) -> Result<usize, StartError> {
     let display = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| {
-        StartError::Source(
-            crate::pod::PodsFileError::Read {
-                path: display.clone(),
-                source,
-            }
-            .to_string(),
-        )
+    let text = std::fs::read_to_string(path).map_err(|source| crate::pod::PodsFileError::Read {
+        path: display.clone(),
+        source,
     })?;
     /// Keeps what identity needs of each object as it is decoded.
     struct Infos<'a> {
@@ -83,7 +78,7 @@ fn load(
         pods: Vec::new(),
         namespaces: Vec::new(),
     };
-    read_pods_file(&display, &text, &mut infos).map_err(|e| StartError::Source(e.to_string()))?;
+    read_pods_file(&display, &text, &mut infos)?;
     drop(text);
     state.index.reset(infos.pods);
     state.index.reset_namespaces(infos.namespaces);

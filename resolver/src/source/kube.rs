@@ -34,40 +34,59 @@ pub struct KubeOptions {
     pub node: Option<String>,
 }
 
-async fn client(opts: &KubeOptions) -> Result<Client, StartError> {
-    let err = |what: &str, e: String| StartError::Source(format!("{what}: {e}"));
+/// The API server configuration is unusable; the sentence names the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {detail}")]
+pub struct KubeSetupError {
+    what: String,
+    detail: String,
+}
+
+fn setup_error(what: impl Into<String>, detail: impl ToString) -> KubeSetupError {
+    KubeSetupError {
+        what: what.into(),
+        detail: detail.to_string(),
+    }
+}
+
+/// The Kubernetes client from kube2iam's flags; `timeout` bounds connecting and each read
+/// (None: kube's defaults, which a watch needs).
+pub(crate) async fn client(
+    opts: &KubeOptions,
+    timeout: Option<Duration>,
+) -> Result<Client, KubeSetupError> {
     let mut config = if let Some(path) = &opts.kubeconfig {
-        let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-            err(
-                &format!("cannot read --kubeconfig {}", path.display()),
-                e.to_string(),
-            )
-        })?;
+        let kc = kube::config::Kubeconfig::read_from(path)
+            .map_err(|e| setup_error(format!("cannot read --kubeconfig {}", path.display()), e))?;
         kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
             .await
-            .map_err(|e| err("invalid --kubeconfig", e.to_string()))?
+            .map_err(|e| setup_error("invalid --kubeconfig", e))?
     } else if let Some(server) = &opts.api_server {
         let uri = server.parse().map_err(|e| {
-            err(
-                &format!("invalid --api-server {server:?} (expected https://host:port)"),
-                format!("{e}"),
+            setup_error(
+                format!("invalid --api-server {server:?} (expected https://host:port)"),
+                e,
             )
         })?;
         let mut c = kube::Config::new(uri);
         if let Some(token) = &opts.api_token {
             c.auth_info = serde_json::from_value(serde_json::json!({ "token": token }))
-                .map_err(|e| err("invalid --api-token", e.to_string()))?;
+                .map_err(|e| setup_error("invalid --api-token", e))?;
         }
         c
     } else {
         kube::Config::infer().await.map_err(|e| {
-            err("no Kubernetes API configuration (not in a cluster, no --kubeconfig or --api-server, and no --pods-from)", e.to_string())
+            setup_error("no Kubernetes API configuration (not in a cluster, no --kubeconfig or --api-server, and no --pods-from)", e)
         })?
     };
     if opts.insecure {
         config.accept_invalid_certs = true;
     }
-    Client::try_from(config).map_err(|e| err("cannot build the Kubernetes client", e.to_string()))
+    if let Some(t) = timeout {
+        config.read_timeout = Some(t);
+        config.connect_timeout = Some(t);
+    }
+    Client::try_from(config).map_err(|e| setup_error("cannot build the Kubernetes client", e))
 }
 
 /// Retry delays after watch errors: 250 ms doubling to 30 s, ±50 % jitter, back to the start
@@ -156,10 +175,10 @@ pub(crate) async fn run(
     reports: mpsc::Receiver<crate::events::Report>,
     first: impl FnOnce(Result<(), StartError>),
 ) {
-    let client = match client(&opts).await {
+    let client = match client(&opts, None).await {
         Ok(c) => c,
         Err(e) => {
-            first(Err(e));
+            first(Err(e.into()));
             return;
         }
     };

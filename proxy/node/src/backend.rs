@@ -10,8 +10,8 @@
 
 use super::cmd;
 use super::rules::{Family, NatView};
-use crate::args::IptablesBackend;
 use std::fmt;
+use thiserror::Error;
 
 /// A backend's commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,12 +94,9 @@ impl Backend {
     }
 
     /// The nat table of `family` as `save` prints it (empty view when it does not exist).
-    pub fn nat(self, family: Family) -> Result<NatView, String> {
+    pub fn nat(self, family: Family) -> Result<NatView, cmd::CommandError> {
         let save = self.tool(family, Tool::Save);
-        let out = cmd::run(&save, &[], None).map_err(|e| format!("{save}: {e}"))?;
-        if !out.ok() {
-            return Err(format!("{save} failed ({})", out.reason()));
-        }
+        let out = cmd::run_ok(&save, &[], None, || save.clone())?;
         Ok(NatView::parse(&out.stdout))
     }
 }
@@ -206,28 +203,50 @@ pub fn choose(
     }
 }
 
-/// Detects (or takes from the flag) the backend; Err names what is missing.
-pub fn detect(flag: IptablesBackend) -> Result<(Backend, String), String> {
-    let need = "--iptables needs the iptables tools (iptables, iptables-save, iptables-restore) in the agent's image";
+/// `--iptables-backend`: which iptables implementation `--iptables` drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// The one the host already uses (rules present, kube-proxy's hint), else the system
+    /// default.
+    Auto,
+    Nft,
+    Legacy,
+}
+
+/// No usable backend.
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error(
+        "--iptables-backend={backend} needs {tool} on PATH; install it or use --iptables-backend=auto."
+    )]
+    NotInstalled { backend: Backend, tool: String },
+    #[error(
+        "--iptables needs the iptables tools (iptables, iptables-save, iptables-restore) in the agent's image; none was found on PATH or in /usr/sbin."
+    )]
+    NoTools,
+}
+
+/// Detects (or takes from the flag) the backend, and says why it was chosen.
+pub fn detect(flag: Choice) -> Result<(Backend, String), BackendError> {
     match flag {
-        IptablesBackend::Nft | IptablesBackend::Legacy => {
-            let b = if flag == IptablesBackend::Nft {
+        Choice::Nft | Choice::Legacy => {
+            let b = if flag == Choice::Nft {
                 Backend::Nft
             } else {
                 Backend::Legacy
             };
             if !b.installed(Family::V4) {
-                return Err(format!(
-                    "--iptables-backend={b} needs {} on PATH; install it or use --iptables-backend=auto.",
-                    b.tool(Family::V4, Tool::Tables)
-                ));
+                return Err(BackendError::NotInstalled {
+                    backend: b,
+                    tool: b.tool(Family::V4, Tool::Tables),
+                });
             }
             Ok((b, "chosen by --iptables-backend".into()))
         }
-        IptablesBackend::Auto => {
+        Choice::Auto => {
             let avail = Backend::available();
             if avail.is_empty() {
-                return Err(format!("{need}; none was found on PATH or in /usr/sbin."));
+                return Err(BackendError::NoTools);
             }
             let survey = |b: Backend| {
                 avail

@@ -5,6 +5,41 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// A tool that could not run, or ran and failed.
+#[derive(Debug, Error)]
+pub enum CommandError {
+    #[error("{prog}: {source}")]
+    Start {
+        prog: String,
+        source: std::io::Error,
+    },
+    /// `what` is the command line as the sentence shows it; `reason` is [`Out::reason`].
+    #[error("{what} failed ({reason})")]
+    Failed { what: String, reason: String },
+}
+
+/// Runs `prog args...` like [`run`]; a non-zero exit is an error naming `what`.
+pub fn run_ok(
+    prog: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    what: impl FnOnce() -> String,
+) -> Result<Out, CommandError> {
+    let out = run(prog, args, stdin).map_err(|source| CommandError::Start {
+        prog: prog.to_owned(),
+        source,
+    })?;
+    if out.ok() {
+        Ok(out)
+    } else {
+        Err(CommandError::Failed {
+            what: what(),
+            reason: out.reason(),
+        })
+    }
+}
 
 /// Bound on one tool run (`-w` waits on the xtables lock for at most [`LOCK_WAIT_S`]).
 pub const TIMEOUT: Duration = Duration::from_secs(30);

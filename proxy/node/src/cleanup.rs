@@ -16,7 +16,7 @@ pub fn remove_from(
     backend: Backend,
     family: Family,
     kube2iam: Option<&[IpAddr]>,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, super::cmd::CommandError> {
     let view = backend.nat(family)?;
     let Some(script) = rules::removal_script(&view, kube2iam) else {
         return Ok(None);

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use thiserror::Error;
 
 /// A process holding a listening socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +90,15 @@ pub fn holder_of(port: u16) -> Vec<Holder> {
     holders(&listeners(port))
 }
 
+/// A port another process holds: the bind would fail, or (with SO_REUSEPORT) share it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{}", in_use_sentence(*.port, .flag, .holders))]
+pub struct PortInUse {
+    pub port: u16,
+    pub flag: &'static str,
+    pub holders: Vec<Holder>,
+}
+
 /// The one sentence for a port that is taken: the port, who holds it, the flags to change.
 pub fn in_use_sentence(port: u16, flag: &str, holders: &[Holder]) -> String {
     let who = match holders {
@@ -112,13 +122,17 @@ pub fn in_use_sentence(port: u16, flag: &str, holders: &[Holder]) -> String {
 /// silently split connections between them. Another iamlet (an upgrade overlapping with its
 /// predecessor) is allowed and logged. Port 0 and holders not visible from here pass (the
 /// bind itself then decides).
-pub fn check_not_shared(port: u16, flag: &str) -> Result<(), String> {
+pub fn check_not_shared(port: u16, flag: &'static str) -> Result<(), PortInUse> {
     if port == 0 {
         return Ok(());
     }
     let holders = holder_of(port);
     if holders.iter().any(|h| h.name != "iamlet") {
-        return Err(in_use_sentence(port, flag, &holders));
+        return Err(PortInUse {
+            port,
+            flag,
+            holders,
+        });
     }
     for h in &holders {
         tracing::warn!(port, holder = %h, "another iamlet listens on this port; connections are shared until it exits");
@@ -171,7 +185,9 @@ mod tests {
         let h = holder_of(port);
         assert!(h.iter().any(|h| h.pid == std::process::id()), "{h:?}");
         assert!(in_use(port));
-        let e = check_not_shared(port, "--app-port").unwrap_err();
+        let e = check_not_shared(port, "--app-port")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with(&format!("port {port} (--app-port) is already in use")),
             "{e}"

@@ -3,6 +3,7 @@
 //! error for a name that does not exist (kube2iam's `route ip+net: no such network interface`).
 
 use super::rules::IfaceMatch;
+use thiserror::Error;
 
 /// Linux interface names are at most 15 bytes (IFNAMSIZ − 1).
 const IFNAMSIZ: usize = 15;
@@ -93,12 +94,31 @@ pub fn detect(ifaces: &[String]) -> Vec<&'static Cni> {
     }
 }
 
-/// Checks the syntax of `--host-interface` values (no node state); one sentence on error.
-pub fn validate_values(values: &[String]) -> Result<(), String> {
+/// A `--host-interface` value that is wrong, or that does not fit this node.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum IfaceError {
+    #[error(
+        "--host-interface is empty; name the pods' interface (e.g. cali+, eni+, weave, cni0) or use --host-interface=auto."
+    )]
+    Empty,
+    #[error(
+        "--host-interface value {0:?} is not an interface name; use a name (weave), a prefix with a trailing + (cali+), a negation (!eth0) or auto."
+    )]
+    NotAName(String),
+    #[error(
+        "--host-interface takes at most one !negated value (each value is its own rule, so !a,!b would match every interface); name the pods' interfaces instead."
+    )]
+    TwoNegations,
+    #[error("--host-interface=auto found no known pod interface on this node (interfaces here: {}); name the pods' interface with --host-interface.", list(.existing))]
+    AutoFoundNone { existing: Vec<String> },
+    #[error("{}", missing_sentence(.name, .existing))]
+    Missing { name: String, existing: Vec<String> },
+}
+
+/// Checks the syntax of `--host-interface` values (no node state).
+pub fn validate_values(values: &[String]) -> Result<(), IfaceError> {
     if values.is_empty() || values.iter().all(|v| v.trim().is_empty()) {
-        return Err(
-            "--host-interface is empty; name the pods' interface (e.g. cali+, eni+, weave, cni0) or use --host-interface=auto.".into(),
-        );
+        return Err(IfaceError::Empty);
     }
     let mut negated = 0;
     for v in values.iter().map(|v| v.trim()) {
@@ -111,36 +131,31 @@ pub fn validate_values(values: &[String]) -> Result<(), String> {
             c.is_whitespace() || c == '/' || c == '!' || (c == '+' && i + 1 != m.name.len())
         });
         if m.name.is_empty() || m.name == "+" && !m.negated || bad_char || m.name.len() > IFNAMSIZ {
-            return Err(format!(
-                "--host-interface value {v:?} is not an interface name; use a name (weave), a prefix with a trailing + (cali+), a negation (!eth0) or auto."
-            ));
+            return Err(IfaceError::NotAName(v.to_owned()));
         }
     }
     if negated > 1 {
-        return Err(
-            "--host-interface takes at most one !negated value (each value is its own rule, so !a,!b would match every interface); name the pods' interfaces instead.".into(),
-        );
+        return Err(IfaceError::TwoNegations);
     }
     Ok(())
 }
 
 /// Turns `--host-interface` values into rule matches given the interfaces that exist:
 /// `auto` becomes the detected CNI's values; a plain name (negated or not) must exist.
-/// Returns the matches and what `auto` chose (for the log), or one sentence.
+/// Returns the matches and what `auto` chose (for the log).
 pub fn resolve(
     values: &[String],
     existing: &[String],
-) -> Result<(Vec<IfaceMatch>, Vec<String>), String> {
+) -> Result<(Vec<IfaceMatch>, Vec<String>), IfaceError> {
     let mut out: Vec<IfaceMatch> = Vec::new();
     let mut chosen = Vec::new();
     for v in values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()) {
         if v == "auto" {
             let found = detect(existing);
             if found.is_empty() {
-                return Err(format!(
-                    "--host-interface=auto found no known pod interface on this node (interfaces here: {}); name the pods' interface with --host-interface.",
-                    list(existing)
-                ));
+                return Err(IfaceError::AutoFoundNone {
+                    existing: existing.to_vec(),
+                });
             }
             for c in found {
                 chosen.push(format!("{} ({})", c.value, c.name));
@@ -150,7 +165,10 @@ pub fn resolve(
         }
         let m = IfaceMatch::parse(v);
         if !m.is_wildcard() && !existing.contains(&m.name) {
-            return Err(missing_sentence(&m.name, existing));
+            return Err(IfaceError::Missing {
+                name: m.name,
+                existing: existing.to_vec(),
+            });
         }
         push_unique(&mut out, m);
     }
@@ -286,7 +304,7 @@ mod tests {
         assert_eq!(ok(&["!eth0"]).unwrap(), ["!eth0"]);
         // A wildcard that matches nothing yet is fine: pods come later.
         assert_eq!(ok(&["eni+"]).unwrap(), ["eni+"]);
-        let e = ok(&["weave"]).unwrap_err();
+        let e = ok(&["weave"]).unwrap_err().to_string();
         assert_eq!(
             e,
             "--host-interface \"weave\" does not exist on this node (interfaces here: lo, eth0, cali1, cali2; cali* suggests Calico: --host-interface=cali+); use the pods' interface or --host-interface=auto."
@@ -294,9 +312,12 @@ mod tests {
         assert!(
             ok(&["!weave"])
                 .unwrap_err()
+                .to_string()
                 .contains("\"weave\" does not exist")
         );
-        let e = resolve(&names(&["auto"]), &names(&["lo", "eth0"])).unwrap_err();
+        let e = resolve(&names(&["auto"]), &names(&["lo", "eth0"]))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("found no known pod interface") && e.contains("lo, eth0"),
             "{e}"
@@ -327,7 +348,7 @@ mod tests {
             &["!a", "!b"],
             &["!!a"],
         ] {
-            let e = validate_values(&names(bad)).unwrap_err();
+            let e = validate_values(&names(bad)).unwrap_err().to_string();
             assert!(
                 e.starts_with("--host-interface") && e.ends_with('.') && !e.contains('\n'),
                 "{bad:?}: {e}"

@@ -5,14 +5,48 @@
 use super::backend::{self, Backend, Tool};
 use super::metrics::NodeMetrics;
 use super::rules::{self, Desired, Family, IfaceMatch, NatView, To};
-use super::{METADATA_V4, METADATA_V6, cmd, iface};
-use crate::args::NodeArgs;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use super::{METADATA_V4, METADATA_V6, RedirectConfig, cmd, iface};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use thiserror::Error;
+
+/// Why the redirect cannot be prepared or installed; one sentence with the fix.
+#[derive(Debug, Error)]
+pub enum RedirectError {
+    #[error("cannot list this node's network interfaces: {0}.")]
+    Interfaces(std::io::Error),
+    #[error(transparent)]
+    Iface(#[from] iface::IfaceError),
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
+    #[error("--ipv6 needs {0} on PATH; install it or drop --ipv6.")]
+    NoIpv6Tool(String),
+    #[error(
+        "cannot install the {family} redirect with {restore}: {source}; iamlet needs NET_ADMIN (privileged: true) and a working {tables}."
+    )]
+    Install {
+        family: Family,
+        restore: String,
+        tables: String,
+        source: ApplyError,
+    },
+    #[error("cannot start the iptables verifier thread: {0}")]
+    Verifier(std::io::Error),
+}
+
+/// One family's rules could not be read or made right.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Command(#[from] cmd::CommandError),
+    /// A restore that reported success but left the table wrong.
+    #[error("after restoring, {0}")]
+    StillWrong(String),
+}
 
 /// The redirect for this node.
 #[derive(Debug)]
@@ -41,14 +75,12 @@ impl Redirect {
     /// Resolves `--host-interface` against this node and picks the backend. Touches no rule.
     /// One sentence on error.
     pub fn prepare(
-        node: &NodeArgs,
-        host_ip: IpAddr,
+        node: &RedirectConfig,
         metrics: NodeMetrics,
         ready: Arc<AtomicBool>,
-    ) -> Result<Redirect, String> {
-        let existing = iface::existing()
-            .map_err(|e| format!("cannot list this node's network interfaces: {e}."))?;
-        let (ifaces, auto) = iface::resolve(&node.host_interface, &existing)?;
+    ) -> Result<Redirect, RedirectError> {
+        let existing = iface::existing().map_err(RedirectError::Interfaces)?;
+        let (ifaces, auto) = iface::resolve(&node.interfaces, &existing)?;
         if !auto.is_empty() {
             tracing::info!(chosen = %auto.join(", "), "--host-interface=auto");
         }
@@ -57,13 +89,12 @@ impl Redirect {
                 tracing::warn!(interface = %m, "no interface matches yet; the rule applies once pods' interfaces appear");
             }
         }
-        let (backend, why) = backend::detect(node.iptables_backend)?;
+        let (backend, why) = backend::detect(node.backend)?;
         tracing::info!(backend = %backend, reason = %why, "iptables backend");
-        let desired = desired(node, host_ip, ifaces)?;
+        let desired = desired(node, ifaces);
         if node.ipv6 && !backend.installed(Family::V6) {
-            return Err(format!(
-                "--ipv6 needs {} on PATH; install it or drop --ipv6.",
-                backend.tool(Family::V6, Tool::Restore)
+            return Err(RedirectError::NoIpv6Tool(
+                backend.tool(Family::V6, Tool::Restore),
             ));
         }
         for d in &desired {
@@ -73,7 +104,7 @@ impl Redirect {
             backend,
             desired,
             metrics,
-            remove_on_exit: node.iptables_remove_on_exit,
+            remove_on_exit: node.remove_on_exit,
             ready,
             verifier: OnceLock::new(),
             conntrack_warned: AtomicBool::new(false),
@@ -90,8 +121,8 @@ impl Redirect {
 
     /// Installs (or confirms) the redirect in every family, removes iamlet's chain from the
     /// other backend (so a node never has two sets), cuts connections that bypassed it, and
-    /// marks the node ready. Err: one sentence.
-    pub fn install(&self) -> Result<(), String> {
+    /// marks the node ready.
+    pub fn install(&self) -> Result<(), RedirectError> {
         for other in Backend::available()
             .into_iter()
             .filter(|b| *b != self.backend)
@@ -112,8 +143,11 @@ impl Redirect {
             }
         }
         for d in &self.desired {
-            let outcome = self.ensure(d).map_err(|e| {
-                format!("cannot install the {} redirect with {}: {e}; iamlet needs NET_ADMIN (privileged: true) and a working {}.", d.family, self.backend.tool(d.family, Tool::Restore), self.backend.tool(d.family, Tool::Tables))
+            let outcome = self.ensure(d).map_err(|source| RedirectError::Install {
+                family: d.family,
+                restore: self.backend.tool(d.family, Tool::Restore),
+                tables: self.backend.tool(d.family, Tool::Tables),
+                source,
             })?;
             match outcome {
                 // Untouched, and no conntrack flush: the connections it tracks already go to
@@ -139,7 +173,7 @@ impl Redirect {
     }
 
     /// Reads the chains and applies the restore script when anything differs.
-    pub fn ensure(&self, d: &Desired) -> Result<Outcome, String> {
+    pub fn ensure(&self, d: &Desired) -> Result<Outcome, ApplyError> {
         let view = self.observe(d.family)?;
         let problems = d.check(&view);
         if problems.is_empty() {
@@ -150,29 +184,25 @@ impl Redirect {
         // Confirm: a restore that "worked" but left it wrong would loop forever unnoticed.
         let after = d.check(&self.observe(d.family)?);
         if !after.is_empty() {
-            return Err(format!("after restoring, {}", rules::describe(&after)));
+            return Err(ApplyError::StillWrong(rules::describe(&after)));
         }
         Ok(Outcome::Applied(problems))
     }
 
     /// PREROUTING and IAMLET as `-S` lists them (a missing IAMLET chain is an empty list).
-    fn observe(&self, family: Family) -> Result<NatView, String> {
+    fn observe(&self, family: Family) -> Result<NatView, cmd::CommandError> {
         let tables = self.backend.tool(family, Tool::Tables);
-        let list = |chain: &str| {
-            cmd::run(
-                &tables,
-                &["-w", cmd::LOCK_WAIT_S, "-t", "nat", "-S", chain],
-                None,
-            )
-        };
-        let pre = list("PREROUTING").map_err(|e| format!("{tables}: {e}"))?;
-        if !pre.ok() {
-            return Err(format!(
-                "{tables} -t nat -S PREROUTING failed ({})",
-                pre.reason()
-            ));
-        }
-        let chain = list(rules::CHAIN).map_err(|e| format!("{tables}: {e}"))?;
+        let args = |chain| ["-w", cmd::LOCK_WAIT_S, "-t", "nat", "-S", chain];
+        let pre = cmd::run_ok(&tables, &args("PREROUTING"), None, || {
+            format!("{tables} -t nat -S PREROUTING")
+        })?;
+        // A missing IAMLET chain is an empty list, not an error.
+        let chain = cmd::run(&tables, &args(rules::CHAIN), None).map_err(|source| {
+            cmd::CommandError::Start {
+                prog: tables.clone(),
+                source,
+            }
+        })?;
         let mut text = pre.stdout;
         if chain.ok() {
             text.push_str(&chain.stdout);
@@ -303,29 +333,15 @@ impl Redirect {
 
 /// The rules for `--iptables` (and `--ipv6`): DNAT to `--host-ip:--app-port` per interface;
 /// IPv6 to `--host-ipv6` or, without it, REDIRECT to `--app-port`.
-pub fn desired(
-    node: &NodeArgs,
-    host_ip: IpAddr,
-    ifaces: Vec<IfaceMatch>,
-) -> Result<Vec<Desired>, String> {
-    let IpAddr::V4(v4) = host_ip else {
-        return Err(
-            "--host-ip must be an IPv4 address for --iptables; give an IPv6 one with --host-ipv6."
-                .into(),
-        );
-    };
+pub fn desired(node: &RedirectConfig, ifaces: Vec<IfaceMatch>) -> Vec<Desired> {
     let mut v = vec![Desired {
         family: Family::V4,
         metadata: IpAddr::V4(METADATA_V4),
         ifaces: ifaces.clone(),
-        to: To::Dnat(SocketAddr::from((v4, node.app_port))),
+        to: To::Dnat(SocketAddr::from((node.host_ip, node.app_port))),
     }];
     if node.ipv6 {
-        let to = match node
-            .host_ipv6
-            .as_deref()
-            .and_then(|h| h.parse::<Ipv6Addr>().ok())
-        {
+        let to = match node.host_ipv6 {
             Some(ip) => To::Dnat(SocketAddr::from((ip, node.app_port))),
             None => To::Redirect(node.app_port),
         };
@@ -336,17 +352,17 @@ pub fn desired(
             to,
         });
     }
-    Ok(v)
+    v
 }
 
 /// Applies `script` with `iptables-restore --noflush` (atomic: all lines or none).
-pub fn restore(backend: Backend, family: Family, script: &str) -> Result<(), String> {
+pub fn restore(backend: Backend, family: Family, script: &str) -> Result<(), cmd::CommandError> {
     let prog = backend.tool(family, Tool::Restore);
-    let out = cmd::run(&prog, &["-w", cmd::LOCK_WAIT_S, "--noflush"], Some(script))
-        .map_err(|e| format!("{prog}: {e}"))?;
-    if out.ok() {
-        Ok(())
-    } else {
-        Err(format!("{prog} --noflush failed ({})", out.reason()))
-    }
+    cmd::run_ok(
+        &prog,
+        &["-w", cmd::LOCK_WAIT_S, "--noflush"],
+        Some(script),
+        || format!("{prog} --noflush"),
+    )?;
+    Ok(())
 }
