@@ -2,8 +2,8 @@
 //! under a node-wide rate limit — renders the answer once, refreshes ahead of expiry, and
 //! keeps serving still-valid credentials when STS fails (retrying with backoff and jitter).
 
-use crate::creds::slot::{CredAnswer, CredSlot};
-use crate::creds::sts::{Sts, StsError, session_name};
+use crate::creds::slot::{CredAnswer, CredSlot, Generation};
+use crate::creds::sts::{AssumeRole, StsError, session_name};
 use crate::metrics::ResolverMetrics;
 use crate::render::{self, credentials_document, error_document};
 use std::sync::Arc;
@@ -119,8 +119,8 @@ impl RateLimiter {
     }
 }
 
-struct Manager {
-    sts: Arc<Sts>,
+struct Manager<S> {
+    sts: Arc<S>,
     policy: Arc<CredPolicy>,
     metrics: ResolverMetrics,
     limiter: RateLimiter,
@@ -134,9 +134,9 @@ struct Manager {
 /// is free, so a storm of new roles queues as slots in the channels — a pointer each — not
 /// as hundreds of parked calls; timers for refreshes and retries are small tasks that hand
 /// the slot back here.
-pub(crate) async fn run(
+pub(crate) async fn run<S: AssumeRole + 'static>(
     mut requests: mpsc::UnboundedReceiver<Arc<CredSlot>>,
-    sts: Arc<Sts>,
+    sts: Arc<S>,
     policy: Arc<CredPolicy>,
     metrics: ResolverMetrics,
 ) {
@@ -167,9 +167,9 @@ pub(crate) async fn run(
 
 /// One AssumeRole for `slot`; `failures`: consecutive failures so far. The permit bounds the
 /// calls in flight and is returned when the call is done.
-async fn fetch(
+async fn fetch<S: AssumeRole>(
     slot: Arc<CredSlot>,
-    m: Arc<Manager>,
+    m: Arc<Manager<S>>,
     failures: u32,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -218,11 +218,17 @@ async fn fetch(
                 serve_until: now + serve_for,
                 access_key_id: creds.access_key_id.clone(),
             };
-            slot.publish(Some(Arc::new(answer)));
+            let generation = slot.publish(Some(Arc::new(answer)));
             // Counted once published: a scrape that sees the call can rely on its answer.
             m.metrics.observe_assume_role_for(&key.role_arn, None, took);
             let jitter = jitter(&key.role_arn, (lifetime / 20).min(Duration::from_secs(30)));
-            schedule(&slot, &m, m.policy.refresh_after(lifetime, jitter), 0);
+            schedule(
+                &slot,
+                &m,
+                generation,
+                m.policy.refresh_after(lifetime, jitter),
+                0,
+            );
         }
         Err(StsError { code, message }) => {
             let still_valid = slot
@@ -230,10 +236,10 @@ async fn fetch(
                 .is_some_and(|a| matches!(&*a, CredAnswer::Ready { .. }));
             let retry_in = m.policy.retry_after(failures);
             tracing::warn!(role = %key.role_arn, %code, %message, still_valid, retry_in = ?retry_in, "AssumeRole failed");
-            if still_valid {
+            let generation = if still_valid {
                 // Static stability: keep serving what we have; try again later.
                 m.metrics.kept_stale();
-                slot.publish(None);
+                slot.publish(None)
             } else {
                 let answer = CredAnswer::Failed {
                     status: 500,
@@ -241,13 +247,14 @@ async fn fetch(
                     at: now,
                     retry_after: now + m.policy.error_ttl,
                 };
-                slot.publish(Some(Arc::new(answer)));
-            }
+                slot.publish(Some(Arc::new(answer)))
+            };
             m.metrics
                 .observe_assume_role_for(&key.role_arn, Some(&code), took);
             schedule(
                 &slot,
                 &m,
+                generation,
                 retry_in + jitter(&key.role_arn, retry_in / 4),
                 failures + 1,
             );
@@ -256,15 +263,28 @@ async fn fetch(
 }
 
 /// Fetches the slot again after `after`, unless it was dropped (no pod uses it any more) or
-/// a pod's request already started a fetch.
-fn schedule(slot: &Arc<CredSlot>, m: &Manager, after: Duration, failures: u32) {
+/// the timer went stale: a pod's request started a fetch meanwhile, whose completion armed
+/// a newer timer. Stale timers are left to run out rather than aborted: they only sleep, and
+/// at most one is left behind per fetch a pod starts.
+fn schedule<S>(
+    slot: &Arc<CredSlot>,
+    m: &Manager<S>,
+    generation: Generation,
+    after: Duration,
+    failures: u32,
+) {
     let weak = Arc::downgrade(slot);
     let again = m.again.clone();
+    #[cfg(test)]
+    slot.timers.lock().unwrap().push(generation);
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
-        if let Some(slot) = weak.upgrade()
-            && slot.claim()
-        {
+        let Some(slot) = weak.upgrade() else {
+            return;
+        };
+        #[cfg(test)]
+        slot.timers.lock().unwrap().retain(|g| *g != generation);
+        if slot.claim(generation) {
             let _ = again.send((slot, failures));
         }
     });
@@ -281,6 +301,11 @@ fn jitter(seed: &str, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::creds::slot::{CredKey, Origin};
+    use crate::render::Credentials;
+    use std::future::Future;
+    use std::sync::Mutex;
+    use std::sync::atomic::Ordering;
 
     fn policy(ttl_secs: u64) -> CredPolicy {
         CredPolicy {
@@ -406,5 +431,281 @@ mod tests {
             assert!(jitter("r", Duration::from_secs(30)) < Duration::from_secs(30));
         }
         assert_eq!(jitter("r", Duration::ZERO), Duration::ZERO);
+    }
+
+    /// A scripted STS: fails as many calls as it was told to, succeeds otherwise, and
+    /// records when each call started (paused time since it was made).
+    struct FakeSts {
+        t0: tokio::time::Instant,
+        latency: Duration,
+        failures_left: Mutex<u32>,
+        calls: Mutex<Vec<Duration>>,
+    }
+
+    /// What the fake's credentials last: with `policy(900)` they are refreshed 810 s to
+    /// 840 s after they arrive.
+    const LIFETIME: Duration = Duration::from_secs(1800);
+
+    impl FakeSts {
+        fn new(latency: Duration) -> Arc<Self> {
+            Arc::new(FakeSts {
+                t0: tokio::time::Instant::now(),
+                latency,
+                failures_left: Mutex::new(0),
+                calls: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn fail_next(&self, n: u32) {
+            *self.failures_left.lock().unwrap() += n;
+        }
+
+        /// Call start times, in seconds.
+        fn calls(&self) -> Vec<f64> {
+            let calls = self.calls.lock().unwrap();
+            calls.iter().map(Duration::as_secs_f64).collect()
+        }
+    }
+
+    impl AssumeRole for FakeSts {
+        fn assume_role(
+            &self,
+            _key: &CredKey,
+            _session: &str,
+            _duration: Duration,
+        ) -> impl Future<Output = Result<Credentials, StsError>> + Send {
+            self.calls.lock().unwrap().push(self.t0.elapsed());
+            let fail = {
+                let mut left = self.failures_left.lock().unwrap();
+                let fail = *left > 0;
+                *left = left.saturating_sub(1);
+                fail
+            };
+            let latency = self.latency;
+            async move {
+                tokio::time::sleep(latency).await;
+                if fail {
+                    return Err(StsError {
+                        code: "Throttling".into(),
+                        message: "scripted failure".into(),
+                    });
+                }
+                Ok(Credentials {
+                    access_key_id: "AKIAFAKE".into(),
+                    secret_access_key: "secret".into(),
+                    session_token: "token".into(),
+                    // Wall clock: the manager measures the lifetime against it.
+                    expiration: SystemTime::now() + LIFETIME,
+                })
+            }
+        }
+    }
+
+    /// A manager over `sts` and one slot for it (kept alive by the caller: timers hold only
+    /// a weak reference).
+    fn start(sts: &Arc<FakeSts>) -> Arc<CredSlot> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let metrics =
+            ResolverMetrics::register(&mut prometheus_client::registry::Registry::default());
+        tokio::spawn(run(rx, sts.clone(), Arc::new(policy(900)), metrics));
+        let key = CredKey {
+            role_arn: "arn:aws:iam::123456789012:role/a".into(),
+            external_id: None,
+            session: None,
+        };
+        CredSlot::new(key, Origin::default(), tx)
+    }
+
+    async fn until(sts: &FakeSts, secs: f64) {
+        tokio::time::sleep_until(sts.t0 + Duration::from_secs_f64(secs)).await;
+    }
+
+    /// Waits (in paused time, at most `limit` seconds) until `n` calls have started.
+    async fn calls_reach(sts: &FakeSts, n: usize, limit: u64) -> Vec<f64> {
+        for _ in 0..limit * 10 {
+            let calls = sts.calls();
+            if calls.len() >= n {
+                return calls;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("fewer than {n} calls within {limit} s: {:?}", sts.calls());
+    }
+
+    /// Whether the gap from one call's start to the next's is one refresh: the fake's
+    /// latency, then 810 s to 840 s (the jitter is random, up to 30 s), with a second's
+    /// slack for the lifetime being measured on the wall clock.
+    fn refresh_gap(gap: f64, latency: f64) -> bool {
+        gap >= latency + 809.0 && gap <= latency + 841.0
+    }
+
+    /// Whether the gap is one retry after `failures` consecutive failures: the latency, then
+    /// the backoff plus a random jitter of up to a quarter of it.
+    fn retry_gap(gap: f64, latency: f64, failures: u32) -> bool {
+        let backoff = policy(900).retry_after(failures).as_secs_f64();
+        gap >= latency + backoff - 1e-3 && gap <= latency + backoff * 1.25 + 1e-3
+    }
+
+    /// Samples `slot`'s pending refreshes every 250 ms of paused time until `stop` is
+    /// called, and returns the samples that were not exactly one (time, count).
+    struct Watch {
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        task: tokio::task::JoinHandle<(usize, Vec<(f64, usize)>)>,
+    }
+
+    impl Watch {
+        fn start(sts: &Arc<FakeSts>, slot: &Arc<CredSlot>) -> Watch {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (sts, slot, flag) = (sts.clone(), slot.clone(), stop.clone());
+            let task = tokio::spawn(async move {
+                let mut wrong = Vec::new();
+                let mut samples = 0;
+                while samples < 200_000 && !flag.load(Ordering::Relaxed) {
+                    let n = slot.pending_refreshes();
+                    if n != 1 && wrong.len() < 20 {
+                        wrong.push((sts.t0.elapsed().as_secs_f64(), n));
+                    }
+                    samples += 1;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                (samples, wrong)
+            });
+            Watch { stop, task }
+        }
+
+        /// Asserts every sample saw exactly one pending refresh, and that it sampled at all.
+        async fn stop(self) {
+            self.stop.store(true, Ordering::Relaxed);
+            let (samples, wrong) = self.task.await.unwrap();
+            assert!(samples > 1_000, "only {samples} samples");
+            assert!(wrong.is_empty(), "not one pending refresh at {wrong:?}");
+        }
+    }
+
+    fn gaps(calls: &[f64]) -> Vec<f64> {
+        calls.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_request_during_the_retry_wait_leaves_one_refresh_chain() {
+        let sts = FakeSts::new(Duration::from_secs(1));
+        let slot = start(&sts);
+        sts.fail_next(1);
+        // Fails at 1 s; its retry is due at 3 s to 3.5 s.
+        slot.request();
+        let watch = Watch::start(&sts, &slot);
+        until(&sts, 1.5).await;
+        // Succeeds at 2.5 s, before the retry is due: the retry must do nothing.
+        slot.request();
+        // Refreshes come 811 s to 841 s apart: five of them by now, and never a sixth.
+        until(&sts, 2.5 + 5.0 * 841.0).await;
+        watch.stop().await;
+        let calls = sts.calls();
+        assert_eq!(calls.len(), 2 + 5, "calls at {calls:?}");
+        assert_eq!(&calls[..2], [0.0, 1.5], "calls at {calls:?}");
+        assert!(
+            gaps(&calls[1..]).iter().all(|g| refresh_gap(*g, 1.0)),
+            "calls at {calls:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_firing_during_a_fetch_does_nothing_and_the_fetch_rearms() {
+        let sts = FakeSts::new(Duration::from_secs(5));
+        let slot = start(&sts);
+        sts.fail_next(1);
+        // Fails at 5 s; its retry is due at 7 s to 7.5 s, while the next fetch runs.
+        slot.request();
+        let watch = Watch::start(&sts, &slot);
+        until(&sts, 6.0).await;
+        slot.request();
+        // Refreshes come 815 s to 845 s apart: three of them by now, and never a fourth.
+        until(&sts, 11.0 + 3.0 * 846.0).await;
+        watch.stop().await;
+        let calls = sts.calls();
+        assert_eq!(calls.len(), 2 + 3, "calls at {calls:?}");
+        assert_eq!(&calls[..2], [0.0, 6.0], "calls at {calls:?}");
+        assert!(
+            gaps(&calls[1..]).iter().all(|g| refresh_gap(*g, 5.0)),
+            "calls at {calls:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_request_during_an_outage_restarts_the_backoff_and_replaces_the_retry() {
+        let sts = FakeSts::new(Duration::from_secs(1));
+        let slot = start(&sts);
+        slot.request();
+        let watch = Watch::start(&sts, &slot);
+        until(&sts, 100.0).await;
+        // The refresh fails, then its retries (the pod's call among them): nine failures.
+        sts.fail_next(9);
+        let calls = calls_reach(&sts, 4, 2_000).await;
+        let second_retry = calls[3];
+        // Mid-wait for the third retry, due 8 s to 10 s after the second fails.
+        until(&sts, second_retry + 3.0).await;
+        slot.request();
+        // The backoff starts over after the pod's failure (2 s, 4 s, … 60 s), the superseded
+        // retry never calls, and after the ninth failure a success and a refresh follow.
+        let calls = calls_reach(&sts, 11, 2_000).await;
+        until(&sts, calls[10] + 1.0 + 841.0 + 0.5).await;
+        watch.stop().await;
+        let calls = sts.calls();
+        assert_eq!(calls.len(), 12, "calls at {calls:?}");
+        let g = gaps(&calls);
+        assert!(refresh_gap(g[0], 1.0), "calls at {calls:?}");
+        for (i, failures) in [(1, 0), (2, 1)] {
+            assert!(
+                retry_gap(g[i], 1.0, failures),
+                "gap {i}: calls at {calls:?}"
+            );
+        }
+        assert_eq!(calls[4], second_retry + 3.0, "calls at {calls:?}");
+        for (i, failures) in [(4, 0), (5, 1), (6, 2), (7, 3), (8, 4), (9, 5)] {
+            assert!(
+                retry_gap(g[i], 1.0, failures),
+                "gap {i}: calls at {calls:?}"
+            );
+        }
+        assert!(refresh_gap(g[10], 1.0), "calls at {calls:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_refresh_chain_survives_failures_pod_requests_and_outages() {
+        let sts = FakeSts::new(Duration::from_secs(1));
+        let slot = start(&sts);
+        // A failure, and a pod's request during the retry wait that recovers.
+        sts.fail_next(1);
+        slot.request();
+        let watch = Watch::start(&sts, &slot);
+        until(&sts, 1.5).await;
+        slot.request();
+        // Another pod's request between refreshes.
+        until(&sts, 100.0).await;
+        slot.request();
+        // An outage of four failures from the next refresh on, then recovery.
+        until(&sts, 200.0).await;
+        sts.fail_next(4);
+        let calls = calls_reach(&sts, 8, 2_000).await;
+        let recovered = calls[7];
+        // Refreshes come 811 s to 841 s apart: exactly ten more calls in 8,420 s; a second
+        // chain would make about twenty.
+        until(&sts, recovered + 10.0 * 842.0).await;
+        watch.stop().await;
+        let calls = sts.calls();
+        assert_eq!(&calls[..3], [0.0, 1.5, 100.0], "calls at {calls:?}");
+        let g = gaps(&calls);
+        assert!(refresh_gap(calls[3] - 100.0, 1.0), "calls at {calls:?}");
+        for (i, failures) in [(3, 0), (4, 1), (5, 2), (6, 3)] {
+            assert!(
+                retry_gap(g[i], 1.0, failures),
+                "gap {i}: calls at {calls:?}"
+            );
+        }
+        assert_eq!(calls.len(), 8 + 10, "calls at {calls:?}");
+        assert!(
+            g[7..].iter().all(|g| refresh_gap(*g, 1.0)),
+            "calls at {calls:?}"
+        );
     }
 }

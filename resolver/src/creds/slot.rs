@@ -4,7 +4,7 @@
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 use tokio::sync::{Notify, mpsc};
 
@@ -70,9 +70,23 @@ pub struct CredSlot {
     hits: prometheus_client::metrics::counter::Counter,
     answer: ArcSwapOption<CredAnswer>,
     notify: Notify,
-    in_flight: AtomicBool,
+    /// Bit 0: a fetch is in flight. The rest: the generation, bumped whenever a fetch starts
+    /// or a timer is armed, so only the newest timer may start a fetch and a key never runs
+    /// two refresh chains. One word, so that checking and bumping are a single atomic step.
+    state: AtomicU64,
     requests: mpsc::UnboundedSender<Arc<CredSlot>>,
+    /// The generations of the timers armed and not yet fired, for tests to count the live
+    /// ones.
+    #[cfg(test)]
+    pub(crate) timers: std::sync::Mutex<Vec<Generation>>,
 }
+
+const IN_FLIGHT: u64 = 1;
+const NEXT_GENERATION: u64 = 2;
+
+/// The generation a refresh or retry timer was armed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Generation(u64);
 
 impl std::fmt::Debug for CredSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -104,8 +118,10 @@ impl CredSlot {
             hits,
             answer: ArcSwapOption::empty(),
             notify: Notify::new(),
-            in_flight: AtomicBool::new(false),
+            state: AtomicU64::new(0),
             requests,
+            #[cfg(test)]
+            timers: Default::default(),
         })
     }
 
@@ -165,25 +181,59 @@ impl CredSlot {
     }
 
     /// Asks the resolver to fetch, unless a fetch for this key is already in flight.
+    ///
+    /// The fetch supersedes any pending refresh or retry: it arms its own timer when done.
     pub fn request(self: &Arc<Self>) {
-        if !self.in_flight.swap(true, Ordering::AcqRel) && self.requests.send(self.clone()).is_err()
-        {
-            self.in_flight.store(false, Ordering::Release);
+        let started = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (s & IN_FLIGHT == 0).then(|| s.wrapping_add(NEXT_GENERATION) | IN_FLIGHT)
+            })
+            .is_ok();
+        if started && self.requests.send(self.clone()).is_err() {
+            self.state.fetch_and(!IN_FLIGHT, Ordering::AcqRel);
         }
     }
 
-    /// Marks a fetch in flight unless one already is; true when the caller now owns it.
-    pub(crate) fn claim(&self) -> bool {
-        !self.in_flight.swap(true, Ordering::AcqRel)
+    /// For a timer armed with `armed` that has fired: starts its fetch if nothing has
+    /// happened since it was armed (no fetch started, no newer timer armed); true when the
+    /// caller now owns the fetch. A stale timer gets false and must do nothing.
+    pub(crate) fn claim(&self, armed: Generation) -> bool {
+        self.state
+            .compare_exchange(
+                armed.0,
+                armed.0.wrapping_add(NEXT_GENERATION) | IN_FLIGHT,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
     }
 
-    /// Stores a new answer, ends the in-flight fetch and wakes every waiter.
-    pub(crate) fn publish(&self, answer: Option<Arc<CredAnswer>>) {
+    /// Stores a new answer, ends the in-flight fetch and wakes every waiter. Returns the
+    /// generation for the one timer the caller arms next; ending the fetch and starting that
+    /// generation are one step, so a pod's request that starts a fetch right after makes
+    /// the timer stale.
+    pub(crate) fn publish(&self, answer: Option<Arc<CredAnswer>>) -> Generation {
         if let Some(a) = answer {
             self.answer.store(Some(a));
         }
-        self.in_flight.store(false, Ordering::Release);
+        let next = |s: u64| (s & !IN_FLIGHT).wrapping_add(NEXT_GENERATION);
+        let before = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| Some(next(s)))
+            .unwrap_or_else(|s| s);
         self.notify.notify_waiters();
+        Generation(next(before))
+    }
+
+    /// Refreshes pending for this key: a fetch in flight, or timers armed, not yet fired and
+    /// not stale. Exactly one once the key has been asked for.
+    #[cfg(test)]
+    pub(crate) fn pending_refreshes(&self) -> usize {
+        let timers = self.timers.lock().unwrap();
+        let s = self.state.load(Ordering::Acquire);
+        let live = timers.iter().filter(|g| g.0 == s).count();
+        (s & IN_FLIGHT) as usize + live
     }
 }
 
@@ -264,5 +314,34 @@ mod tests {
         slot.publish(Some(ready(Duration::ZERO)));
         assert!(slot.current(Instant::now()).is_none());
         assert!(slot.last().is_some());
+    }
+
+    #[test]
+    fn only_the_newest_timer_may_start_a_fetch() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let slot = CredSlot::new(key(), Origin::default(), tx);
+        slot.request();
+        assert!(rx.try_recv().is_ok());
+        // A failure arms a retry; a pod's request during the wait supersedes it.
+        let retry = slot.publish(None);
+        slot.request();
+        assert!(rx.try_recv().is_ok());
+        assert!(!slot.claim(retry), "a timer fired during a fetch");
+        let refresh = slot.publish(Some(ready(Duration::from_secs(60))));
+        assert!(
+            !slot.claim(retry),
+            "a superseded retry started a second chain"
+        );
+        assert!(slot.claim(refresh));
+        assert!(!slot.claim(refresh), "one timer started two fetches");
+        // The timer's fetch is in flight: pods' requests join it.
+        slot.request();
+        assert!(rx.try_recv().is_err());
+        let next = slot.publish(None);
+        assert_ne!(next, refresh);
+        // A pod's request that starts a fetch outruns the timer armed just before it.
+        slot.request();
+        assert!(rx.try_recv().is_ok());
+        assert!(!slot.claim(next));
     }
 }

@@ -8,6 +8,7 @@ use aws_config::provider_config::ProviderConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_sts::error::ProvideErrorMetadata;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use std::future::Future;
 use std::time::{Duration, SystemTime};
 use thiserror::Error;
 
@@ -30,6 +31,18 @@ pub struct StsError {
     /// failures (`ServiceUnavailable`).
     pub code: String,
     pub message: String,
+}
+
+/// What the manager needs from STS: one AssumeRole call. A trait so the manager's
+/// scheduling can be driven by a scripted stand-in under paused time.
+pub trait AssumeRole: Send + Sync {
+    /// Calls AssumeRole for `key` with session name `session`, asking for `duration`.
+    fn assume_role(
+        &self,
+        key: &CredKey,
+        session: &str,
+        duration: Duration,
+    ) -> impl Future<Output = Result<Credentials, StsError>> + Send;
 }
 
 /// A configured STS client.
@@ -142,6 +155,18 @@ impl Sts {
             session_token: c.session_token,
             expiration,
         })
+    }
+}
+
+impl AssumeRole for Sts {
+    fn assume_role(
+        &self,
+        key: &CredKey,
+        session: &str,
+        duration: Duration,
+    ) -> impl Future<Output = Result<Credentials, StsError>> + Send {
+        // The inherent method: callers without the trait in scope keep calling it directly.
+        Sts::assume_role(self, key, session, duration)
     }
 }
 
