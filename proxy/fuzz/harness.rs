@@ -3,7 +3,7 @@
 //! target (`fuzz_targets/request.rs`) and the corpus replay test (`proxy/tests/fuzz_corpus.rs`),
 //! so both check exactly the same thing. A panic here is a bug.
 
-use iamlet::conn::{self, Framing, MAX_HEADERS};
+use iamlet::conn::{self, Framing, MAX_HEADERS, Next};
 use iamlet::respond::Persist;
 use iamlet::route::{self, Route};
 use iamlet::token::{self, TokenCheck, TokenKey};
@@ -13,24 +13,30 @@ use std::net::{IpAddr, Ipv4Addr};
 const MAX_HEAD: usize = 8192;
 const MAX_BODY: usize = 1024;
 
-/// Runs one input through everything a worker does with a request before any IO.
+/// Runs one input through everything a worker does with a request before any IO: the
+/// workers' own `conn::next_request`, then what they do with a complete request.
 pub fn check(data: &[u8]) {
+    let limits = iamlet::worker::Limits::default();
+    assert_eq!((limits.max_head, limits.max_body), (MAX_HEAD, MAX_BODY));
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(data) {
-        Ok(httparse::Status::Complete(head_len)) => {
-            assert!(head_len <= data.len());
-            if head_len > MAX_HEAD {
-                assert_head_limit(data);
-            }
+    match conn::next_request(data, &mut headers, &limits) {
+        Next::Request { req, len } => {
+            assert!(len <= data.len());
+            let head_len = len - framed_body(&req);
+            assert!(head_len <= MAX_HEAD, "a {head_len}-byte head accepted");
             check_request(&req);
         }
-        Ok(httparse::Status::Partial) => {
-            if data.len() >= MAX_HEAD {
+        Next::Incomplete => assert!(data.len() < MAX_HEAD || head_complete(data)),
+        Next::Reject(e) => {
+            let status = e.status().expect("a parse rejection is answered");
+            assert!(
+                matches!(status.0, 400 | 413 | 414 | 431),
+                "{e:?}: {status:?}"
+            );
+            if matches!(status.0, 414 | 431) && e.label() == "head_too_large" {
                 assert_head_limit(data);
             }
         }
-        Err(_) => {}
     }
     // Any text is also a request target (the router must cope with what httparse lets by).
     if let Ok(s) = std::str::from_utf8(data) {
@@ -40,8 +46,28 @@ pub fn check(data: &[u8]) {
 }
 
 fn assert_head_limit(data: &[u8]) {
-    let status = conn::head_too_large(data, MAX_HEAD);
-    assert!(matches!(status.0, 414 | 431), "{status:?}");
+    let status = conn::head_too_large(data, MAX_HEAD).status();
+    assert!(
+        matches!(status, Some(s) if matches!(s.0, 414 | 431)),
+        "{status:?}"
+    );
+}
+
+/// The body length a complete request was framed with.
+fn framed_body(req: &httparse::Request<'_, '_>) -> usize {
+    match conn::framing(req, MAX_BODY) {
+        Framing::Body(n) => n,
+        Framing::Reject(e) => panic!("a request framed as {e:?} was accepted"),
+    }
+}
+
+/// A complete head whose body has not arrived yet.
+fn head_complete(data: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    matches!(
+        httparse::Request::new(&mut headers).parse(data),
+        Ok(httparse::Status::Complete(_))
+    )
 }
 
 fn check_request(req: &httparse::Request<'_, '_>) {
@@ -66,7 +92,7 @@ fn check_request(req: &httparse::Request<'_, '_>) {
                 "Transfer-Encoding accepted"
             );
         }
-        Framing::Reject(status, _) => assert!(matches!(status.0, 400 | 413), "{status:?}"),
+        Framing::Reject(e) => assert!(matches!(e.status().map(|s| s.0), Some(400 | 413)), "{e:?}"),
     }
     let persist = conn::persistence(req);
     if req.version == Some(1) && persist != Persist::Close {

@@ -2,9 +2,10 @@
 //! the complete requests (pipelining included) up to a bound of unwritten output, write the
 //! answers in one batch. Every read and write is bounded in time.
 
+use crate::downstream::DownstreamError;
 use crate::handler::handle;
 use crate::respond::{self, Persist};
-use crate::worker::Worker;
+use crate::worker::{Limits, Worker};
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{CancelableAsyncReadRent, CancelableAsyncWriteRent, Canceller};
 use monoio::net::TcpStream;
@@ -21,8 +22,7 @@ pub const MAX_HEADERS: usize = 32;
 pub enum Framing {
     /// A body of this many bytes follows the head (0: none).
     Body(usize),
-    /// Refused with this status; the label is the error kind counted.
-    Reject(respond::Status, &'static str),
+    Reject(DownstreamError),
 }
 
 /// Request-body framing. Only Content-Length bodies are accepted; Transfer-Encoding and any
@@ -31,11 +31,11 @@ pub fn framing(req: &httparse::Request<'_, '_>, max_body: usize) -> Framing {
     let mut len: Option<usize> = None;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Framing::Reject(respond::BAD_REQUEST, "transfer_encoding");
+            return Framing::Reject(DownstreamError::TransferEncoding);
         }
         if h.name.eq_ignore_ascii_case("content-length") {
             if len.is_some() {
-                return Framing::Reject(respond::BAD_REQUEST, "duplicate_content_length");
+                return Framing::Reject(DownstreamError::DuplicateContentLength);
             }
             let v = std::str::from_utf8(h.value)
                 .ok()
@@ -45,15 +45,64 @@ pub fn framing(req: &httparse::Request<'_, '_>, max_body: usize) -> Framing {
                 });
             match v.and_then(|v| v.parse::<usize>().ok()) {
                 Some(n) => len = Some(n),
-                None => return Framing::Reject(respond::BAD_REQUEST, "bad_content_length"),
+                None => return Framing::Reject(DownstreamError::BadContentLength),
             }
         }
     }
     match len.unwrap_or(0) {
         0 => Framing::Body(0),
-        _ if req.method != Some("PUT") => Framing::Reject(respond::BAD_REQUEST, "body_not_allowed"),
-        n if n > max_body => Framing::Reject(respond::PAYLOAD_TOO_LARGE, "body_too_large"),
+        _ if req.method != Some("PUT") => Framing::Reject(DownstreamError::BodyNotAllowed),
+        n if n > max_body => Framing::Reject(DownstreamError::BodyTooLarge),
         n => Framing::Body(n),
+    }
+}
+
+/// What the bytes at the front of a connection's buffer hold.
+#[derive(Debug)]
+pub enum Next<'h, 'b> {
+    /// A complete request; `len` bytes (head and body) are consumed by it.
+    Request {
+        req: httparse::Request<'h, 'b>,
+        len: usize,
+    },
+    /// Not a complete request yet: read more.
+    Incomplete,
+    /// Refused: answered (if the error has a status) and the connection closed.
+    Reject(DownstreamError),
+}
+
+/// Parses the next request in `buf` into `headers`, within `limits`: everything a worker
+/// decides about a pod's bytes before answering them. Pure, so the fuzzer runs exactly this.
+pub fn next_request<'h, 'b>(
+    buf: &'b [u8],
+    headers: &'h mut [httparse::Header<'b>],
+    limits: &Limits,
+) -> Next<'h, 'b> {
+    let mut req = httparse::Request::new(headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= limits.max_head => {
+            return Next::Reject(head_too_large(buf, limits.max_head));
+        }
+        Ok(httparse::Status::Partial) => return Next::Incomplete,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Next::Reject(DownstreamError::TooManyHeaders);
+        }
+        Err(_) => return Next::Reject(DownstreamError::Malformed),
+    };
+    if head_len > limits.max_head {
+        return Next::Reject(head_too_large(buf, limits.max_head));
+    }
+    let body_len = match framing(&req, limits.max_body) {
+        Framing::Body(n) => n,
+        Framing::Reject(e) => return Next::Reject(e),
+    };
+    if buf.len() < head_len + body_len {
+        return Next::Incomplete;
+    }
+    Next::Request {
+        req,
+        len: head_len + body_len,
     }
 }
 
@@ -128,46 +177,15 @@ pub async fn serve(
                 break;
             }
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut headers);
-            let avail = &rbuf[start..];
-            let head_len = match req.parse(avail) {
-                Ok(httparse::Status::Complete(n)) => n,
-                Ok(httparse::Status::Partial) => {
-                    if avail.len() >= limits.max_head {
-                        let status = head_too_large(avail, limits.max_head);
-                        reject(&w, &mut out, status, "head_too_large");
-                        close = true;
-                    }
-                    break;
-                }
-                Err(httparse::Error::TooManyHeaders) => {
-                    reject(&w, &mut out, respond::HEADERS_TOO_LARGE, "too_many_headers");
-                    close = true;
-                    break;
-                }
-                Err(_) => {
-                    reject(&w, &mut out, respond::BAD_REQUEST, "malformed");
+            let (req, len) = match next_request(&rbuf[start..], &mut headers, limits) {
+                Next::Request { req, len } => (req, len),
+                Next::Incomplete => break,
+                Next::Reject(e) => {
+                    reject(&w, &mut out, e);
                     close = true;
                     break;
                 }
             };
-            if head_len > limits.max_head {
-                let status = head_too_large(avail, limits.max_head);
-                reject(&w, &mut out, status, "head_too_large");
-                close = true;
-                break;
-            }
-            let body_len = match framing(&req, limits.max_body) {
-                Framing::Body(n) => n,
-                Framing::Reject(status, kind) => {
-                    reject(&w, &mut out, status, kind);
-                    close = true;
-                    break;
-                }
-            };
-            if avail.len() < head_len + body_len {
-                break; // wait for the rest of the body
-            }
             let persist = if w.stopping() {
                 Persist::Close
             } else {
@@ -177,7 +195,7 @@ pub async fn serve(
             handle(&w, peer, &req, persist, &mut out).await;
             w.metrics
                 .observe_latency(req.method.unwrap_or(""), t0.elapsed());
-            start += head_len + body_len;
+            start += len;
             head_started = None;
             if persist == Persist::Close {
                 close = true;
@@ -199,7 +217,8 @@ pub async fn serve(
                 out = Vec::with_capacity(4096);
             }
             if !ok {
-                w.metrics.downstream_error("write_stalled");
+                w.metrics
+                    .downstream_error(DownstreamError::WriteStalled.label());
                 done!();
             }
         }
@@ -229,7 +248,8 @@ pub async fn serve(
             match limits.header_timeout.checked_sub(started.elapsed()) {
                 Some(left) => left,
                 None => {
-                    w.metrics.downstream_error("header_timeout");
+                    w.metrics
+                        .downstream_error(DownstreamError::HeaderTimeout.label());
                     done!();
                 }
             }
@@ -248,7 +268,8 @@ pub async fn serve(
             Ok(n) if n > 0 && !timed_out => {}
             _ => {
                 if timed_out && len > 0 {
-                    w.metrics.downstream_error("header_timeout");
+                    w.metrics
+                        .downstream_error(DownstreamError::HeaderTimeout.label());
                 }
                 done!();
             }
@@ -308,18 +329,21 @@ async fn write_all(
 }
 
 /// 414 when the request line alone does not end within `max_head` bytes, else 431.
-pub fn head_too_large(avail: &[u8], max_head: usize) -> respond::Status {
+pub fn head_too_large(avail: &[u8], max_head: usize) -> DownstreamError {
     if avail[..max_head.min(avail.len())].contains(&b'\n') {
-        respond::HEADERS_TOO_LARGE
+        DownstreamError::HeadTooLarge
     } else {
-        respond::URI_TOO_LONG
+        DownstreamError::UriTooLong
     }
 }
 
-fn reject(w: &Worker, out: &mut Vec<u8>, status: respond::Status, kind: &'static str) {
+fn reject(w: &Worker, out: &mut Vec<u8>, e: DownstreamError) {
+    w.metrics.downstream_error(e.label());
+    let Some(status) = e.status() else {
+        return;
+    };
     w.metrics
         .request(crate::metrics::RouteLabel::Invalid, status.0);
-    w.metrics.downstream_error(kind);
     respond::write(
         out,
         status,
@@ -340,7 +364,7 @@ mod tests {
         req.parse(raw).unwrap();
         match framing(&req, 1024) {
             Framing::Body(n) => Ok(n),
-            Framing::Reject(s, _) => Err(s.0),
+            Framing::Reject(e) => Err(e.status().map_or(0, |s| s.0)),
         }
     }
 

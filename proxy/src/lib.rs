@@ -8,6 +8,7 @@ pub mod args;
 pub mod config;
 pub mod conn;
 pub mod doctor;
+pub mod downstream;
 pub mod duration;
 pub mod fairness;
 pub mod handler;
