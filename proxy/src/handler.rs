@@ -9,8 +9,9 @@ use crate::route::{Route, canonicalize, route};
 use crate::token::{self, TokenCheck};
 use crate::worker::Worker;
 use iamlet_resolver::render::imds_timestamp;
-use iamlet_resolver::{CredAnswer, RoleEntry};
+use iamlet_resolver::{CredAnswer, Identity, RoleEntry};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 const WRONG_ROLE: &[u8] = b"Forbidden: the requested role is not this pod's role\n";
@@ -147,7 +148,7 @@ pub async fn handle(
         // Only a known pod gets a token: an unknown source waits like a credential
         // request, then gets the 404 (and nothing that would open the node's metadata).
         Route::Token => {
-            if method == "PUT" && w.wait_identity(peer).await.is_none() {
+            if method == "PUT" && !w.wait_known(peer).await {
                 r.head_only = false;
                 return r.not_found(RouteLabel::Token);
             }
@@ -190,7 +191,7 @@ pub async fn handle(
             }
             // The node's metadata is for its pods only: an unknown source (not a pod of
             // this node, or not yet known) waits like a credential request, then gets 404.
-            if w.wait_identity(peer).await.is_none() {
+            if !w.wait_known(peer).await {
                 return r.not_found(RouteLabel::Denied);
             }
             let status = passthrough::forward(w, method, &path, req.headers, r.out, persist).await;
@@ -277,53 +278,100 @@ async fn credentials(r: &mut Req<'_, '_>, rt: Route<'_>) {
     } else {
         RouteLabel::Credentials
     };
-    let Some(id) = w.wait_identity(r.peer).await else {
-        return r.not_found(label);
+    let peer = r.peer;
+    // A known pod whose answer is cached (nearly every request) is answered with its
+    // identity and answer borrowed; only a wait takes them by reference count.
+    let miss = match w.with_identity(&peer, |id| from_cache(r, rt, label, id)) {
+        Some(miss) => miss,
+        None => match w.wait_identity(peer).await {
+            Some(id) => from_cache(r, rt, label, &id),
+            None => return r.not_found(label),
+        },
     };
+    let Some(id) = miss else { return };
+    let Some(role) = id.role.as_ref() else { return };
+    match monoio::time::timeout(w.shared.wait_ip, role.slot.get()).await {
+        Ok(a) => answer_credentials(r, rt, label, &id, &role.arn, &a),
+        Err(_) => {
+            let body = respond::error_json("ServiceUnavailable", NOT_READY);
+            r.answer(label, respond::INTERNAL, respond::JSON, &body)
+        }
+    }
+}
+
+/// Answers a credential-path request for the known pod `id` from what is at hand: its
+/// listing, its role, or its cached credentials. `Some(id)` (a new reference) when the
+/// credentials are not cached: the caller waits for STS and answers with
+/// [`answer_credentials`].
+fn from_cache(
+    r: &mut Req<'_, '_>,
+    rt: Route<'_>,
+    label: RouteLabel,
+    id: &Arc<Identity>,
+) -> Option<Arc<Identity>> {
+    let w = r.w;
     if let Some(reason) = &id.denied {
         // A namespace restriction: refused at once, with the reason, and an Event on the pod.
-        w.shared.handle.report_denied(&id);
+        w.shared.handle.report_denied(id);
         let body = format!("Forbidden: {reason}\n");
-        return r.text(label, respond::FORBIDDEN, body.as_bytes());
+        r.text(label, respond::FORBIDDEN, body.as_bytes());
+        return None;
     }
     let Some(role) = id.role.as_ref() else {
-        return r.not_found(label);
+        r.not_found(label);
+        return None;
     };
-    let (requested, extended) = match rt {
-        Route::RoleList => return r.text(label, respond::OK, &role.listing),
-        Route::IamInfo => return r.text(label, respond::OK, iam_info(role).as_bytes()),
-        Route::Credentials(requested) => (requested, false),
-        Route::ExtendedCredentials(requested) => (requested, true),
-        _ => return r.not_found(label),
+    let requested = match rt {
+        Route::RoleList => {
+            r.text(label, respond::OK, &role.listing);
+            return None;
+        }
+        Route::IamInfo => {
+            r.text(label, respond::OK, iam_info(role).as_bytes());
+            return None;
+        }
+        Route::Credentials(requested) | Route::ExtendedCredentials(requested) => requested,
+        _ => {
+            r.not_found(label);
+            return None;
+        }
     };
     if !w.shared.rules.names(requested, &role.arn) {
-        return r.text(label, respond::FORBIDDEN, WRONG_ROLE);
+        r.text(label, respond::FORBIDDEN, WRONG_ROLE);
+        return None;
     }
-    let ans = match role.slot.current(Instant::now()) {
+    let cached = role.slot.current_ref(Instant::now());
+    match cached.as_ref().and_then(|g| g.as_deref()) {
         Some(a) => {
             w.metrics.cache_hits.inc();
             role.slot.hit();
-            a
+            answer_credentials(r, rt, label, id, &role.arn, a);
+            None
         }
         None => {
             w.metrics.cache_misses.inc();
-            match monoio::time::timeout(w.shared.wait_ip, role.slot.get()).await {
-                Ok(a) => a,
-                Err(_) => {
-                    let body = respond::error_json("ServiceUnavailable", NOT_READY);
-                    return r.answer(label, respond::INTERNAL, respond::JSON, &body);
-                }
-            }
+            Some(id.clone())
         }
-    };
-    match &*ans {
-        CredAnswer::Ready { body, .. } if extended => {
-            let doc = with_account_id(body, account_of(&role.arn));
+    }
+}
+
+/// The answer to a credentials request (`rt`) from the answer of the pod's slot.
+fn answer_credentials(
+    r: &mut Req<'_, '_>,
+    rt: Route<'_>,
+    label: RouteLabel,
+    id: &Arc<Identity>,
+    arn: &str,
+    ans: &CredAnswer,
+) {
+    match ans {
+        CredAnswer::Ready { body, .. } if matches!(rt, Route::ExtendedCredentials(_)) => {
+            let doc = with_account_id(body, account_of(arn));
             r.text(label, respond::OK, &doc)
         }
         CredAnswer::Ready { body, .. } => r.text(label, respond::OK, body),
         CredAnswer::Failed { status, body, .. } => {
-            w.shared.handle.report_credential_error(&id);
+            r.w.shared.handle.report_credential_error(id);
             let s = if *status == 500 {
                 respond::INTERNAL
             } else {

@@ -3,7 +3,8 @@
 //! existing dashboards, as kube2iam's `kube2iam_http_request_duration_seconds{code,method,handler}`
 //! (same buckets as kube2iam: 1 ms × 2^i, 14 buckets).
 
-use crate::metrics::RouteLabel;
+use crate::metrics::{RouteLabel, Tables};
+use iamlet_resolver::tally::CachePadded;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
@@ -18,6 +19,7 @@ const METHODS: [&str; 4] = ["GET", "HEAD", "PUT", "OTHER"];
 const CODES: [u16; 14] = [
     200, 400, 401, 403, 404, 405, 413, 414, 431, 500, 502, 503, 504, 0,
 ];
+const CELLS: usize = ROUTES * METHODS.len() * CODES.len();
 
 /// Cells exposed even before their first observation (at 0), so latency panels show 0, not
 /// "no data", on a fresh agent: the 200s of GET credentials, GET role list, PUT token and
@@ -67,19 +69,25 @@ struct Cell {
     sum_nanos: AtomicU64,
 }
 
-/// One worker's histograms (written by that worker only; read at scrape).
+/// One worker's histograms, written by that worker only and read at scrape. Aligned so that
+/// no other allocation (another worker's table) shares a cache line with it.
 #[derive(Debug)]
 pub struct LatencyTable {
-    cells: Box<[Cell]>,
+    cells: Box<CachePadded<[Cell; CELLS]>>,
 }
 
 impl Default for LatencyTable {
     fn default() -> Self {
-        let n = ROUTES * METHODS.len() * CODES.len();
         LatencyTable {
-            cells: (0..n).map(|_| Cell::default()).collect(),
+            cells: Box::new(CachePadded(std::array::from_fn(|_| Cell::default()))),
         }
     }
+}
+
+/// Adds `n` to a cell only its owner writes: a relaxed load and store, no read-modify-write.
+#[inline]
+fn add(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
 impl LatencyTable {
@@ -87,17 +95,17 @@ impl LatencyTable {
         (route * METHODS.len() + method) * CODES.len() + code
     }
 
-    /// Records one request: a few relaxed atomic adds.
+    /// Records one request. Only the table's worker may call it (the cells have one writer).
     #[inline]
     pub fn observe(&self, route: RouteLabel, method: &str, code: u16, took: Duration) {
         let cell = &self.cells[Self::idx(route as usize, method_index(method), code_index(code))];
         let secs = took.as_secs_f64();
         let b = (0..BUCKETS).find(|&i| secs <= bound(i)).unwrap_or(BUCKETS);
-        cell.buckets[b].fetch_add(1, Ordering::Relaxed);
-        cell.count.fetch_add(1, Ordering::Relaxed);
-        cell.sum_nanos.fetch_add(
+        add(&cell.buckets[b], 1);
+        add(&cell.count, 1);
+        add(
+            &cell.sum_nanos,
             took.as_nanos().min(u128::from(u64::MAX)) as u64,
-            Ordering::Relaxed,
         );
     }
 }
@@ -105,7 +113,7 @@ impl LatencyTable {
 /// Sums every worker's table at scrape time.
 #[derive(Debug, Clone)]
 pub struct LatencyCollector {
-    pub tables: Arc<Vec<Arc<LatencyTable>>>,
+    pub tables: Tables<LatencyTable>,
 }
 
 struct Sum {
@@ -114,12 +122,15 @@ struct Sum {
     sum: f64,
 }
 
-impl LatencyCollector {
+/// The tables of every worker at one scrape.
+struct Loaded(Arc<Vec<Arc<LatencyTable>>>);
+
+impl Loaded {
     fn sum(&self, i: usize) -> Option<Sum> {
         let mut buckets: Vec<(f64, u64)> = (0..BUCKETS).map(|b| (bound(b), 0)).collect();
         buckets.push((f64::INFINITY, 0));
         let (mut count, mut nanos) = (0u64, 0u64);
-        for t in self.tables.iter() {
+        for t in self.0.iter() {
             let c = &t.cells[i];
             count += c.count.load(Ordering::Relaxed);
             nanos = nanos.saturating_add(c.sum_nanos.load(Ordering::Relaxed));
@@ -156,7 +167,8 @@ fn code_label(code: u16) -> String {
 
 impl Collector for LatencyCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let cells: Vec<_> = self.cells().collect();
+        let tables = Loaded(self.tables.load_full());
+        let cells: Vec<_> = tables.cells().collect();
         {
             let mut family = encoder.encode_descriptor(
                 "iamlet_http_request_duration",
@@ -219,7 +231,7 @@ mod tests {
         tables[1].observe(RouteLabel::Passthrough, "GET", 504, Duration::from_secs(60));
         let mut reg = Registry::default();
         reg.register_collector(Box::new(LatencyCollector {
-            tables: Arc::new(tables),
+            tables: Arc::new(arc_swap::ArcSwap::from_pointee(tables)),
         }));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();

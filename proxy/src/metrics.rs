@@ -1,14 +1,19 @@
-//! Data-plane metrics. Counter handles are resolved once per worker, so a request costs one
-//! atomic add and no lock.
+//! Data-plane metrics. Each worker counts in cells of its own (no cache line another worker
+//! writes), summed when `/metrics` is rendered.
 
 use crate::latency::{LatencyCollector, LatencyTable};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use arc_swap::ArcSwap;
+use iamlet_resolver::tally::CachePadded;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use std::cell::Cell;
+use std::marker::PhantomData;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Bounded route labels.
@@ -52,29 +57,72 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Every `outcome` of `iamlet_token_rejections_total`.
 pub const TOKEN_REJECTIONS: [&str; 3] = ["missing", "invalid", "expired"];
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    route: &'static str,
-    status: &'static str,
+/// Why a connection was closed at accept: its source already holds
+/// `--max-connections-per-ip`, or the worker is at `--max-connections-per-worker` with every
+/// connection mid-request (none idle to close instead).
+pub const REJECT_REASONS: [&str; 2] = ["per_source", "worker_full"];
+
+/// The cells of a worker's counters: `iamlet_http_requests_total` by route and status
+/// class, then one cell per counter below.
+const REQUESTS: usize = 0;
+const CONNECTIONS: usize = REQUESTS + RouteLabel::ALL.len() * CLASSES.len();
+const CACHE_HITS: usize = CONNECTIONS + 1;
+const CACHE_MISSES: usize = CACHE_HITS + 1;
+const IP_FOUND: usize = CACHE_MISSES + 1;
+const IP_TIMEOUT: usize = IP_FOUND + 1;
+const TOKENS_ISSUED: usize = IP_TIMEOUT + 1;
+/// `iamlet_connections_rejected_total`, in [`REJECT_REASONS`] order.
+const REJECTED: usize = TOKENS_ISSUED + 1;
+const EVICTED: usize = REJECTED + REJECT_REASONS.len();
+const CELLS: usize = EVICTED + 1;
+
+/// One worker's counter cells, written by that worker only. The alignment keeps every other
+/// allocation (another worker's cells among them) off its cache lines.
+type Cells = CachePadded<[AtomicU64; CELLS]>;
+
+fn new_cells() -> Arc<Cells> {
+    Arc::new(CachePadded(std::array::from_fn(|_| AtomicU64::new(0))))
+}
+
+/// One counter of one worker. Neither `Clone` nor `Sync`: its worker is the only writer, so
+/// an increment is a relaxed load and store (no read-modify-write, no lock prefix).
+#[derive(Debug)]
+pub struct LocalCounter {
+    cells: Arc<Cells>,
+    cell: usize,
+    _one_writer: PhantomData<Cell<()>>,
+}
+
+impl LocalCounter {
+    fn new(cells: &Arc<Cells>, cell: usize) -> Self {
+        LocalCounter {
+            cells: cells.clone(),
+            cell,
+            _one_writer: PhantomData,
+        }
+    }
+
+    #[inline]
+    pub fn inc(&self) {
+        bump(&self.cells[self.cell]);
+    }
+}
+
+#[inline]
+fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
 }
 
 /// Shared families, registered once.
 #[derive(Clone, Debug)]
 pub struct ProxyMetrics {
-    requests: Family<RequestLabels, Counter>,
-    connections: Counter,
-    cache_hits: Counter,
-    cache_misses: Counter,
-    ip_waits: Family<OutcomeLabels, Counter>,
+    /// Every worker's cells (a worker's stay after it stops: counters never go down).
+    cells: Tables<Cells>,
+    latency: Tables<LatencyTable>,
     errors: Family<ErrorLabels, Counter>,
     token_rejections: Family<OutcomeLabels, Counter>,
-    tokens_issued: Counter,
-    connections_rejected: Family<ReasonLabels, Counter>,
-    connections_evicted: Counter,
     /// `/metrics` renderings (a flood of scrapes shares one per --metrics-max-age).
     pub metrics_renders: Counter,
-    latency: Arc<Vec<Arc<LatencyTable>>>,
-    next_table: Arc<AtomicUsize>,
 }
 
 /// Error classes and kinds, both bounded.
@@ -94,181 +142,227 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
-/// Why a connection was closed at accept: its source already holds
-/// `--max-connections-per-ip`, or the worker is at `--max-connections-per-worker` with every
-/// connection mid-request (none idle to close instead).
-pub const REJECT_REASONS: [&str; 2] = ["per_source", "worker_full"];
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    status: &'static str,
+}
+
+/// Every worker's table of one kind: added to when a worker starts, read at scrape.
+pub type Tables<T> = Arc<ArcSwap<Vec<Arc<T>>>>;
+
+fn add_table<T>(tables: &Tables<T>, t: &Arc<T>) {
+    tables.rcu(|all| {
+        let mut all = Vec::clone(all);
+        all.push(t.clone());
+        all
+    });
+}
 
 impl ProxyMetrics {
-    /// Registers the families; `workers` sizes the per-worker latency tables.
+    /// Registers the families; `workers` is how many workers to expect (a capacity hint:
+    /// each worker made by [`ProxyMetrics::worker`] gets cells of its own).
     pub fn register(registry: &mut Registry, workers: usize) -> Self {
-        let tables: Arc<Vec<Arc<LatencyTable>>> = Arc::new(
-            (0..workers.max(1) + 1)
-                .map(|_| Arc::new(LatencyTable::default()))
-                .collect(),
-        );
-        registry.register_collector(Box::new(LatencyCollector {
-            tables: tables.clone(),
-        }));
         let m = ProxyMetrics {
-            requests: Family::default(),
-            connections: Counter::default(),
-            cache_hits: Counter::default(),
-            cache_misses: Counter::default(),
-            ip_waits: Family::default(),
+            cells: Arc::new(ArcSwap::from_pointee(Vec::with_capacity(workers + 1))),
+            latency: Arc::new(ArcSwap::from_pointee(Vec::with_capacity(workers + 1))),
             errors: Family::default(),
             token_rejections: Family::default(),
-            tokens_issued: Counter::default(),
-            connections_rejected: Family::default(),
-            connections_evicted: Counter::default(),
             metrics_renders: Counter::default(),
-            latency: tables,
-            next_table: Arc::new(AtomicUsize::new(0)),
         };
-        let r = registry.sub_registry_with_prefix("iamlet");
-        r.register(
-            "http_requests",
-            "HTTP requests answered, by route and status class",
-            m.requests.clone(),
-        );
-        r.register(
-            "http_connections",
-            "Connections accepted",
-            m.connections.clone(),
-        );
-        r.register(
-            "credential_cache_hits",
-            "Credential requests answered from the cache",
-            m.cache_hits.clone(),
-        );
-        r.register(
-            "credential_cache_misses",
-            "Credential requests that had to wait for STS",
-            m.cache_misses.clone(),
-        );
-        r.register(
-            "ip_waits",
-            "Requests from an IP not yet known, by outcome",
-            m.ip_waits.clone(),
-        );
-        r.register(
-            "errors",
-            "Errors by class (downstream: the client's request; upstream: the metadata service) and kind",
-            m.errors.clone(),
-        );
-        r.register(
-            "token_rejections",
-            "IMDSv2 tokens refused, by outcome (missing, invalid, expired)",
-            m.token_rejections.clone(),
-        );
-        r.register(
-            "tokens_issued",
-            "IMDSv2 tokens minted for pods",
-            m.tokens_issued.clone(),
-        );
+        registry.register_collector(Box::new(LatencyCollector {
+            tables: m.latency.clone(),
+        }));
         // Known outcomes exist at 0 from the start (dashboards show 0, not "no data").
         for outcome in TOKEN_REJECTIONS {
             let _ = m.token_rejections.get_or_create(&OutcomeLabels { outcome });
         }
-        for reason in REJECT_REASONS {
-            let _ = m
-                .connections_rejected
-                .get_or_create(&ReasonLabels { reason });
-        }
-        r.register(
-            "connections_rejected",
-            "Connections closed at accept, by reason (per_source: the source address holds --max-connections-per-ip; worker_full: the worker is at --max-connections-per-worker and no connection is idle)",
-            m.connections_rejected.clone(),
-        );
-        r.register(
-            "metrics_renders",
-            "Renderings of /metrics (scrapes within --metrics-max-age share one)",
-            m.metrics_renders.clone(),
-        );
-        r.register(
-            "connections_evicted",
-            "Idle keep-alive connections closed to make room for a new one at --max-connections-per-worker",
-            m.connections_evicted.clone(),
-        );
+        registry
+            .sub_registry_with_prefix("iamlet")
+            .register_collector(Box::new(m.clone()));
         m
     }
 
-    /// Per-worker handles.
+    /// A new worker's handles, over cells of its own.
     pub fn worker(&self) -> WorkerMetrics {
-        let requests = RouteLabel::ALL.map(|r| {
-            CLASSES.map(|status| {
-                Counter::clone(&self.requests.get_or_create(&RequestLabels {
-                    route: r.as_str(),
-                    status,
-                }))
-            })
-        });
-        // One statement per lookup: a `get_or_create` guard held across a second lookup of the
-        // same family deadlocks against another worker's insert.
-        let ip_found = self
-            .ip_waits
-            .get_or_create(&OutcomeLabels { outcome: "found" })
-            .clone();
-        let ip_timeout = self
-            .ip_waits
-            .get_or_create(&OutcomeLabels { outcome: "timeout" })
-            .clone();
-        let table = self.latency
-            [self.next_table.fetch_add(1, Ordering::Relaxed) % self.latency.len()]
-        .clone();
-        let rejected_per_source = self
-            .connections_rejected
-            .get_or_create(&ReasonLabels {
-                reason: "per_source",
-            })
-            .clone();
-        let rejected_worker_full = self
-            .connections_rejected
-            .get_or_create(&ReasonLabels {
-                reason: "worker_full",
-            })
-            .clone();
+        let cells = new_cells();
+        let latency = Arc::new(LatencyTable::default());
+        add_table(&self.cells, &cells);
+        add_table(&self.latency, &latency);
+        let c = |cell| LocalCounter::new(&cells, cell);
         WorkerMetrics {
-            latency: table,
+            latency,
             last: Cell::new((RouteLabel::Invalid, 0)),
             shared: self.clone(),
-            tokens_issued: self.tokens_issued.clone(),
-            rejected_per_source,
-            rejected_worker_full,
-            connections_evicted: self.connections_evicted.clone(),
-            requests,
-            connections: self.connections.clone(),
-            cache_hits: self.cache_hits.clone(),
-            cache_misses: self.cache_misses.clone(),
-            ip_found,
-            ip_timeout,
+            tokens_issued: c(TOKENS_ISSUED),
+            rejected_per_source: c(REJECTED),
+            rejected_worker_full: c(REJECTED + 1),
+            connections_evicted: c(EVICTED),
+            connections: c(CONNECTIONS),
+            cache_hits: c(CACHE_HITS),
+            cache_misses: c(CACHE_MISSES),
+            ip_found: c(IP_FOUND),
+            ip_timeout: c(IP_TIMEOUT),
+            cells,
         }
+    }
+}
+
+/// Sums cell `i` over every worker.
+fn sum(cells: &[Arc<Cells>], i: usize) -> u64 {
+    cells
+        .iter()
+        .fold(0u64, |n, c| n.wrapping_add(c[i].load(Ordering::Relaxed)))
+}
+
+/// The registry's way of exposing a counter, kept for the summed ones: the help text it
+/// registered the families with (its own plus a period), the prefix of the sub-registry.
+fn counter<'a>(
+    encoder: &'a mut DescriptorEncoder,
+    name: &'a str,
+    help: &str,
+) -> Result<prometheus_client::encoding::MetricEncoder<'a>, std::fmt::Error> {
+    encoder.encode_descriptor(name, &format!("{help}."), None, MetricType::Counter)
+}
+
+fn family<'a, L: EncodeLabelSet>(
+    encoder: &'a mut DescriptorEncoder,
+    name: &'a str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut f = counter(encoder, name, help)?;
+    for (labels, n) in series {
+        ConstCounter::new(n).encode(f.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn single(encoder: &mut DescriptorEncoder, name: &str, help: &str, n: u64) -> std::fmt::Result {
+    ConstCounter::new(n).encode(counter(encoder, name, help)?)
+}
+
+/// The families under `iamlet_`, in the order they were registered before the per-worker
+/// counters existed, with their names, help and labels unchanged.
+impl Collector for ProxyMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let cells = self.cells.load_full();
+        let s = |i| sum(&cells, i);
+        let e = &mut encoder;
+        // Label families with no series yet (no worker yet) are left out, as the registry does.
+        if !cells.is_empty() {
+            let series = RouteLabel::ALL.into_iter().flat_map(|r| {
+                CLASSES.iter().enumerate().map(move |(class, status)| {
+                    let labels = RequestLabels {
+                        route: r.as_str(),
+                        status,
+                    };
+                    (labels, REQUESTS + r as usize * CLASSES.len() + class)
+                })
+            });
+            let series: Vec<_> = series.map(|(l, i)| (l, s(i))).collect();
+            family(
+                e,
+                "http_requests",
+                "HTTP requests answered, by route and status class",
+                series,
+            )?;
+        }
+        single(
+            e,
+            "http_connections",
+            "Connections accepted",
+            s(CONNECTIONS),
+        )?;
+        single(
+            e,
+            "credential_cache_hits",
+            "Credential requests answered from the cache",
+            s(CACHE_HITS),
+        )?;
+        single(
+            e,
+            "credential_cache_misses",
+            "Credential requests that had to wait for STS",
+            s(CACHE_MISSES),
+        )?;
+        if !cells.is_empty() {
+            family(
+                e,
+                "ip_waits",
+                "Requests from an IP not yet known, by outcome",
+                [("found", IP_FOUND), ("timeout", IP_TIMEOUT)]
+                    .map(|(outcome, i)| (OutcomeLabels { outcome }, s(i))),
+            )?;
+        }
+        for (name, help, metric) in [
+            (
+                "errors",
+                "Errors by class (downstream: the client's request; upstream: the metadata service) and kind",
+                &self.errors as &dyn EncodeMetric,
+            ),
+            (
+                "token_rejections",
+                "IMDSv2 tokens refused, by outcome (missing, invalid, expired)",
+                &self.token_rejections,
+            ),
+        ] {
+            if !metric.is_empty() {
+                metric.encode(counter(e, name, help)?)?;
+            }
+        }
+        single(
+            e,
+            "tokens_issued",
+            "IMDSv2 tokens minted for pods",
+            s(TOKENS_ISSUED),
+        )?;
+        family(
+            e,
+            "connections_rejected",
+            "Connections closed at accept, by reason (per_source: the source address holds --max-connections-per-ip; worker_full: the worker is at --max-connections-per-worker and no connection is idle)",
+            REJECT_REASONS
+                .iter()
+                .enumerate()
+                .map(|(k, &reason)| (ReasonLabels { reason }, s(REJECTED + k))),
+        )?;
+        self.metrics_renders.encode(counter(
+            e,
+            "metrics_renders",
+            "Renderings of /metrics (scrapes within --metrics-max-age share one)",
+        )?)?;
+        single(
+            e,
+            "connections_evicted",
+            "Idle keep-alive connections closed to make room for a new one at --max-connections-per-worker",
+            s(EVICTED),
+        )
     }
 }
 
 /// Resolved counters for one worker.
 pub struct WorkerMetrics {
+    cells: Arc<Cells>,
     latency: Arc<LatencyTable>,
     /// The route and status of the answer just written (for the latency histogram).
     last: Cell<(RouteLabel, u16)>,
     shared: ProxyMetrics,
-    pub tokens_issued: Counter,
-    pub rejected_per_source: Counter,
-    pub rejected_worker_full: Counter,
-    pub connections_evicted: Counter,
-    requests: [[Counter; 5]; 7],
-    pub connections: Counter,
-    pub cache_hits: Counter,
-    pub cache_misses: Counter,
-    pub ip_found: Counter,
-    pub ip_timeout: Counter,
+    pub tokens_issued: LocalCounter,
+    pub rejected_per_source: LocalCounter,
+    pub rejected_worker_full: LocalCounter,
+    pub connections_evicted: LocalCounter,
+    pub connections: LocalCounter,
+    pub cache_hits: LocalCounter,
+    pub cache_misses: LocalCounter,
+    pub ip_found: LocalCounter,
+    pub ip_timeout: LocalCounter,
 }
 
 impl WorkerMetrics {
     #[inline]
     pub fn request(&self, route: RouteLabel, status: u16) {
         let class = usize::from((status / 100).clamp(1, 5) - 1);
-        self.requests[route as usize][class].inc();
+        bump(&self.cells[REQUESTS + route as usize * CLASSES.len() + class]);
         self.last.set((route, status));
     }
 
@@ -432,6 +526,42 @@ impl<'a> Classic<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_workers_counts_are_summed_under_the_registered_names() {
+        let mut reg = Registry::default();
+        let m = ProxyMetrics::register(&mut reg, 2);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    let w = m.worker();
+                    w.request(RouteLabel::Credentials, 200);
+                    w.cache_hits.inc();
+                    w.rejected_worker_full.inc();
+                    w.observe_latency("GET", Duration::from_millis(1));
+                });
+            }
+        });
+        m.worker().downstream_error("method");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        for line in [
+            "# HELP iamlet_http_requests HTTP requests answered, by route and status class.",
+            "# TYPE iamlet_http_requests counter",
+            "iamlet_http_requests_total{route=\"credentials\",status=\"2xx\"} 2",
+            "iamlet_http_requests_total{route=\"credentials\",status=\"4xx\"} 0",
+            "iamlet_credential_cache_hits_total 2",
+            "iamlet_credential_cache_misses_total 0",
+            "iamlet_ip_waits_total{outcome=\"timeout\"} 0",
+            "iamlet_connections_rejected_total{reason=\"worker_full\"} 2",
+            "iamlet_connections_rejected_total{reason=\"per_source\"} 0",
+            "iamlet_errors_total{class=\"downstream\",kind=\"method\"} 1",
+            "iamlet_token_rejections_total{outcome=\"missing\"} 0",
+            "iamlet_http_request_duration_seconds_count{route=\"credentials\",method=\"GET\",code=\"200\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+    }
 
     #[test]
     fn openmetrics_counters_get_total_names_in_classic_text() {

@@ -211,11 +211,29 @@ impl Worker {
         self.reader.borrow_mut().load().get(ip).cloned()
     }
 
+    /// Runs `f` on the identity behind `ip` in the current snapshot, borrowed: no reference
+    /// count is taken, a count every worker serving that pod would write. `f` must not call
+    /// back into the snapshot reader (it holds it).
+    #[inline]
+    pub fn with_identity<R>(&self, ip: &IpAddr, f: impl FnOnce(&Arc<Identity>) -> R) -> Option<R> {
+        self.reader.borrow_mut().load().get(ip).map(f)
+    }
+
+    /// Whether `ip` is a known pod, waiting for it (as [`Worker::wait_identity`]) if not yet.
+    pub async fn wait_known(&self, ip: IpAddr) -> bool {
+        self.with_identity(&ip, |_| ()).is_some() || self.wait_for(ip).await.is_some()
+    }
+
     /// Waits for `ip` to appear, up to `--backoff-max-elapsed-time`.
     pub async fn wait_identity(&self, ip: IpAddr) -> Option<Arc<Identity>> {
         if let Some(id) = self.identity(&ip) {
             return Some(id);
         }
+        self.wait_for(ip).await
+    }
+
+    /// Waits for `ip`, not in the current snapshot, to appear.
+    async fn wait_for(&self, ip: IpAddr) -> Option<Arc<Identity>> {
         match monoio::time::timeout(self.shared.wait_ip, self.shared.handle.wait_for_ip(ip)).await {
             Ok(id) => {
                 self.metrics.ip_found.inc();

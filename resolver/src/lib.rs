@@ -17,6 +17,7 @@ pub mod source;
 #[doc(hidden)]
 pub mod standalone;
 mod state;
+pub mod tally;
 
 pub use creds::manager::CredPolicy;
 pub use creds::{CredAnswer, CredKey, CredSlot};

@@ -1,11 +1,16 @@
 //! Control-plane metrics (Prometheus, via prometheus-client). Labels are bounded.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use crate::tally::ThreadCounter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// kube2iam's `kube2iam_iam_request_duration_seconds` labels.
@@ -40,7 +45,42 @@ pub struct ResolverMetrics {
     kept_stale: Counter,
     rate_limited: Counter,
     k2i_iam_seconds: Family<IamLabels, Histogram>,
-    k2i_cache_hits: Family<RoleLabels, Counter>,
+    k2i_cache_hits: RoleHits,
+}
+
+/// The cache-hit counter of one role, incremented by the workers on every credential answer
+/// served from the cache: per-thread cells, so workers answering for the same role do not
+/// write one shared cache line.
+pub type RoleHitCounter = Arc<ThreadCounter>;
+
+/// `kube2iam_iam_cache_hits_total{role_arn}`: every role seen, summed at scrape time.
+#[derive(Clone, Debug, Default)]
+struct RoleHits {
+    roles: Arc<Mutex<BTreeMap<String, RoleHitCounter>>>,
+}
+
+impl Collector for RoleHits {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
+        if roles.is_empty() {
+            return Ok(());
+        }
+        // The help text as this family has always been exposed (it was registered with a
+        // closing period, and the registry adds one).
+        let mut family = encoder.encode_descriptor(
+            "iam_cache_hits",
+            "Total number of IAM cache hits (kube2iam-compatible)..",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (arn, hits) in roles.iter() {
+            let labels = RoleLabels {
+                role_arn: arn.clone(),
+            };
+            ConstCounter::new(hits.get()).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 impl ResolverMetrics {
@@ -61,7 +101,7 @@ impl ResolverMetrics {
             k2i_iam_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 14))
             }),
-            k2i_cache_hits: Family::default(),
+            k2i_cache_hits: RoleHits::default(),
         };
         let k = registry.sub_registry_with_prefix("kube2iam");
         k.register_with_unit(
@@ -75,11 +115,7 @@ impl ResolverMetrics {
         for outcome in ASSUME_ROLE_OUTCOMES {
             let _ = m.assume_role.get_or_create(&OutcomeLabels { outcome });
         }
-        k.register(
-            "iam_cache_hits",
-            "Total number of IAM cache hits (kube2iam-compatible).",
-            m.k2i_cache_hits.clone(),
-        );
+        k.register_collector(Box::new(m.k2i_cache_hits.clone()));
         let r = registry.sub_registry_with_prefix("iamlet");
         r.register(
             "pods_indexed",
@@ -124,14 +160,17 @@ impl ResolverMetrics {
     /// Also creates the role's successful-call series of
     /// `kube2iam_iam_request_duration_seconds` at 0, so a role's panels show 0, not "no
     /// data", before its first call completes.
-    pub(crate) fn cache_hits_for(&self, role_arn: &str) -> Counter {
+    pub(crate) fn cache_hits_for(&self, role_arn: &str) -> RoleHitCounter {
         let _ = self.k2i_iam_seconds.get_or_create(&IamLabels {
             code: "Success".to_owned(),
             role_arn: role_arn.to_owned(),
         });
-        Counter::clone(&self.k2i_cache_hits.get_or_create(&RoleLabels {
-            role_arn: role_arn.to_owned(),
-        }))
+        let mut roles = self
+            .k2i_cache_hits
+            .roles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        roles.entry(role_arn.to_owned()).or_default().clone()
     }
 
     pub(crate) fn observe_assume_role_for(

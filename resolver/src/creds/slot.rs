@@ -67,7 +67,7 @@ impl CredAnswer {
 pub struct CredSlot {
     key: CredKey,
     origin: Origin,
-    hits: prometheus_client::metrics::counter::Counter,
+    hits: crate::metrics::RoleHitCounter,
     answer: ArcSwapOption<CredAnswer>,
     notify: Notify,
     /// Bit 0: a fetch is in flight. The rest: the generation, bumped whenever a fetch starts
@@ -110,7 +110,7 @@ impl CredSlot {
         key: CredKey,
         origin: Origin,
         requests: mpsc::UnboundedSender<Arc<CredSlot>>,
-        hits: prometheus_client::metrics::counter::Counter,
+        hits: crate::metrics::RoleHitCounter,
     ) -> Arc<Self> {
         Arc::new(CredSlot {
             key,
@@ -143,6 +143,13 @@ impl CredSlot {
     pub fn current(&self, now: Instant) -> Option<Arc<CredAnswer>> {
         let a = self.answer.load_full()?;
         a.servable(now).then_some(a)
+    }
+
+    /// [`CredSlot::current`] without taking a reference count: the request path borrows
+    /// the answer, so workers serving one role do not all write its count.
+    pub fn current_ref(&self, now: Instant) -> Option<arc_swap::Guard<Option<Arc<CredAnswer>>>> {
+        let a = self.answer.load();
+        a.as_ref().is_some_and(|a| a.servable(now)).then_some(a)
     }
 
     /// The last answer whatever its age (for refresh decisions and debugging).
