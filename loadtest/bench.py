@@ -33,6 +33,8 @@ INSTANCE_ID = "/latest/meta-data/instance-id"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 PROCS = []
+# The parts of a run, in order; --skip and --only take these names.
+PARTS = ("matrix", "scaling", "storm", "soak", "attack", "upgrade", "workers")
 
 
 def log(*a):
@@ -780,14 +782,32 @@ def main():
     p.add_argument("--upgrade-gap", type=float, default=None, help="upgrade: seconds of steady load between upgrades (1; smoke 0.3)")
     p.add_argument("--upgrade-workers", type=int, default=None, help="upgrade: iamlet workers (2)")
     p.add_argument("--upgrade-driver", default=None, help="upgrade: iamlet --io-driver (epoll)")
-    p.add_argument("--skip", default="", help="comma-separated: matrix,scaling,storm,soak,attack,upgrade")
+    p.add_argument("--workers-max", type=int, default=None,
+                   help="workers: iamlet --workers 1..this (the core count, at least 2; smoke: at most 4)")
+    p.add_argument("--workers-seconds", type=float, default=None, help="workers: seconds per run (10; smoke 0.5)")
+    p.add_argument("--workers-reps", type=int, default=None, help="workers: repetitions (3; smoke 1)")
+    p.add_argument("--workers-conns", type=int, default=None, help="workers: keep-alive connections (50)")
+    p.add_argument("--workers-server-cpus", default=None, help="workers: taskset for iamlet (default: not pinned)")
+    p.add_argument("--workers-client-cpus", default=None, help="workers: taskset for the client (default: not pinned)")
+    p.add_argument("--skip", default="", help="comma-separated parts: " + ",".join(PARTS))
     a = p.parse_args()
     skip = set(filter(None, a.skip.split(",")))
+    # --only: matrix scenario ids (the matrix runs only those; every other part still runs, as
+    # before) and/or part names (then only those parts run, plus the matrix if ids are named).
+    only = set(filter(None, a.only.split(",")))
+    ids = {sc["id"] for sc in scenarios(a, "")}
+    unknown = (only - ids - set(PARTS)) | (skip - set(PARTS))
+    if unknown:
+        raise SystemExit(f"unknown part or scenario {sorted(unknown)}; parts: {', '.join(PARTS)}; "
+                         f"scenarios: {', '.join(sorted(ids))}")
+    if only & set(PARTS):
+        skip |= set(PARTS) - only - ({"matrix"} if only & ids else set())
+    a.only = ",".join(sorted(only & ids))
 
     work = tempfile.mkdtemp(prefix="iamlet-loadtest-")
     atexit.register(lambda: shutil.rmtree(work, ignore_errors=True))
     env = Env(a, work)
-    results = {"environment": environment(a), "smoke": a.smoke, "runs": [],
+    results = {"environment": environment(a), "smoke": a.smoke, "runs": [], "parts": [x for x in PARTS if x not in skip],
                "settings": {k: v for k, v in vars(a).items() if k not in ("iamlet", "tool", "moto", "oha", "nginx", "out_dir")}}
     log("work dir", work)
     if not a.smoke:
@@ -837,6 +857,10 @@ def main():
         import upgrade
 
         upgrade.run(env, results, sys.modules[__name__])
+    if "workers" not in skip:
+        import workers
+
+        workers.run(env, results, sys.modules[__name__])
     results["wall_s"] = round(time.time() - t0, 1)
     results["environment"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     kill_all()

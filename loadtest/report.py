@@ -139,6 +139,10 @@ def problems(results):
         import upgrade
 
         p += upgrade.problems(results)
+    if results.get("workers"):
+        import workers
+
+        p += workers.problems(results)
     return p
 
 
@@ -167,7 +171,7 @@ def targets(results, summ, scal):
         r = rows.get(s)
         return r["ratio"].get(d) if r else None
 
-    for s in ("creds-keepalive", "creds-new-conn"):
+    for s in ("creds-keepalive", "creds-new-conn") if rows else ():
         v = ratio(s, "uring")
         t.append((f"scenario {s}: iamlet (io_uring) ≥ 1.0× nginx req/s", f"{fmt(v, 2)}×", v is not None and v >= 1.0))
         v2 = ratio(s, "epoll")
@@ -212,16 +216,21 @@ def targets(results, summ, scal):
                   f"{sk['rss_growth_pct']:+.1f} % (max {sk['rss_max_growth_pct']:+.1f} %; anonymous {sk.get('anon_growth_pct', 0):+.1f} %)",
                   sk["rss_growth_pct"] < 5))
         t.append(("soak: zero errors, zero wrong-role answers", f"{sk['errors']} errors, {sk['wrong_role']} wrong", not sk["errors"] and not sk["wrong_role"]))
-    errs = sum(r.get("errors", 0) for r in results.get("runs", []))
-    t.append(("zero errors in every scenario", f"{errs} errors", errs == 0))
+    if results.get("runs"):
+        errs = sum(r.get("errors", 0) for r in results["runs"])
+        t.append(("zero errors in every scenario", f"{errs} errors", errs == 0))
     if scal and len(scal) > 1:
         worst = min(a["vs_first"] for a in scal[1:])
         t.append((f"credential path not slower with {scal[-1]['pods']:,} pods than with {scal[0]['pods']:,}",
                   f"worst {worst:.2f}× of the {scal[0]['pods']}-pod rate", worst >= 0.9))
+    wk = results.get("workers")
+    if wk:
+        errs = sum(r.get("errors", 0) for r in wk["runs"])
+        t.append((f"worker scaling (W = 1–{wk['settings']['max_workers']}): zero errors", f"{errs} errors", errs == 0))
     return t
 
 
-def markdown(results, summ, scal, svg_rel, attack_svg_rel=None, upgrade_svg_rel=None):
+def markdown(results, summ, scal, svg_rel, attack_svg_rel=None, upgrade_svg_rel=None, workers_svg_rel=None):
     e = results["environment"]
     L = []
     title = "Smoke run" if results.get("smoke") else "Data-plane load test"
@@ -229,20 +238,29 @@ def markdown(results, summ, scal, svg_rel, attack_svg_rel=None, upgrade_svg_rel=
     L.append("")
     L.append(f"- Machine: {e['cpu']}, {e['cores']} cores, kernel {e['kernel']}; load average at start "
              f"{' '.join(e['loadavg_start'])}, at end {' '.join(e.get('loadavg_end', []))}.")
-    L.append(f"- Pinning: iamlet and nginx on CPU {e['server_cpus']} ({e['workers']} worker / worker process each), "
-             f"load client + fake IMDS + moto on CPU {e['client_cpus']} (taskset). iamlet {e['iamlet_profile']} build; "
-             f"{e.get('nginx') or 'no nginx'}; {e.get('oha') or 'built-in client only'}.")
-    if e.get("server_cpu_cap"):
-        L.append(f"- Saturating runs (scenarios 1–5 and the lookup scaling): the server under test is capped at {e['server_cpu_cap']:g} of one CPU "
-                 "(cgroup v1 `cpu.cfs_quota_us`, 10 ms periods), so the server — not the load generator, which has one "
-                 "core — is the limit and req/s compares server capacity; their latencies include the throttling gaps. "
-                 "The fixed-rate rows run uncapped.")
     s = results["settings"]
-    L.append(f"- {s['reps']} repetitions × {s['duration']} s per run, iamlet and nginx interleaved (order alternating), "
-             f"medians reported; ratio = median of per-pair ratios. {s['pods']} pods / {s['roles']} roles known; "
-             f"requests from the pod at 127.0.0.1.")
-    L.append(f"- Raw data: `{results.get('json_rel', '')}`. Chart: ![req/s and p99]({svg_rel})")
-    L.append("")
+    if not summ["rows"] and not scal:
+        # Only parts with sections of their own (storms, soak, attack, upgrade, workers): each
+        # says how it ran; the matrix's pinning and repetitions do not apply.
+        L.append(f"- Parts run: {', '.join(results.get('parts') or [])} (bench.py `--only` / `--skip`); iamlet "
+                 f"{e['iamlet_profile']} build; {e.get('oha') or 'built-in client only'}. "
+                 f"Raw data: `{results.get('json_rel', '')}`.")
+        L.append("")
+    else:
+        L.append(f"- Pinning: iamlet and nginx on CPU {e['server_cpus']} ({e['workers']} worker / worker process each), "
+                 f"load client + fake IMDS + moto on CPU {e['client_cpus']} (taskset). iamlet {e['iamlet_profile']} build; "
+                 f"{e.get('nginx') or 'no nginx'}; {e.get('oha') or 'built-in client only'}.")
+        if e.get("server_cpu_cap"):
+            L.append(f"- Saturating runs (scenarios 1–5 and the lookup scaling): the server under test is capped at {e['server_cpu_cap']:g} of one CPU "
+                     "(cgroup v1 `cpu.cfs_quota_us`, 10 ms periods), so the server — not the load generator, which has one "
+                     "core — is the limit and req/s compares server capacity; their latencies include the throttling gaps. "
+                     "The fixed-rate rows run uncapped.")
+        L.append(f"- {s['reps']} repetitions × {s['duration']} s per run, iamlet and nginx interleaved (order alternating), "
+                 f"medians reported; ratio = median of per-pair ratios. {s['pods']} pods / {s['roles']} roles known; "
+                 f"requests from the pod at 127.0.0.1.")
+        L.append(f"- Raw data: `{results.get('json_rel', '')}`."
+                 + (f" Chart: ![req/s and p99]({svg_rel})" if svg_rel else ""))
+        L.append("")
     drivers = summ["drivers"]
     if summ["rows"]:
         L.append("| scenario | client | " + " | ".join(f"iamlet {d} req/s" for d in drivers) + " | nginx req/s | "
@@ -352,13 +370,20 @@ def markdown(results, summ, scal, svg_rel, attack_svg_rel=None, upgrade_svg_rel=
 
         L.append(upgrade.markdown(results, upgrade_svg_rel).rstrip("\n"))
         L.append("")
-    L.append("Targets:")
-    L.append("")
-    L.append("| target | measured | met |")
-    L.append("|---|---|---|")
-    for name, val, ok in targets(results, summ, scal):
-        L.append(f"| {name} | {val} | {'yes' if ok else '**no**'} |")
-    L.append("")
+    if results.get("workers"):
+        import workers
+
+        L.append(workers.markdown(results, workers_svg_rel).rstrip("\n"))
+        L.append("")
+    tg = targets(results, summ, scal)
+    if tg:
+        L.append("Targets:")
+        L.append("")
+        L.append("| target | measured | met |")
+        L.append("|---|---|---|")
+        for name, val, ok in tg:
+            L.append(f"| {name} | {val} | {'yes' if ok else '**no**'} |")
+        L.append("")
     return "\n".join(L) + "\n"
 
 
@@ -425,9 +450,13 @@ def write(results, out_dir, smoke=False):
     results["json_rel"] = os.path.relpath(jpath, os.path.dirname(results_md))
     with open(jpath, "w") as f:
         json.dump(results, f, indent=1)
-    with open(spath, "w") as f:
-        f.write(svg(summ))
-    paths = [jpath, spath]
+    paths = [jpath]
+    svg_rel = None
+    if summ["rows"]:  # the matrix chart; parts without the matrix have charts of their own
+        with open(spath, "w") as f:
+            f.write(svg(summ))
+        paths.append(spath)
+        svg_rel = os.path.relpath(spath, os.path.dirname(results_md))
     attack_rel = None
     if results.get("attack"):
         import attack
@@ -446,7 +475,16 @@ def write(results, out_dir, smoke=False):
             f.write(upgrade.svg(results))
         paths.append(upath)
         upgrade_rel = os.path.relpath(upath, os.path.dirname(results_md))
-    md = markdown(results, summ, scal, os.path.relpath(spath, os.path.dirname(results_md)), attack_rel, upgrade_rel)
+    workers_rel = None
+    if results.get("workers"):
+        import workers
+
+        wpath = os.path.join(out_dir, base + "-workers.svg")
+        with open(wpath, "w") as f:
+            f.write(workers.svg(results))
+        paths.append(wpath)
+        workers_rel = os.path.relpath(wpath, os.path.dirname(results_md))
+    md = markdown(results, summ, scal, svg_rel, attack_rel, upgrade_rel, workers_rel)
     new = not os.path.exists(results_md)
     with open(results_md, "a") as f:
         if new:

@@ -4,6 +4,9 @@
 #                              interleaved, 3 repetitions; lookup scaling; pod storm; 10 min soak
 #   loadtest/run.sh --smoke    CI smoke (< 60 s): every scenario for ~1 s with the built-in
 #                              client, asserts zero errors and that the report is written
+#   loadtest/run.sh --scaling  worker scaling only (~1-2 min after the builds): iamlet --workers
+#                              W = 1..nproc under the creds-keepalive load (bench.py --only workers);
+#                              oha if already in loadtest/.tools, else the built-in client; no nginx
 # Other flags go to loadtest/bench.py (e.g. --soak-seconds 60, --reps 5, --duration 10,
 # --skip soak, --only creds-keepalive,passthrough, --server-cpus 0 --client-cpus 1).
 #
@@ -14,9 +17,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 SMOKE=0
+SCALING=0
 ARGS=()
 for a in "$@"; do
-  if [ "$a" = "--smoke" ]; then SMOKE=1; else ARGS+=("$a"); fi
+  case "$a" in
+    --smoke) SMOKE=1 ;;
+    --scaling) SCALING=1; ARGS+=(--only workers) ;;
+    *) ARGS+=("$a") ;;
+  esac
 done
 step() { printf '==> %s\n' "$*"; }
 TOOLS="$ROOT/loadtest/.tools"
@@ -26,7 +34,7 @@ tests/install-python-tools.sh >/dev/null
 
 NGINX="$(command -v nginx || true)"
 [ -z "$NGINX" ] && [ -x /usr/sbin/nginx ] && NGINX=/usr/sbin/nginx
-if [ -z "$NGINX" ] && [ "$SMOKE" = 0 ]; then
+if [ -z "$NGINX" ] && [ "$SMOKE" = 0 ] && [ "$SCALING" = 0 ]; then
   step "nginx (apt-get install nginx-light)"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light >/dev/null \
@@ -35,7 +43,9 @@ if [ -z "$NGINX" ] && [ "$SMOKE" = 0 ]; then
 fi
 
 OHA=""
-if [ "$SMOKE" = 0 ]; then
+if [ "$SCALING" = 1 ]; then
+  [ -x "$TOOLS/bin/oha" ] && OHA="$TOOLS/bin/oha"
+elif [ "$SMOKE" = 0 ]; then
   if [ ! -x "$TOOLS/bin/oha" ]; then
     step "oha (cargo install oha --locked, ~5 min once; cached in loadtest/.tools)"
     cargo install oha --locked --root "$TOOLS" --quiet
