@@ -258,6 +258,105 @@ impl Config {
     }
 }
 
+/// What the workers share that is not a flag: made at start-up, after the flags.
+pub struct Runtime {
+    pub handle: iamlet_resolver::Handle,
+    pub rules: RoleRules,
+    /// `--metadata-addr`, resolved.
+    pub upstream: std::net::SocketAddr,
+    pub registry: prometheus_client::registry::Registry,
+    pub metrics: crate::metrics::ProxyMetrics,
+    pub token_key: crate::token::TokenKey,
+    pub admin_on_app_port: bool,
+    pub node_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Config {
+    /// The workers' shared settings.
+    pub fn shared(&self, rt: Runtime) -> crate::worker::Shared {
+        use std::sync::atomic::AtomicBool;
+        let (a, p) = (&self.args, &self.args.proxy);
+        crate::worker::Shared {
+            handle: rt.handle,
+            rules: rt.rules,
+            upstream: crate::worker::UpstreamConfig {
+                addr: rt.upstream,
+                host: a.node.metadata_addr.hostport().to_owned(),
+                connect_timeout: p.upstream_connect_timeout,
+                response_timeout: p.upstream_timeout,
+            },
+            wait_ip: a.iam.backoff_max_elapsed_time,
+            debug: a.log.debug,
+            admin_on_app_port: rt.admin_on_app_port,
+            registry: std::sync::Arc::new(rt.registry),
+            metrics: rt.metrics,
+            limits: self.limits.clone(),
+            imdsv2: p.imdsv2,
+            token_key: rt.token_key,
+            policy: p.metadata_policy,
+            allow_paths: self.allow_paths.clone(),
+            forward_user_data: p.allow_user_data,
+            forward_identity_signature: p.allow_instance_identity_signature,
+            sources: crate::fairness::SourceLimiter::new(p.max_connections_per_ip),
+            metrics_cache: Default::default(),
+            metrics_rendering: AtomicBool::new(false),
+            metrics_max_age: p.metrics_max_age,
+            sweeping: AtomicBool::new(false),
+            node_ready: rt.node_ready,
+            stopping: rt.stopping,
+            shutdown_grace: p.shutdown_grace,
+        }
+    }
+
+    /// Logs to stderr as `--log-format` says, at `--log-level` (`IAMLET_LOG` overrides).
+    pub fn init_tracing(&self) {
+        let filter = std::env::var("IAMLET_LOG").unwrap_or_else(|_| self.log_filter.clone());
+        let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        match self.args.log.log_format {
+            crate::args::LogFormat::Json => builder.json().init(),
+            crate::args::LogFormat::Text => builder.with_ansi(false).init(),
+        }
+    }
+}
+
+/// `--auto-discover-*` could not learn the node's role, or the role flags do not make rules.
+#[derive(Debug, Error)]
+pub enum RolesError {
+    #[error("--auto-discover-base-arn / --auto-discover-default-role: {0}")]
+    Discovery(#[from] iamlet_node::imds::ImdsError),
+    #[error(transparent)]
+    Rules(#[from] iamlet_resolver::roles::RoleConfigError),
+}
+
+impl Config {
+    /// The role rules: `--base-role-arn` and `--default-role`, or what the node's metadata
+    /// service says with `--auto-discover-base-arn` / `--auto-discover-default-role`.
+    pub fn role_rules(&self, imds: &iamlet_node::imds::Client) -> Result<RoleRules, RolesError> {
+        let iam = &self.args.iam;
+        let (mut base_arn, mut default_role) =
+            (iam.base_role_arn.clone(), iam.default_role.clone());
+        if iam.auto_discover_base_arn || iam.auto_discover_default_role {
+            let arn = imds.base_arn()?;
+            tracing::info!(base_arn = %arn, "base ARN discovered");
+            base_arn = Some(arn);
+            if iam.auto_discover_default_role {
+                let role = imds.instance_role()?;
+                tracing::info!(default_role = %role, "using the instance's role as the default role");
+                default_role = Some(role);
+            }
+        }
+        Ok(RoleRules::new(
+            base_arn.as_deref(),
+            default_role.as_deref(),
+        )?)
+    }
+}
+
 /// How to reach the API server.
 pub fn kube_options(k: &crate::args::KubeArgs) -> KubeOptions {
     KubeOptions {

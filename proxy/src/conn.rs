@@ -217,8 +217,7 @@ pub async fn serve(
                 out = Vec::with_capacity(4096);
             }
             if !ok {
-                w.metrics
-                    .downstream_error(DownstreamError::WriteStalled.label());
+                w.metrics.downstream_error(DownstreamError::WriteStalled);
                 done!();
             }
         }
@@ -248,8 +247,7 @@ pub async fn serve(
             match limits.header_timeout.checked_sub(started.elapsed()) {
                 Some(left) => left,
                 None => {
-                    w.metrics
-                        .downstream_error(DownstreamError::HeaderTimeout.label());
+                    w.metrics.downstream_error(DownstreamError::HeaderTimeout);
                     done!();
                 }
             }
@@ -268,8 +266,7 @@ pub async fn serve(
             Ok(n) if n > 0 && !timed_out => {}
             _ => {
                 if timed_out && len > 0 {
-                    w.metrics
-                        .downstream_error(DownstreamError::HeaderTimeout.label());
+                    w.metrics.downstream_error(DownstreamError::HeaderTimeout);
                 }
                 done!();
             }
@@ -338,7 +335,7 @@ pub fn head_too_large(avail: &[u8], max_head: usize) -> DownstreamError {
 }
 
 fn reject(w: &Worker, out: &mut Vec<u8>, e: DownstreamError) {
-    w.metrics.downstream_error(e.label());
+    w.metrics.downstream_error(e);
     let Some(status) = e.status() else {
         return;
     };

@@ -2,6 +2,7 @@
 //! `iam/info` from the snapshot; everything else through the pass-through (or 404 by policy).
 
 use crate::args::{Imdsv2Mode, MetadataPolicy};
+use crate::downstream::DownstreamError;
 use crate::metrics::RouteLabel;
 use crate::passthrough;
 use crate::respond::{self, Persist, Status};
@@ -83,7 +84,7 @@ pub async fn handle(
         headers: req.headers,
     };
     let Ok(path) = canonicalize(req.path.unwrap_or("")) else {
-        w.metrics.downstream_error("invalid_path");
+        w.metrics.downstream_error(DownstreamError::InvalidPath);
         r.head_only = false;
         return r.text(
             RouteLabel::Invalid,
@@ -166,7 +167,7 @@ pub async fn handle(
     }
     if method != "GET" && method != "HEAD" {
         r.head_only = false;
-        w.metrics.downstream_error("method");
+        w.metrics.downstream_error(DownstreamError::Method);
         return r.text(
             RouteLabel::Invalid,
             METHOD_NOT_ALLOWED,
@@ -219,11 +220,12 @@ fn mint_token(r: &mut Req<'_, '_>, method: &str) {
     }
     // IMDS refuses token requests that went through a proxy.
     if r.header("x-forwarded-for").is_some() {
-        r.w.metrics.downstream_error("token_forwarded");
+        r.w.metrics
+            .downstream_error(DownstreamError::TokenForwarded);
         return r.text(RouteLabel::Token, respond::FORBIDDEN, b"Forbidden\n");
     }
     let Some(ttl) = r.header(TTL_HEADER).and_then(token::parse_ttl) else {
-        r.w.metrics.downstream_error("token_ttl");
+        r.w.metrics.downstream_error(DownstreamError::TokenTtl);
         return r.text(
             RouteLabel::Token,
             respond::BAD_REQUEST,

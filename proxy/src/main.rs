@@ -2,14 +2,11 @@
 //! the workers, install the redirect, wait for a signal.
 
 use anyhow::Context;
-use iamlet::args::LogFormat;
-use iamlet::config::{self, Config, ConfigError, EX_USAGE};
+use iamlet::config::{self, Config, ConfigError, EX_USAGE, Runtime};
 use iamlet::metrics::{Kube2iamStatus, ProxyMetrics};
 use iamlet::token::TokenKey;
-use iamlet::worker::{Shared, UpstreamConfig};
 use iamlet::{handover, server};
 use iamlet_node::imds;
-use iamlet_resolver::RoleRules;
 use nix::sys::signal::{SigSet, Signal};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
@@ -46,16 +43,7 @@ fn main() {
         println!("iamlet: configuration OK");
         return;
     }
-    let filter = std::env::var("IAMLET_LOG").unwrap_or_else(|_| config.log_filter.clone());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.args.log.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(false).init(),
-    }
+    config.init_tracing();
     if let Err(e) = run(config, signals) {
         tracing::error!("{e:#}");
         eprintln!("iamlet: {e:#}");
@@ -69,28 +57,8 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     let upstream = metadata.resolve()?;
     // --iptables: interfaces and backend checked now; the rule goes in once we listen.
     let node_ready = Arc::new(AtomicBool::new(config.redirect.is_none()));
-    let redirect = match &config.redirect {
-        Some(r) => Some(Arc::new(iamlet_node::Redirect::prepare(
-            r,
-            Default::default(),
-            node_ready.clone(),
-        )?)),
-        None => None,
-    };
-    let (mut base_arn, mut default_role) =
-        (a.iam.base_role_arn.clone(), a.iam.default_role.clone());
-    if a.iam.auto_discover_base_arn || a.iam.auto_discover_default_role {
-        let imds = imds::Client::at(upstream, metadata.hostport());
-        let arn = imds.base_arn()?;
-        tracing::info!(base_arn = %arn, "base ARN discovered");
-        base_arn = Some(arn);
-        if a.iam.auto_discover_default_role {
-            let role = imds.instance_role()?;
-            tracing::info!(default_role = %role, "using the instance's role as the default role");
-            default_role = Some(role);
-        }
-    }
-    let rules = RoleRules::new(base_arn.as_deref(), default_role.as_deref())?;
+    let redirect = iamlet_node::prepare(config.redirect.as_ref(), &node_ready)?;
+    let rules = config.role_rules(&imds::Client::at(upstream, metadata.hostport()))?;
     let node_name = (a.kube.node.clone())
         .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok())
         .unwrap_or_else(|| "iamlet".into());
@@ -124,36 +92,17 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     }?;
     let p = &a.proxy;
     let stopping = Arc::new(AtomicBool::new(false));
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(config.shared(Runtime {
         handle: resolver.handle.clone(),
         rules,
-        upstream: UpstreamConfig {
-            addr: upstream,
-            host: metadata.hostport().to_owned(),
-            connect_timeout: p.upstream_connect_timeout,
-            response_timeout: p.upstream_timeout,
-        },
-        wait_ip: a.iam.backoff_max_elapsed_time,
-        debug: a.log.debug,
-        admin_on_app_port: opened.admin.is_none(),
-        registry: Arc::new(registry),
+        upstream,
+        registry,
         metrics,
-        limits: config.limits.clone(),
-        imdsv2: p.imdsv2,
         token_key,
-        policy: p.metadata_policy,
-        allow_paths: config.allow_paths.clone(),
-        forward_user_data: p.allow_user_data,
-        forward_identity_signature: p.allow_instance_identity_signature,
-        sources: iamlet::fairness::SourceLimiter::new(p.max_connections_per_ip),
-        metrics_cache: Default::default(),
-        metrics_rendering: AtomicBool::new(false),
-        metrics_max_age: p.metrics_max_age,
-        sweeping: AtomicBool::new(false),
+        admin_on_app_port: opened.admin.is_none(),
         node_ready,
         stopping: stopping.clone(),
-        shutdown_grace: p.shutdown_grace,
-    });
+    }));
     // After a handover the old process serves until this one has its pod list: accept only
     // then. Otherwise accept at once (fail-closed: the rule goes in right after).
     let synced = match &taken {
@@ -213,15 +162,7 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     if let Some(r) = &redirect {
         r.stop(handed_over.load(Ordering::SeqCst));
     }
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        threads.into_iter().for_each(|t| drop(t.join()));
-        let _ = done_tx.send(());
-    });
-    if done_rx
-        .recv_timeout(p.shutdown_grace + Duration::from_secs(1))
-        .is_err()
-    {
+    if !server::join(threads, p.shutdown_grace + Duration::from_secs(1)) {
         tracing::warn!("in-flight requests did not finish within --shutdown-grace; exiting");
     }
     Ok(())

@@ -385,12 +385,12 @@ impl WorkerMetrics {
     }
 
     /// Counts a request the pod got wrong (error path only).
-    pub fn downstream_error(&self, kind: &'static str) {
+    pub fn downstream_error(&self, e: crate::downstream::DownstreamError) {
         self.shared
             .errors
             .get_or_create(&ErrorLabels {
                 class: "downstream",
-                kind,
+                kind: e.label(),
             })
             .inc();
     }
@@ -542,7 +542,8 @@ mod tests {
                 });
             }
         });
-        m.worker().downstream_error("method");
+        m.worker()
+            .downstream_error(crate::downstream::DownstreamError::Method);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
         for line in [

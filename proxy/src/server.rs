@@ -511,3 +511,13 @@ pub fn open(
         offered,
     })
 }
+
+/// Waits for the worker threads to end, at most `bound`; false when they did not.
+pub fn join(threads: Vec<JoinHandle<()>>, bound: std::time::Duration) -> bool {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        threads.into_iter().for_each(|t| drop(t.join()));
+        let _ = done_tx.send(());
+    });
+    done_rx.recv_timeout(bound).is_ok()
+}

@@ -387,7 +387,7 @@ fn boto3_in_pods_gets_each_pods_own_role_through_the_dnat() {
         );
     }
     assert_ne!(arns[0], arns[1]);
-    // The seed's lookup finds the rule: the jump names the metadata address.
+    // kube2iam users' habitual lookup finds the rule: the jump names the metadata address.
     let pre = node
         .ns
         .exec_ok("iptables", &["-t", "nat", "-S", "PREROUTING"]);

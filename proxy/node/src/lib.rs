@@ -21,6 +21,7 @@ pub use redirect::{Redirect, RedirectError};
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 /// The instance metadata service's IPv4 address, as pods use it.
@@ -44,6 +45,17 @@ pub struct RedirectConfig {
     pub ipv6: bool,
     pub remove_on_exit: bool,
     pub verify_interval: Duration,
+}
+
+/// Before binding, with `--iptables`: resolves the interfaces and picks the backend (touches
+/// no rule); `ready` is set once the redirect is installed.
+pub fn prepare(
+    config: Option<&RedirectConfig>,
+    ready: &Arc<AtomicBool>,
+) -> Result<Option<Arc<Redirect>>, RedirectError> {
+    config
+        .map(|c| Redirect::prepare(c, NodeMetrics::default(), ready.clone()).map(Arc::new))
+        .transpose()
 }
 
 /// Once the listeners are bound: installs the redirect and starts re-verifying it every
