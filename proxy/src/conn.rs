@@ -148,14 +148,14 @@ pub async fn serve(
     let tracked = w.track(stream.as_raw_fd());
     let limits = &w.shared.limits;
     let rcap = limits.max_head + limits.max_body;
-    let (mut rbuf, mut out) = w.take_bufs(rcap);
-    // Ends the connection, handing its buffers back to the worker's pool.
-    macro_rules! done {
-        () => {{
-            w.give_bufs(rbuf, out, rcap, OUT_KEEP);
-            return;
-        }};
-    }
+    // The buffers go back to the worker's pool however the connection ends.
+    let (rbuf, out) = w.take_bufs(rcap);
+    let mut b = Bufs {
+        w: &w,
+        rcap,
+        rbuf,
+        out,
+    };
     // TCP_NODELAY is set before the first write that Nagle could hold back: a second answer
     // on the connection, or one larger than a segment. A connection that carries one small
     // answer (an SDK's new connection per request) never needs the system call.
@@ -171,17 +171,17 @@ pub async fn serve(
         // False when answering stopped at OUT_BOUND with complete requests still buffered:
         // they are answered after the write, before reading more.
         let mut need_read = true;
-        while start < rbuf.len() {
-            if out.len() >= OUT_BOUND {
+        while start < b.rbuf.len() {
+            if b.out.len() >= OUT_BOUND {
                 need_read = false;
                 break;
             }
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let (req, len) = match next_request(&rbuf[start..], &mut headers, limits) {
+            let (req, len) = match next_request(&b.rbuf[start..], &mut headers, limits) {
                 Next::Request { req, len } => (req, len),
                 Next::Incomplete => break,
                 Next::Reject(e) => {
-                    reject(&w, &mut out, e);
+                    reject(&w, &mut b.out, e);
                     close = true;
                     break;
                 }
@@ -192,7 +192,7 @@ pub async fn serve(
                 persistence(&req)
             };
             let t0 = Instant::now();
-            handle(&w, peer, &req, persist, &mut out).await;
+            handle(&w, peer, &req, persist, &mut b.out).await;
             w.metrics
                 .observe_latency(req.method.unwrap_or(""), t0.elapsed());
             start += len;
@@ -202,36 +202,42 @@ pub async fn serve(
                 break;
             }
         }
-        if !out.is_empty() {
-            if !nodelay && (answered || out.len() > 1400) {
+        if !b.out.is_empty() {
+            if !nodelay && (answered || b.out.len() > 1400) {
                 let _ = stream.set_nodelay(true);
                 nodelay = true;
             }
             answered = true;
-            let (ok, buf) = write_all(&mut stream, out, limits.write_timeout, &mut canceller).await;
-            out = buf;
-            out.clear();
-            if out.capacity() > OUT_KEEP {
+            let (ok, buf) = write_all(
+                &mut stream,
+                std::mem::take(&mut b.out),
+                limits.write_timeout,
+                &mut canceller,
+            )
+            .await;
+            b.out = buf;
+            b.out.clear();
+            if b.out.capacity() > OUT_KEEP {
                 // A large answer (a /metrics scrape with many roles) does not stay resident
                 // for the rest of a keep-alive connection.
-                out = Vec::with_capacity(4096);
+                b.out = Vec::with_capacity(4096);
             }
             if !ok {
                 w.metrics.downstream_error(DownstreamError::WriteStalled);
-                done!();
+                return;
             }
         }
         // A stopping worker ends a connection once it has answered and holds nothing more
         // to answer. One accepted but not yet read is read and answered first (with
         // `Connection: close`, see `persist` above): closing it unread would reset a client
         // that did nothing wrong.
-        if close || (w.stopping() && answered && start >= rbuf.len()) {
-            done!();
+        if close || (w.stopping() && answered && start >= b.rbuf.len()) {
+            return;
         }
-        if start == rbuf.len() {
-            rbuf.clear();
+        if start == b.rbuf.len() {
+            b.rbuf.clear();
         } else if start > 0 {
-            rbuf.drain(..start);
+            b.rbuf.drain(..start);
         }
         start = 0;
         if !need_read {
@@ -239,7 +245,7 @@ pub async fn serve(
         }
         // A partial request must complete within the header timeout; an idle connection may
         // wait for the idle timeout (and is the first to go when the worker needs room).
-        let idle = rbuf.is_empty();
+        let idle = b.rbuf.is_empty();
         let timeout = if idle {
             limits.idle_timeout
         } else {
@@ -248,17 +254,22 @@ pub async fn serve(
                 Some(left) => left,
                 None => {
                     w.metrics.downstream_error(DownstreamError::HeaderTimeout);
-                    done!();
+                    return;
                 }
             }
         };
         if idle {
             tracked.set_idle(true);
         }
-        let len = rbuf.len();
-        let (res, slice, timed_out) =
-            read_with_timeout(&mut stream, rbuf.slice_mut(len..), timeout, &mut canceller).await;
-        rbuf = slice.into_inner();
+        let len = b.rbuf.len();
+        let (res, slice, timed_out) = read_with_timeout(
+            &mut stream,
+            std::mem::take(&mut b.rbuf).slice_mut(len..),
+            timeout,
+            &mut canceller,
+        )
+        .await;
+        b.rbuf = slice.into_inner();
         if idle {
             tracked.set_idle(false);
         }
@@ -268,9 +279,28 @@ pub async fn serve(
                 if timed_out && len > 0 {
                     w.metrics.downstream_error(DownstreamError::HeaderTimeout);
                 }
-                done!();
+                return;
             }
         }
+    }
+}
+
+/// A connection's buffers, handed back to the worker's pool when the connection ends: by
+/// return, or by its task being dropped (a worker stopping past `--shutdown-grace`).
+struct Bufs<'w> {
+    w: &'w Worker,
+    rcap: usize,
+    rbuf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Drop for Bufs<'_> {
+    fn drop(&mut self) {
+        let (r, o) = (
+            std::mem::take(&mut self.rbuf),
+            std::mem::take(&mut self.out),
+        );
+        self.w.give_bufs(r, o, self.rcap, OUT_KEEP);
     }
 }
 
