@@ -222,9 +222,13 @@ impl Config {
         kube_options(&self.args.kube)
     }
 
-    /// The resolver's settings; `session_prefix` names node-wide sessions (the node name).
-    pub fn resolver(&self, rules: RoleRules, session_prefix: String) -> iamlet_resolver::Config {
+    /// The resolver's settings. Node-wide sessions are named after the node (`--node`, else
+    /// the host name).
+    pub fn resolver(&self, rules: RoleRules) -> iamlet_resolver::Config {
         let a = &self.args;
+        let session_prefix = (a.kube.node.clone())
+            .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok())
+            .unwrap_or_else(|| "iamlet".into());
         iamlet_resolver::Config {
             rules,
             keys: AnnotationKeys {

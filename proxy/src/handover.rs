@@ -260,6 +260,30 @@ impl Taken {
     }
 }
 
+/// With `--handover-socket`, offers `listeners` to the next iamlet; when one takes them the
+/// process stops gracefully (SIGTERM to itself) and the returned flag is set, so the
+/// redirect is left to the new process. Without, the copies are closed at once: kept, they
+/// would keep the sockets listening after the workers stop.
+pub fn offer_to_next(
+    path: Option<&Path>,
+    listeners: Listeners,
+    stopping: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, HandoverError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let handed_over = std::sync::Arc::new(AtomicBool::new(false));
+    let Some(path) = path else {
+        return Ok(handed_over);
+    };
+    let flag = handed_over.clone();
+    offer(path, listeners, stopping.clone(), move || {
+        flag.store(true, Ordering::SeqCst);
+        // Process-directed, so the main thread's sigwait sees it: the usual graceful stop
+        // (no new accepts, in-flight requests finish), with the rule untouched.
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGTERM);
+    })?;
+    Ok(handed_over)
+}
+
 /// Serves handovers of `listeners` at `path` on a thread of its own, for the next iamlet.
 /// `on_stop` runs when a new process, holding the sockets and accepting, asks this one to
 /// stop; the thread then ends. It also ends, closing its copies of the sockets, once

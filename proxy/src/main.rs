@@ -59,13 +59,8 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     let node_ready = Arc::new(AtomicBool::new(config.redirect.is_none()));
     let redirect = iamlet_node::prepare(config.redirect.as_ref(), &node_ready)?;
     let rules = config.role_rules(&imds::Client::at(upstream, metadata.hostport()))?;
-    let node_name = (a.kube.node.clone())
-        .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok())
-        .unwrap_or_else(|| "iamlet".into());
-
     let mut registry = Registry::default();
-    let resolver =
-        iamlet_resolver::start(config.resolver(rules.clone(), node_name), &mut registry)?;
+    let resolver = iamlet_resolver::start(config.resolver(rules.clone()), &mut registry)?;
     let metrics = ProxyMetrics::register(&mut registry, config.workers);
     registry.register_collector(Box::new(Kube2iamStatus {
         handle: resolver.handle.clone(),
@@ -86,10 +81,7 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         &config,
         taken.as_mut().map(|t| std::mem::take(&mut t.listeners)),
     )?;
-    let token_key = match &a.proxy.imds_token_key_file {
-        Some(path) => TokenKey::from_file(path),
-        None => TokenKey::random(),
-    }?;
+    let token_key = TokenKey::new(a.proxy.imds_token_key_file.as_deref())?;
     let p = &a.proxy;
     let stopping = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(config.shared(Runtime {
@@ -109,18 +101,7 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
         Some(t) => t.wait_for_sync(&resolver)?,
         None => false,
     };
-    let mut threads = server::spawn("iamlet-worker", opened.app, shared.clone(), driver, false)?;
-    if let Some(admin) = opened.admin {
-        let bound = admin[0].local_addr()?;
-        threads.extend(server::spawn(
-            "iamlet-admin",
-            vec![admin],
-            shared.clone(),
-            driver,
-            true,
-        )?);
-        tracing::info!(addr = %bound, "admin listening");
-    }
+    let threads = server::spawn_all(opened.app, opened.admin, &shared, driver)?;
     // Fail-closed from the first second: the rule goes in as soon as the listeners accept,
     // before the first pod list. Until the list arrives, requests wait (bounded) and get 404
     // or 500, never the node's role; /ready stays false.
@@ -140,19 +121,8 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     if let Some(t) = taken {
         t.complete(&shared, p.shutdown_grace + Duration::from_secs(1));
     }
-    let handed_over = Arc::new(AtomicBool::new(false));
-    if let Some(path) = &p.handover_socket {
-        let flag = handed_over.clone();
-        handover::offer(path, opened.offered, stopping.clone(), move || {
-            flag.store(true, Ordering::SeqCst);
-            // Process-directed, so the main thread's sigwait sees it: the usual graceful
-            // stop (no new accepts, in-flight requests finish), with the rule untouched.
-            let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGTERM);
-        })?;
-    } else {
-        // Copies kept would keep the sockets listening after the workers stop.
-        drop(opened.offered);
-    }
+    let handed_over =
+        handover::offer_to_next(p.handover_socket.as_deref(), opened.offered, &stopping)?;
     // Last: whoever waits for this line may upgrade this process at once.
     tracing::info!("ready: the first pod list is published");
 

@@ -173,6 +173,28 @@ pub fn spawn(
         .collect()
 }
 
+/// Spawns the app workers and, with its own listener, the admin worker.
+pub fn spawn_all(
+    app: Vec<Vec<std::net::TcpListener>>,
+    admin: Option<Vec<std::net::TcpListener>>,
+    shared: &Arc<Shared>,
+    driver: Driver,
+) -> std::io::Result<Vec<JoinHandle<()>>> {
+    let mut threads = spawn("iamlet-worker", app, shared.clone(), driver, false)?;
+    if let Some(admin) = admin {
+        let bound = admin[0].local_addr()?;
+        threads.extend(spawn(
+            "iamlet-admin",
+            vec![admin],
+            shared.clone(),
+            driver,
+            true,
+        )?);
+        tracing::info!(addr = %bound, "admin listening");
+    }
+    Ok(threads)
+}
+
 /// Pairs the n-th listener of each family, so that worker n accepts on both.
 pub fn per_worker(
     v4: Vec<std::net::TcpListener>,

@@ -68,6 +68,14 @@ impl TokenKey {
         }
     }
 
+    /// `--imds-token-key-file` if given, else a fresh random key.
+    pub fn new(file: Option<&Path>) -> Result<Self, TokenKeyError> {
+        match file {
+            Some(path) => Self::from_file(path),
+            None => Self::random(),
+        }
+    }
+
     /// A fresh random key (tokens die with the process).
     pub fn random() -> Result<Self, TokenKeyError> {
         Ok(Self::from_bytes(&random_secret()?))
