@@ -38,6 +38,18 @@ impl Req<'_, '_> {
         respond::write(self.out, status, ctype, body, self.persist, self.head_only);
     }
 
+    /// [`Req::answer`] with the body in pieces, copied into the answer (not joined first).
+    fn answer_parts(&mut self, label: RouteLabel, status: Status, ctype: &str, body: &[&[u8]]) {
+        self.w.metrics.request(label, status.0);
+        let len = body.iter().map(|p| p.len()).sum();
+        respond::write_head(self.out, status, ctype, len, self.persist, &[]);
+        if !self.head_only {
+            for p in body {
+                self.out.extend_from_slice(p);
+            }
+        }
+    }
+
     fn text(&mut self, label: RouteLabel, status: Status, body: &[u8]) {
         self.answer(label, status, respond::TEXT, body);
     }
@@ -236,19 +248,22 @@ fn mint_token(r: &mut Req<'_, '_>, method: &str) {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     let expires = token::expiry(now, ttl);
-    let t = r.w.shared.token_key.mint(r.peer, expires);
+    let t = r.w.shared.token_key.mint_bytes(r.peer, expires);
     r.w.metrics.tokens_issued.inc();
     r.w.metrics.request(RouteLabel::Token, 200);
-    let ttl_text = ttl.to_string();
+    let mut digits = [0u8; 20];
     respond::write_head(
         r.out,
         respond::OK,
         respond::TEXT,
         t.len(),
         r.persist,
-        &[(b"X-Aws-Ec2-Metadata-Token-Ttl-Seconds", ttl_text.as_bytes())],
+        &[(
+            b"X-Aws-Ec2-Metadata-Token-Ttl-Seconds",
+            respond::decimal(ttl, &mut digits),
+        )],
     );
-    r.out.extend_from_slice(t.as_bytes());
+    r.out.extend_from_slice(&t);
 }
 
 /// Checks the IMDSv2 token, if any (and requires one in `required` mode).
@@ -368,8 +383,8 @@ fn answer_credentials(
 ) {
     match ans {
         CredAnswer::Ready { body, .. } if matches!(rt, Route::ExtendedCredentials(_)) => {
-            let doc = with_account_id(body, account_of(arn));
-            r.text(label, respond::OK, &doc)
+            let doc = account_id_added(body, account_of(arn));
+            r.answer_parts(label, respond::OK, respond::TEXT, &doc)
         }
         CredAnswer::Ready { body, .. } => r.text(label, respond::OK, body),
         CredAnswer::Failed { status, body, .. } => {
@@ -389,14 +404,22 @@ fn account_of(arn: &str) -> &str {
     arn.split(':').nth(4).unwrap_or("")
 }
 
-/// The credentials document plus `AccountId`, as IMDS's extended path answers.
-fn with_account_id(doc: &[u8], account: &str) -> Vec<u8> {
+/// The credentials document plus `AccountId`, as IMDS's extended path answers, in pieces:
+/// the document up to its closing brace, then the new member and the brace.
+fn account_id_added<'a>(doc: &'a [u8], account: &'a str) -> [&'a [u8]; 4] {
     let end = doc.iter().rposition(|&b| b == b'}').unwrap_or(doc.len());
     let head = doc[..end].trim_ascii_end();
-    let mut out = Vec::with_capacity(doc.len() + 40);
-    out.extend_from_slice(head);
-    out.extend_from_slice(format!(",\n  \"AccountId\" : \"{account}\"\n}}").as_bytes());
-    out
+    [
+        head,
+        b",\n  \"AccountId\" : \"",
+        account.as_bytes(),
+        b"\"\n}",
+    ]
+}
+
+#[cfg(test)]
+fn with_account_id(doc: &[u8], account: &str) -> Vec<u8> {
+    account_id_added(doc, account).concat()
 }
 
 /// `iam/info` for a pod: its role presented as an instance profile of the same name.
@@ -435,5 +458,12 @@ mod tests {
             account_of("arn:aws:iam::210987654321:role/x"),
             "210987654321"
         );
+    }
+
+    #[test]
+    fn the_extended_document_is_the_document_with_the_member_before_its_brace() {
+        let doc = b"{\n  \"Code\" : \"Success\",\n  \"Token\" : \"t\"\n}";
+        let want = "{\n  \"Code\" : \"Success\",\n  \"Token\" : \"t\",\n  \"AccountId\" : \"123456789012\"\n}";
+        assert_eq!(with_account_id(doc, "123456789012"), want.as_bytes());
     }
 }

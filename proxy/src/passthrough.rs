@@ -5,7 +5,6 @@
 use crate::respond::{self, Persist};
 use crate::upstream::{UpstreamError, UpstreamResponse};
 use crate::worker::Worker;
-use std::io::Write;
 
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -44,12 +43,17 @@ fn build(
     headers: &[httparse::Header<'_>],
     token: Option<&str>,
 ) -> Vec<u8> {
-    let mut req: Vec<u8> = Vec::with_capacity(256);
-    let _ = write!(
-        req,
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\n",
-        w.upstream.host()
-    );
+    let mut req = w.upstream.buffer();
+    for part in [
+        method,
+        " ",
+        path,
+        " HTTP/1.1\r\nHost: ",
+        w.upstream.host(),
+        "\r\n",
+    ] {
+        req.extend_from_slice(part.as_bytes());
+    }
     for h in headers {
         if !FORWARDED_REQUEST
             .iter()
@@ -63,7 +67,9 @@ fn build(
         req.extend_from_slice(b"\r\n");
     }
     if let Some(t) = token {
-        let _ = write!(req, "X-aws-ec2-metadata-token: {t}\r\n");
+        req.extend_from_slice(b"X-aws-ec2-metadata-token: ");
+        req.extend_from_slice(t.as_bytes());
+        req.extend_from_slice(b"\r\n");
     }
     req.extend_from_slice(b"\r\n");
     req
@@ -90,9 +96,12 @@ pub async fn forward(
             Ok(resp) if resp.status == 401 && attempt == 0 => {
                 // Our token expired early, or the upstream started requiring tokens.
                 w.upstream.invalidate_token();
+                w.upstream.recycle(resp.raw);
             }
             Ok(resp) => {
-                return match relay(&resp, out, persist, head_only) {
+                let relayed = relay(&resp, out, persist, head_only);
+                w.upstream.recycle(resp.raw);
+                return match relayed {
                     Some(status) => status,
                     None => fail(w, out, UpstreamError::Protocol, persist),
                 };
@@ -169,12 +178,11 @@ fn relay(
     } else {
         body.len()
     };
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\n",
-        resp.status,
-        parsed.reason.unwrap_or("")
-    );
+    out.extend_from_slice(b"HTTP/1.1 ");
+    respond::push_decimal(out, usize::from(resp.status));
+    out.push(b' ');
+    out.extend_from_slice(parsed.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
     for h in parsed.headers.iter() {
         if is_hop_by_hop(h.name) {
             continue;
@@ -184,7 +192,9 @@ fn relay(
         out.extend_from_slice(h.value);
         out.extend_from_slice(b"\r\n");
     }
-    let _ = write!(out, "Content-Length: {len}\r\n");
+    out.extend_from_slice(b"Content-Length: ");
+    respond::push_decimal(out, len);
+    out.extend_from_slice(b"\r\n");
     match persist {
         Persist::KeepAlive => {}
         Persist::KeepAlive10 => out.extend_from_slice(b"Connection: keep-alive\r\n"),

@@ -84,8 +84,12 @@ pub fn write_head(
 }
 
 /// Appends `n` in decimal.
-fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
-    let mut digits = [0u8; 20];
+pub fn push_decimal(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(decimal(n as u64, &mut [0u8; 20]));
+}
+
+/// `n` in decimal, written at the end of `digits`.
+pub fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut i = digits.len();
     loop {
         i -= 1;
@@ -95,7 +99,7 @@ fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
             break;
         }
     }
-    out.extend_from_slice(&digits[i..]);
+    &digits[i..]
 }
 
 /// A small IMDS-style JSON error body (`{"Code": …, "Message": …}`) from static strings.
@@ -128,5 +132,8 @@ mod tests {
         out.clear();
         push_decimal(&mut out, 0);
         assert_eq!(out, b"0");
+        for n in [0, 7, 10, 21_600, u64::MAX] {
+            assert_eq!(decimal(n, &mut [0; 20]), n.to_string().as_bytes());
+        }
     }
 }

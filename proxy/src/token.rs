@@ -130,11 +130,19 @@ impl TokenKey {
 
     /// A token for `ip`, valid until `expires` (Unix seconds).
     pub fn mint(&self, ip: IpAddr, expires: u64) -> String {
-        let mut t = String::with_capacity(TOKEN_LEN);
-        t.push_str(&format!("{expires:016x}"));
-        for b in &self.mac(ip, expires).as_ref()[..MAC_BYTES] {
-            t.push_str(&format!("{b:02x}"));
-        }
+        self.mint_bytes(ip, expires)
+            .iter()
+            .map(|&b| b as char)
+            .collect()
+    }
+
+    /// [`TokenKey::mint`] on the stack (the request path): the expiry as 16 lowercase hex
+    /// digits, then the truncated MAC's.
+    pub fn mint_bytes(&self, ip: IpAddr, expires: u64) -> [u8; TOKEN_LEN] {
+        let mut t = [0u8; TOKEN_LEN];
+        let (when, mac) = t.split_at_mut(16);
+        hex(&expires.to_be_bytes(), when);
+        hex(&self.mac(ip, expires).as_ref()[..MAC_BYTES], mac);
         t
     }
 
@@ -178,6 +186,15 @@ impl TokenKey {
     }
 }
 
+/// Writes `bytes` as lowercase hex digits into `out` (twice as long).
+fn hex(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 15)];
+    }
+}
+
 /// The expiry (Unix seconds) of a token minted at `now` (since the Unix epoch) for `ttl`
 /// seconds. The token holds whole seconds: the expiry is rounded up, so that a token never
 /// lives shorter than the TTL asked for (a TTL of 1 minted at x.999 s would else be over at
@@ -203,6 +220,18 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_token_is_the_expiry_and_mac_in_lowercase_hex() {
+        let k = TokenKey::from_bytes(&[7; 32]);
+        let expires = 0x0123_4567_89ab_cdef;
+        let mut want = format!("{expires:016x}");
+        for b in &k.mac(ip("10.0.0.1"), expires).as_ref()[..MAC_BYTES] {
+            want.push_str(&format!("{b:02x}"));
+        }
+        assert_eq!(k.mint(ip("10.0.0.1"), expires), want);
+        assert_eq!(&k.mint_bytes(ip("10.0.0.1"), expires)[..], want.as_bytes());
     }
 
     #[test]

@@ -20,6 +20,12 @@ const TOKEN_TTL: u64 = 21_600;
 const TOKEN_RENEW_BEFORE: Duration = Duration::from_secs(300);
 /// How long "this upstream has no tokens" is believed.
 const NO_TOKEN_RECHECK: Duration = Duration::from_secs(300);
+/// Capacity of a new exchange buffer (most IMDS answers fit; larger ones grow it).
+const BUF_SIZE: usize = 4096;
+/// Exchange buffers a worker keeps for reuse, and the largest it keeps (a rare big answer's
+/// buffer is freed, not held).
+const MAX_POOLED_BUFS: usize = 32;
+const MAX_POOLED_CAP: usize = 16 * 1024;
 
 /// Why an exchange failed; maps to 502 or 504.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +69,8 @@ pub struct Upstream {
     response_timeout: Duration,
     idle: RefCell<Vec<TcpStream>>,
     token: RefCell<TokenState>,
+    /// Request and response buffers of finished exchanges.
+    bufs: RefCell<Vec<Vec<u8>>>,
 }
 
 impl Upstream {
@@ -79,6 +87,24 @@ impl Upstream {
             response_timeout,
             idle: RefCell::new(Vec::new()),
             token: RefCell::new(TokenState::Unknown),
+            bufs: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// An empty buffer for a request or a response, reused when one is free.
+    pub fn buffer(&self) -> Vec<u8> {
+        self.bufs
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
+    }
+
+    /// Hands a buffer back for reuse (a response's, once relayed).
+    pub fn recycle(&self, mut buf: Vec<u8>) {
+        let mut bufs = self.bufs.borrow_mut();
+        if bufs.len() < MAX_POOLED_BUFS && (BUF_SIZE..=MAX_POOLED_CAP).contains(&buf.capacity()) {
+            buf.clear();
+            bufs.push(buf);
         }
     }
 
@@ -147,7 +173,7 @@ impl Upstream {
         let pooled = self.idle.borrow_mut().pop();
         let req = match pooled {
             Some(conn) => {
-                match monoio::time::timeout(self.response_timeout, round_trip(conn, req, head))
+                match monoio::time::timeout(self.response_timeout, self.round_trip(conn, req, head))
                     .await
                 {
                     Ok(Ok((resp, conn))) => return Ok(self.finish(resp, conn)),
@@ -167,7 +193,7 @@ impl Upstream {
                 Err(_) => return Err(UpstreamError::ConnectTimeout),
             };
         let _ = conn.set_nodelay(true);
-        match monoio::time::timeout(self.response_timeout, round_trip(conn, req, head)).await {
+        match monoio::time::timeout(self.response_timeout, self.round_trip(conn, req, head)).await {
             Ok(Ok((resp, conn))) => Ok(self.finish(resp, conn)),
             Ok(Err(RoundTrip::Stale(_))) => Err(UpstreamError::Protocol),
             Ok(Err(RoundTrip::Failed(e))) => Err(e),
@@ -184,75 +210,81 @@ impl Upstream {
         }
         resp
     }
+
+    /// Writes `req` and reads one response. Returns the connection when it may be reused.
+    /// The request's buffer is kept for a retry until the exchange ends, then reused.
+    async fn round_trip(
+        &self,
+        mut conn: TcpStream,
+        req: Vec<u8>,
+        head: bool,
+    ) -> Result<(UpstreamResponse, Option<TcpStream>), RoundTrip> {
+        let (res, req) = conn.write_all(req).await;
+        if res.is_err() {
+            return Err(RoundTrip::Stale(req));
+        }
+        let mut buf = self.buffer();
+        let answer = loop {
+            match settle(&mut buf, head) {
+                Frame::Interim { .. } => unreachable!("settle skips interim answers"),
+                Frame::Complete {
+                    head_len,
+                    total,
+                    status,
+                    reusable,
+                } => {
+                    buf.truncate(total);
+                    let resp = UpstreamResponse {
+                        raw: buf,
+                        head_len,
+                        status,
+                    };
+                    break Ok((resp, reusable.then_some(conn)));
+                }
+                Frame::Invalid => break Err(UpstreamError::Protocol),
+                Frame::Partial => {}
+            }
+            if buf.len() > MAX_RESPONSE {
+                break Err(UpstreamError::Protocol);
+            }
+            if buf.capacity() - buf.len() < 2048 {
+                buf.reserve(buf.capacity());
+            }
+            let len = buf.len();
+            let (res, slice) = conn.read(buf.slice_mut(len..)).await;
+            buf = slice.into_inner();
+            match res {
+                Ok(0) | Err(_) if buf.is_empty() => {
+                    self.recycle(buf);
+                    return Err(RoundTrip::Stale(req));
+                }
+                Ok(0) => {
+                    // Close-delimited body: what we have is the response.
+                    break match close_delimited(&buf) {
+                        Some((head_len, status)) => Ok((
+                            UpstreamResponse {
+                                raw: buf,
+                                head_len,
+                                status,
+                            },
+                            None,
+                        )),
+                        None => Err(UpstreamError::Protocol),
+                    };
+                }
+                Ok(_) => {}
+                Err(_) => break Err(UpstreamError::Protocol),
+            }
+        };
+        self.recycle(req);
+        answer.map_err(RoundTrip::Failed)
+    }
 }
 
 enum RoundTrip {
     /// The connection died before any response byte: the request can be retried.
     Stale(Vec<u8>),
     Failed(UpstreamError),
-}
-
-/// Writes `req` and reads one response. Returns the connection when it may be reused.
-async fn round_trip(
-    mut conn: TcpStream,
-    req: Vec<u8>,
-    head: bool,
-) -> Result<(UpstreamResponse, Option<TcpStream>), RoundTrip> {
-    let (res, req) = conn.write_all(req).await;
-    if res.is_err() {
-        return Err(RoundTrip::Stale(req));
-    }
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    loop {
-        match settle(&mut buf, head) {
-            Frame::Interim { .. } => unreachable!("settle skips interim answers"),
-            Frame::Complete {
-                head_len,
-                total,
-                status,
-                reusable,
-            } => {
-                buf.truncate(total);
-                let resp = UpstreamResponse {
-                    raw: buf,
-                    head_len,
-                    status,
-                };
-                return Ok((resp, reusable.then_some(conn)));
-            }
-            Frame::Invalid => return Err(RoundTrip::Failed(UpstreamError::Protocol)),
-            Frame::Partial => {}
-        }
-        if buf.len() > MAX_RESPONSE {
-            return Err(RoundTrip::Failed(UpstreamError::Protocol));
-        }
-        if buf.capacity() - buf.len() < 2048 {
-            buf.reserve(buf.capacity());
-        }
-        let len = buf.len();
-        let (res, slice) = conn.read(buf.slice_mut(len..)).await;
-        buf = slice.into_inner();
-        match res {
-            Ok(0) if buf.is_empty() => return Err(RoundTrip::Stale(req)),
-            Ok(0) => {
-                // Close-delimited body: what we have is the response.
-                return match close_delimited(&buf) {
-                    Some((head_len, status)) => Ok((
-                        UpstreamResponse {
-                            raw: buf,
-                            head_len,
-                            status,
-                        },
-                        None,
-                    )),
-                    None => Err(RoundTrip::Failed(UpstreamError::Protocol)),
-                };
-            }
-            Ok(_) => {}
-            Err(_) if buf.is_empty() => return Err(RoundTrip::Stale(req)),
-            Err(_) => return Err(RoundTrip::Failed(UpstreamError::Protocol)),
-        }
-    }
 }
 
 /// What the bytes read so far from the upstream hold.
