@@ -337,6 +337,48 @@ fn a_pod_gets_its_role_listing_and_credentials_and_nothing_else() {
 }
 
 #[test]
+fn with_ipv6_each_worker_serves_both_families() {
+    for driver in drivers() {
+        let r = rig(driver, &["--ipv6", "--workers=2"]);
+        let resp = get(&r, 11, "/latest/meta-data/iam/security-credentials/");
+        assert_eq!(
+            (resp.status, resp.body_str().as_str()),
+            (200, "app-role"),
+            "{driver}"
+        );
+        // The same port on [::1]: answered (admin paths answer any source; no pod has ::1).
+        let v6 =
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, r.iamlet.addr().port()));
+        let mut s = std::net::TcpStream::connect_timeout(&v6, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{driver}: [::1] refused: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        std::io::Write::write_all(
+            &mut s,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut raw).unwrap();
+        assert!(
+            raw.starts_with(b"HTTP/1.1 200 "),
+            "{driver}: {}",
+            String::from_utf8_lossy(&raw)
+        );
+        // One worker per --workers, each accepting on both families: no second set of
+        // runtimes for IPv6.
+        let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", r.iamlet.pid()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .filter(|n| n.starts_with("iamlet-worker"))
+            .collect();
+        let mut names = names;
+        names.sort();
+        assert_eq!(names, ["iamlet-worker-0", "iamlet-worker-1"], "{driver}");
+    }
+}
+
+#[test]
 fn keep_alive_and_pipelined_requests_are_answered_in_order() {
     for driver in drivers() {
         let r = rig(driver, &[]);
