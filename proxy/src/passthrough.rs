@@ -99,12 +99,9 @@ pub async fn forward(
                 w.upstream.recycle(resp.raw);
             }
             Ok(resp) => {
-                let relayed = relay(&resp, out, persist, head_only);
+                let status = relay(&resp, out, persist, head_only);
                 w.upstream.recycle(resp.raw);
-                return match relayed {
-                    Some(status) => status,
-                    None => fail(w, out, UpstreamError::Protocol, persist),
-                };
+                return status;
             }
             Err(e) => return fail(w, out, e, persist),
         }
@@ -147,31 +144,12 @@ fn fail(w: &Worker, out: &mut Vec<u8>, e: UpstreamError, persist: Persist) -> u1
     status.0
 }
 
-/// Writes the upstream's answer, reframed; `None` (nothing written) if its head does not
-/// parse, which the caller answers with a 502.
-fn relay(
-    resp: &UpstreamResponse,
-    out: &mut Vec<u8>,
-    persist: Persist,
-    head_only: bool,
-) -> Option<u16> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut parsed = httparse::Response::new(&mut headers);
-    if !matches!(parsed.parse(&resp.raw), Ok(httparse::Status::Complete(_))) {
-        return None;
-    }
-    let body = &resp.raw[resp.head_len..];
-    let declared = parsed
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .and_then(|h| {
-            std::str::from_utf8(h.value)
-                .ok()?
-                .trim()
-                .parse::<usize>()
-                .ok()
-        });
+/// Writes the upstream's answer, reframed from the head its framing parsed (no second
+/// parse); an answer that did not frame never gets here (502).
+fn relay(resp: &UpstreamResponse, out: &mut Vec<u8>, persist: Persist, head_only: bool) -> u16 {
+    let raw = &resp.raw;
+    let body = raw.get(resp.head_len..).unwrap_or_default();
+    let declared = resp.head.content_length;
     // A HEAD answer has no body; its Content-Length is the GET's, as the upstream said.
     let len = if head_only {
         declared.unwrap_or(0)
@@ -181,15 +159,15 @@ fn relay(
     out.extend_from_slice(b"HTTP/1.1 ");
     respond::push_decimal(out, usize::from(resp.status));
     out.push(b' ');
-    out.extend_from_slice(parsed.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(resp.head.reason.get(raw));
     out.extend_from_slice(b"\r\n");
-    for h in parsed.headers.iter() {
-        if is_hop_by_hop(h.name) {
+    for (name, value) in resp.head.headers(raw) {
+        if is_hop_by_hop(name) {
             continue;
         }
-        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"Content-Length: ");
@@ -204,7 +182,7 @@ fn relay(
     if !head_only {
         out.extend_from_slice(body);
     }
-    Some(resp.status)
+    resp.status
 }
 
 #[cfg(test)]
@@ -214,26 +192,29 @@ mod tests {
     #[test]
     fn relay_strips_hop_by_hop_and_reframes() {
         let raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\nKeep-Alive: x\r\nServer: EC2ws\r\nContent-Length: 5\r\n\r\nhello".to_vec();
-        let head_len = raw.len() - 5;
-        let resp = UpstreamResponse {
-            raw,
-            head_len,
-            status: 200,
-        };
+        let resp = UpstreamResponse::framed(raw, false).unwrap();
         let mut out = Vec::new();
-        assert_eq!(relay(&resp, &mut out, Persist::KeepAlive, false), Some(200));
+        assert_eq!(relay(&resp, &mut out, Persist::KeepAlive, false), 200);
         assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nServer: EC2ws\r\nContent-Length: 5\r\n\r\nhello");
     }
 
     #[test]
-    fn an_unparsable_head_writes_nothing_so_the_caller_answers_502() {
-        let resp = UpstreamResponse {
-            raw: b"garbage\r\n\r\n".to_vec(),
-            head_len: 11,
-            status: 0,
-        };
+    fn an_unparsable_head_is_a_protocol_error_so_the_caller_answers_502() {
+        assert!(matches!(
+            UpstreamResponse::framed(b"garbage\r\n\r\n".to_vec(), false),
+            Err(UpstreamError::Protocol)
+        ));
+    }
+
+    #[test]
+    fn a_head_answer_relays_the_declared_length_without_a_body() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nX-A: b\r\n\r\n".to_vec();
+        let resp = UpstreamResponse::framed(raw, true).unwrap();
         let mut out = Vec::new();
-        assert_eq!(relay(&resp, &mut out, Persist::KeepAlive, false), None);
-        assert!(out.is_empty());
+        assert_eq!(relay(&resp, &mut out, Persist::Close, true), 200);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nX-A: b\r\nContent-Length: 7\r\nConnection: close\r\n\r\n"
+        );
     }
 }

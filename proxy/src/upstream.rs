@@ -53,6 +53,105 @@ pub struct UpstreamResponse {
     pub raw: Vec<u8>,
     pub head_len: usize,
     pub status: u16,
+    /// The head as framing parsed it, so relaying it needs no second parse.
+    pub head: Head,
+}
+
+/// Header slots for an upstream answer (IMDS sends about eight).
+pub const MAX_UPSTREAM_HEADERS: usize = 64;
+
+/// Where one piece of an answer's head lies in its raw bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Span {
+    start: u32,
+    len: u32,
+}
+
+impl Span {
+    /// `part`, a slice of `raw` (as httparse hands them out).
+    fn within(part: &[u8], raw: &[u8]) -> Span {
+        let start = (part.as_ptr() as usize).saturating_sub(raw.as_ptr() as usize);
+        Span {
+            start: u32::try_from(start).unwrap_or(u32::MAX),
+            len: u32::try_from(part.len()).unwrap_or(0),
+        }
+    }
+
+    pub fn get(self, raw: &[u8]) -> &[u8] {
+        let start = self.start as usize;
+        raw.get(start..start + self.len as usize)
+            .unwrap_or_default()
+    }
+}
+
+/// An answer's parsed head as positions in its raw bytes: the reason phrase, each header's
+/// name and value, and the Content-Length it declared (a HEAD answer's is the GET's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub reason: Span,
+    headers: [(Span, Span); MAX_UPSTREAM_HEADERS],
+    count: usize,
+    pub content_length: Option<usize>,
+}
+
+impl Head {
+    fn of(resp: &httparse::Response<'_, '_>, raw: &[u8]) -> Head {
+        let mut head = Head {
+            reason: Span::within(resp.reason.unwrap_or("").as_bytes(), raw),
+            headers: [(Span::default(), Span::default()); MAX_UPSTREAM_HEADERS],
+            count: 0,
+            content_length: None,
+        };
+        for h in resp.headers.iter() {
+            if head.content_length.is_none() && h.name.eq_ignore_ascii_case("content-length") {
+                head.content_length = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok());
+            }
+            if head.count < MAX_UPSTREAM_HEADERS {
+                head.headers[head.count] = (
+                    Span::within(h.name.as_bytes(), raw),
+                    Span::within(h.value, raw),
+                );
+                head.count += 1;
+            }
+        }
+        head
+    }
+
+    /// Each header's name (a token, so text) and value, in order.
+    pub fn headers<'r>(&self, raw: &'r [u8]) -> impl Iterator<Item = (&'r str, &'r [u8])> {
+        self.headers[..self.count]
+            .iter()
+            .map(move |(n, v)| (std::str::from_utf8(n.get(raw)).unwrap_or(""), v.get(raw)))
+    }
+}
+
+impl UpstreamResponse {
+    /// A whole answer already read (`head`: to a HEAD request), framed as the exchange
+    /// frames one: anything that does not frame is a protocol error (answered 502).
+    pub fn framed(mut raw: Vec<u8>, head: bool) -> Result<UpstreamResponse, UpstreamError> {
+        match settle_head(&mut raw, head) {
+            (
+                Frame::Complete {
+                    head_len,
+                    total,
+                    status,
+                    ..
+                },
+                Some(parsed),
+            ) => {
+                raw.truncate(total);
+                Ok(UpstreamResponse {
+                    raw,
+                    head_len,
+                    status,
+                    head: parsed,
+                })
+            }
+            _ => Err(UpstreamError::Protocol),
+        }
+    }
 }
 
 enum TokenState {
@@ -225,24 +324,30 @@ impl Upstream {
         }
         let mut buf = self.buffer();
         let answer = loop {
-            match settle(&mut buf, head) {
-                Frame::Interim { .. } => unreachable!("settle skips interim answers"),
-                Frame::Complete {
-                    head_len,
-                    total,
-                    status,
-                    reusable,
-                } => {
+            match settle_head(&mut buf, head) {
+                (Frame::Interim { .. }, _) => unreachable!("settle skips interim answers"),
+                (
+                    Frame::Complete {
+                        head_len,
+                        total,
+                        status,
+                        reusable,
+                    },
+                    Some(parsed),
+                ) => {
                     buf.truncate(total);
                     let resp = UpstreamResponse {
                         raw: buf,
                         head_len,
                         status,
+                        head: parsed,
                     };
                     break Ok((resp, reusable.then_some(conn)));
                 }
-                Frame::Invalid => break Err(UpstreamError::Protocol),
-                Frame::Partial => {}
+                (Frame::Complete { .. }, None) | (Frame::Invalid, _) => {
+                    break Err(UpstreamError::Protocol);
+                }
+                (Frame::Partial, _) => {}
             }
             if buf.len() > MAX_RESPONSE {
                 break Err(UpstreamError::Protocol);
@@ -261,11 +366,12 @@ impl Upstream {
                 Ok(0) => {
                     // Close-delimited body: what we have is the response.
                     break match close_delimited(&buf) {
-                        Some((head_len, status)) => Ok((
+                        Some((head_len, status, parsed)) => Ok((
                             UpstreamResponse {
                                 raw: buf,
                                 head_len,
                                 status,
+                                head: parsed,
                             },
                             None,
                         )),
@@ -311,25 +417,34 @@ pub enum Frame {
 /// answer, whichever pod sends it). Never returns `Interim`. Pure: the exchange and the fuzz
 /// target use it.
 pub fn settle(buf: &mut Vec<u8>, head: bool) -> Frame {
+    settle_head(buf, head).0
+}
+
+/// As [`settle`], with the parsed head of a complete answer.
+fn settle_head(buf: &mut Vec<u8>, head: bool) -> (Frame, Option<Head>) {
     loop {
-        match frame(buf, head) {
-            Frame::Interim { len } => {
+        match frame_head(buf, head) {
+            (Frame::Interim { len }, _) => {
                 buf.drain(..len);
             }
-            Frame::Complete {
-                head_len,
-                total,
-                status,
-                reusable,
-            } => {
+            (
+                Frame::Complete {
+                    head_len,
+                    total,
+                    status,
+                    reusable,
+                },
+                parsed,
+            ) => {
                 // Never after a HEAD either: a server that sends a body anyway would have
                 // it read as the next answer.
-                return Frame::Complete {
+                let complete = Frame::Complete {
                     head_len,
                     total,
                     status,
                     reusable: reusable && buf.len() == total && !head,
                 };
+                return (complete, parsed);
             }
             other => return other,
         }
@@ -338,30 +453,36 @@ pub fn settle(buf: &mut Vec<u8>, head: bool) -> Frame {
 
 /// Frames one upstream answer at the start of `buf` (`head`: to a HEAD request).
 pub fn frame(buf: &[u8], head: bool) -> Frame {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+    frame_head(buf, head).0
+}
+
+/// As [`frame`], with the parsed head of a complete answer.
+fn frame_head(buf: &[u8], head: bool) -> (Frame, Option<Head>) {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_UPSTREAM_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Frame::Partial,
-        Err(_) => return Frame::Invalid,
+        Ok(httparse::Status::Partial) => return (Frame::Partial, None),
+        Err(_) => return (Frame::Invalid, None),
     };
     let status = resp.code.unwrap_or(0);
     if !(100..=599).contains(&status) {
-        return Frame::Invalid;
+        return (Frame::Invalid, None);
     }
     if (100..200).contains(&status) {
         // 101 would switch protocols: never expected from IMDS.
-        return if status == 101 {
+        let f = if status == 101 {
             Frame::Invalid
         } else {
             Frame::Interim { len: head_len }
         };
+        return (f, None);
     }
     let mut len = None;
     let mut close = resp.version == Some(0);
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Frame::Invalid;
+            return (Frame::Invalid, None);
         }
         if h.name.eq_ignore_ascii_case("content-length") {
             let v = std::str::from_utf8(h.value)
@@ -370,9 +491,9 @@ pub fn frame(buf: &[u8], head: bool) -> Frame {
                 .filter(|v| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|v| v.parse::<usize>().ok());
             match (v, len) {
-                (None, _) => return Frame::Invalid,
+                (None, _) => return (Frame::Invalid, None),
                 // Two different lengths: which one frames the answer is ambiguous.
-                (Some(n), Some(m)) if n != m => return Frame::Invalid,
+                (Some(n), Some(m)) if n != m => return (Frame::Invalid, None),
                 (Some(n), _) => len = Some(n),
             }
         }
@@ -384,27 +505,30 @@ pub fn frame(buf: &[u8], head: bool) -> Frame {
         (_, _) if head => 0,
         (_, 204 | 304) => 0,
         (Some(n), _) => n,
-        (None, _) => return Frame::Partial, // close-delimited: read to EOF
+        (None, _) => return (Frame::Partial, None), // close-delimited: read to EOF
     };
     if len > MAX_RESPONSE {
-        return Frame::Invalid;
+        return (Frame::Invalid, None);
     }
     if buf.len() < head_len + len {
-        return Frame::Partial;
+        return (Frame::Partial, None);
     }
-    Frame::Complete {
+    let complete = Frame::Complete {
         head_len,
         total: head_len + len,
         status,
         reusable: !close,
-    }
+    };
+    (complete, Some(Head::of(&resp, buf)))
 }
 
-fn close_delimited(buf: &[u8]) -> Option<(usize, u16)> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+fn close_delimited(buf: &[u8]) -> Option<(usize, u16, Head)> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_UPSTREAM_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => Some((n, resp.code.unwrap_or(0))),
+        Ok(httparse::Status::Complete(n)) => {
+            Some((n, resp.code.unwrap_or(0), Head::of(&resp, buf)))
+        }
         _ => None,
     }
 }
