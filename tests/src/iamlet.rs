@@ -208,7 +208,7 @@ impl Iamlet {
     }
 
     /// The port from the `listening` line, or why there is none (with the full log).
-    fn wait_listening(&mut self) -> Result<u16, String> {
+    fn wait_listening(&mut self) -> anyhow::Result<u16> {
         let deadline = Instant::now() + STARTUP;
         loop {
             let lines = self.log.snapshot();
@@ -220,17 +220,17 @@ impl Iamlet {
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(200)); // let the readers drain
-                return Err(format!(
+                anyhow::bail!(
                     "iamlet exited before listening ({status}); log:\n{}",
                     self.log()
-                ));
+                );
             }
             if Instant::now() >= deadline {
                 self.kill_9();
-                return Err(format!(
+                anyhow::bail!(
                     "iamlet did not log `listening addr=` within {STARTUP:?}; log:\n{}",
                     self.log()
-                ));
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

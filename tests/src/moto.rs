@@ -56,13 +56,13 @@ impl Moto {
             let mut moto = Moto { child, addr, dir };
             match moto.wait_ready() {
                 Ok(()) => return moto,
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
         }
         panic!("{last}");
     }
 
-    fn wait_ready(&mut self) -> Result<(), String> {
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
         let answered = crate::wait::poll(STARTUP, || match self.child.try_wait() {
             Ok(Some(status)) => Some(Err(format!("moto_server exited early ({status})"))),
             // Ours, not a stranger that got the port first: still running once it answers.
@@ -74,12 +74,12 @@ impl Moto {
         });
         match answered {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(why)) => Err(format!("{why}; log:\n{}", self.log())),
-            Err(waited) => Err(format!(
+            Ok(Err(why)) => anyhow::bail!("{why}; log:\n{}", self.log()),
+            Err(waited) => anyhow::bail!(
                 "moto_server did not answer on {} within {waited:?}; log:\n{}",
                 self.addr,
                 self.log()
-            )),
+            ),
         }
     }
 

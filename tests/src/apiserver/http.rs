@@ -212,8 +212,8 @@ fn route(req: &ApiRequest, shared: &Arc<Shared>, out: &mut TcpStream) -> io::Res
             ns,
         ) {
             Ok(s) => s,
-            Err(msg) => {
-                respond(out, 400, &status_json(400, "BadRequest", &msg))?;
+            Err(e) => {
+                respond(out, 400, &status_json(400, "BadRequest", &e.to_string()))?;
                 return Ok(true);
             }
         };

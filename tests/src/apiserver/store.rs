@@ -239,6 +239,26 @@ pub struct Selector {
     labels: Vec<(String, Op, String)>,
 }
 
+/// A selector the real API server would refuse (400), worded as it words them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SelectorError {
+    Invalid(String),
+    FieldNotSupported(String),
+    Requirement(String),
+}
+
+impl std::fmt::Display for SelectorError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SelectorError::Invalid(term) => {
+                write!(f, "invalid selector: '{term}'; can't understand '{term}'")
+            }
+            SelectorError::FieldNotSupported(k) => write!(f, "field label not supported: {k}"),
+            SelectorError::Requirement(term) => write!(f, "unable to parse requirement: {term}"),
+        }
+    }
+}
+
 impl Selector {
     /// Parses the selectors; an unsupported field label is an error, as on the real server.
     pub(crate) fn parse(
@@ -246,7 +266,7 @@ impl Selector {
         field: Option<&str>,
         label: Option<&str>,
         namespace: Option<&str>,
-    ) -> Result<Selector, String> {
+    ) -> Result<Selector, SelectorError> {
         let mut sel = Selector::default();
         for term in field.unwrap_or("").split(',').filter(|t| !t.is_empty()) {
             let (k, op, v) = if let Some((k, v)) = term.split_once("!=") {
@@ -256,13 +276,11 @@ impl Selector {
             } else if let Some((k, v)) = term.split_once('=') {
                 (k, Op::Eq, v)
             } else {
-                return Err(format!(
-                    "invalid selector: '{term}'; can't understand '{term}'"
-                ));
+                return Err(SelectorError::Invalid(term.to_owned()));
             };
             let k = k.trim();
             if !kind.fields().contains(&k) {
-                return Err(format!("field label not supported: {k}"));
+                return Err(SelectorError::FieldNotSupported(k.to_owned()));
             }
             sel.fields.push((k.to_owned(), op, v.trim().to_owned()));
         }
@@ -281,7 +299,7 @@ impl Selector {
             } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
                 (k.to_owned(), Op::Eq, v.to_owned())
             } else if term.contains(' ') || term.contains('(') {
-                return Err(format!("unable to parse requirement: {term}"));
+                return Err(SelectorError::Requirement(term.to_owned()));
             } else if let Some(k) = term.strip_prefix('!') {
                 (k.to_owned(), Op::NotExists, String::new())
             } else {
@@ -392,6 +410,7 @@ mod tests {
         assert!(
             Selector::parse(Kind::Pod, Some("spec.bogus=x"), None, None)
                 .unwrap_err()
+                .to_string()
                 .contains("field label not supported: spec.bogus")
         );
         assert!(Selector::parse(Kind::Namespace, Some("spec.nodeName=x"), None, None).is_err());
