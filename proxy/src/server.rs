@@ -195,25 +195,19 @@ pub fn spawn_all(
     Ok(threads)
 }
 
-/// Pairs the n-th listener of each family, so that worker n accepts on both.
+/// Pairs the n-th listener of each family, so that worker n accepts on both (`open` binds
+/// as many IPv6 listeners as IPv4 ones).
 pub fn per_worker(
     v4: Vec<std::net::TcpListener>,
     v6: Option<Vec<std::net::TcpListener>>,
 ) -> Vec<Vec<std::net::TcpListener>> {
     let mut v6 = v6.unwrap_or_default().into_iter();
-    let mut out: Vec<Vec<_>> = v4.into_iter().map(|l| vec![l]).collect();
-    for w in out.iter_mut() {
-        w.extend(v6.next());
-    }
-    // More IPv6 listeners than IPv4 ones (not bound so by iamlet): every one is served.
-    for (i, l) in v6.enumerate() {
-        let n = out.len().max(1);
-        if out.is_empty() {
-            out.push(Vec::new());
-        }
-        out[i % n].push(l);
-    }
-    out
+    let paired = v4
+        .into_iter()
+        .map(|l| std::iter::once(l).chain(v6.next()).collect())
+        .collect();
+    debug_assert!(v6.next().is_none(), "an IPv6 listener without a worker");
+    paired
 }
 
 /// An io_uring setup: its name (logged) and the flags it sets on the builder.
