@@ -3,8 +3,6 @@
 
 use crate::duration::parse_go_duration;
 use clap::{ArgAction, Args as ClapArgs, Parser, Subcommand, ValueEnum};
-use iamlet_node::MetadataAddr;
-use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 use thiserror::Error;
@@ -14,12 +12,6 @@ use thiserror::Error;
 pub enum FlagError {
     #[error("invalid boolean {0:?}: use true or false")]
     Bool(String),
-    #[error("not an IP address; pass the node's IP, e.g. --host-ip=$(HOST_IP) from status.hostIP")]
-    HostIp,
-    #[error(
-        "not an IPv6 address; pass the node's IPv6 address (status.hostIPs) or omit it to REDIRECT to --app-port"
-    )]
-    HostIpv6,
 }
 
 /// Go/pflag boolean syntax: bare `--flag`, or `--flag=true|false|1|0|t|f`.
@@ -29,14 +21,6 @@ pub fn parse_go_bool(s: &str) -> Result<bool, FlagError> {
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
         _ => Err(FlagError::Bool(s.to_owned())),
     }
-}
-
-fn parse_host_ip(s: &str) -> Result<IpAddr, FlagError> {
-    s.trim().parse().map_err(|_| FlagError::HostIp)
-}
-
-fn parse_host_ipv6(s: &str) -> Result<Ipv6Addr, FlagError> {
-    s.trim().parse().map_err(|_| FlagError::HostIpv6)
 }
 
 macro_rules! go_bool {
@@ -191,7 +175,7 @@ pub struct NodeArgs {
         default_value = "169.254.169.254",
         value_name = "HOST[:PORT]"
     )]
-    pub metadata_addr: MetadataAddr,
+    pub metadata_addr: String,
     /// Add iptables rule (also requires --host-ip)
     #[arg(long, env = "IAMLET_IPTABLES", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub iptables: bool,
@@ -208,8 +192,8 @@ pub struct NodeArgs {
     )]
     pub host_interface: Vec<String>,
     /// IP address of host
-    #[arg(long, env = "IAMLET_HOST_IP", value_name = "IP", value_parser = parse_host_ip)]
-    pub host_ip: Option<IpAddr>,
+    #[arg(long, env = "IAMLET_HOST_IP", value_name = "IP")]
+    pub host_ip: Option<String>,
     /// How often the iptables rule is checked and restored if removed or moved
     #[arg(long, env = "IAMLET_IPTABLES_VERIFY_INTERVAL", default_value = "10s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub iptables_verify_interval: Duration,
@@ -228,8 +212,8 @@ pub struct NodeArgs {
     #[arg(long, env = "IAMLET_IPV6", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub ipv6: bool,
     /// IPv6 address of host for the ip6tables DNAT (default: REDIRECT to --app-port on the arriving interface)
-    #[arg(long, env = "IAMLET_HOST_IPV6", value_name = "IP", value_parser = parse_host_ipv6)]
-    pub host_ipv6: Option<Ipv6Addr>,
+    #[arg(long, env = "IAMLET_HOST_IPV6", value_name = "IP")]
+    pub host_ipv6: Option<String>,
 }
 
 /// Which iptables implementation `--iptables` drives.
@@ -504,7 +488,7 @@ pub(crate) mod tests {
     fn defaults_match_kube2iam() {
         let a = parse(&[]).unwrap();
         assert_eq!(a.node.app_port, 8181);
-        assert_eq!(a.node.metadata_addr.hostport(), "169.254.169.254:80");
+        assert_eq!(a.node.metadata_addr, "169.254.169.254");
         assert_eq!(a.node.host_interface, ["docker0"]);
         assert!(!a.node.iptables);
         assert_eq!(a.iam.iam_role_key, "iam.amazonaws.com/role");
@@ -536,7 +520,7 @@ pub(crate) mod tests {
         let a = parse(&SEED_ARGS).unwrap();
         assert!(a.iam.auto_discover_base_arn && a.node.iptables && a.iam.use_regional_sts_endpoint);
         assert!(a.iam.auto_discover_default_role);
-        assert_eq!(a.node.host_ip, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(a.node.host_ip.as_deref(), Some("10.0.0.1"));
         assert_eq!(a.node.host_interface, ["weave"]);
     }
 

@@ -5,12 +5,12 @@
 
 use crate::args::{Args, IoDriver, MetadataPolicy, RestrictionFormat, SessionName};
 use crate::worker::Limits;
-use iamlet_node::RedirectConfig;
 use iamlet_node::iface::{self, IfaceError};
+use iamlet_node::{MetadataAddr, RedirectConfig};
 use iamlet_resolver::roles::is_valid_base_arn;
 use iamlet_resolver::source::kube::KubeOptions;
 use iamlet_resolver::{AnnotationKeys, CredPolicy, PodSource, RoleRules, SessionMode};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use thiserror::Error;
 
 /// Exit code for bad usage.
@@ -32,6 +32,16 @@ pub enum ConfigError {
         "--default-role and --auto-discover-default-role cannot be used together; drop one of them."
     )]
     DiscoverWithDefaultRole,
+    #[error(
+        "--host-ip {0:?} is not an IP address; pass the node's IP, e.g. --host-ip=$(HOST_IP) from status.hostIP."
+    )]
+    HostIp(String),
+    #[error(
+        "--host-ipv6 {0:?} is not an IPv6 address; pass the node's IPv6 address (status.hostIPs) or omit it to REDIRECT to --app-port."
+    )]
+    HostIpv6(String),
+    #[error(transparent)]
+    MetadataAddr(#[from] iamlet_node::imds::MetadataAddrError),
     #[error(
         "--iptables needs --host-ip to know where to redirect metadata traffic; add --host-ip=$(HOST_IP) (status.hostIP from the Downward API)."
     )]
@@ -124,6 +134,10 @@ pub struct Config {
     /// A separate admin listener: `--metrics-port` differs from `--app-port`, or is 0 (any
     /// free port) given explicitly.
     pub separate_admin: bool,
+    /// `--metadata-addr`, parsed (resolved at start-up, not here).
+    pub metadata: MetadataAddr,
+    /// `--host-ip`, parsed; None when unset or empty.
+    pub host_ip: Option<IpAddr>,
     /// The redirect `--iptables` installs; None without it.
     pub redirect: Option<RedirectConfig>,
     /// `--allow-metadata-path`, compiled.
@@ -150,7 +164,8 @@ impl Config {
         {
             return Err(ConfigError::DiscoverWithDefaultRole);
         }
-        let redirect = redirect(&args)?;
+        let (host_ip, redirect) = node_flags(&args)?;
+        let metadata = MetadataAddr::parse(&a.node.metadata_addr)?;
         let workers = match a.proxy.workers {
             Some(0) => return Err(ConfigError::NoWorkers),
             Some(n) if n > 1024 => return Err(ConfigError::TooManyWorkers),
@@ -199,6 +214,8 @@ impl Config {
             workers,
             metrics_port,
             separate_admin: metrics_port != a.node.app_port || a.node.metrics_port == Some(0),
+            metadata,
+            host_ip,
             redirect,
             allow_paths,
             limits,
@@ -252,7 +269,7 @@ impl Config {
                 rate_limit: a.sts.sts_rate_limit,
                 max_in_flight: a.sts.sts_max_in_flight as usize,
             },
-            metadata_addr: a.node.metadata_addr.hostport().to_owned(),
+            metadata_addr: self.metadata.hostport().to_owned(),
             sts_timeout: a.sts.sts_timeout,
             sessions: match (a.sts.session_name, a.sts.session_tags) {
                 (SessionName::Node, false) => SessionMode::Node,
@@ -286,7 +303,7 @@ impl Config {
             rules: rt.rules,
             upstream: crate::worker::UpstreamConfig {
                 addr: rt.upstream,
-                host: a.node.metadata_addr.hostport().to_owned(),
+                host: self.metadata.hostport().to_owned(),
                 connect_timeout: p.upstream_connect_timeout,
                 response_timeout: p.upstream_timeout,
             },
@@ -331,7 +348,7 @@ impl Config {
 /// `--auto-discover-*` could not learn the node's role, or the role flags do not make rules.
 #[derive(Debug, Error)]
 pub enum RolesError {
-    #[error("--auto-discover-base-arn / --auto-discover-default-role: {0}")]
+    #[error(transparent)]
     Discovery(#[from] iamlet_node::imds::ImdsError),
     #[error(transparent)]
     Rules(#[from] iamlet_resolver::roles::RoleConfigError),
@@ -372,37 +389,56 @@ pub fn kube_options(k: &crate::args::KubeArgs) -> KubeOptions {
     }
 }
 
-/// The node flags: `--host-interface` syntax always; with `--iptables`, the redirect.
-fn redirect(a: &Args) -> Result<Option<RedirectConfig>, ConfigError> {
+/// The node flags, checked in kube2iam's order: `--host-ip`, then the interfaces, the
+/// intervals and the IPv6 address; with `--iptables`, the redirect. An empty address is unset.
+fn node_flags(a: &Args) -> Result<(Option<IpAddr>, Option<RedirectConfig>), ConfigError> {
     let n = &a.node;
+    let host_ip = match n.host_ip.as_deref().filter(|h| !h.is_empty()) {
+        Some(h) => Some(
+            h.parse::<IpAddr>()
+                .map_err(|_| ConfigError::HostIp(h.to_owned()))?,
+        ),
+        None => None,
+    };
+    if n.iptables && host_ip.is_none() {
+        return Err(ConfigError::IptablesNeedsHostIp);
+    }
     iface::validate_values(&n.host_interface)?;
     if n.iptables_verify_interval.is_zero() {
         return Err(ConfigError::VerifyInterval);
     }
-    if n.host_ipv6.is_some() && !n.ipv6 {
-        return Err(ConfigError::HostIpv6WithoutIpv6);
-    }
-    if !n.iptables {
-        return Ok(None);
-    }
-    let host_ip = match n.host_ip {
-        None => return Err(ConfigError::IptablesNeedsHostIp),
-        Some(IpAddr::V6(_)) => return Err(ConfigError::HostIpNotV4),
-        Some(IpAddr::V4(ip)) => ip,
-    };
-    if n.app_port == 0 {
+    if n.iptables && n.app_port == 0 {
         return Err(ConfigError::RandomPortWithIptables);
     }
-    Ok(Some(RedirectConfig {
-        app_port: n.app_port,
-        host_ip,
-        host_ipv6: n.host_ipv6,
-        interfaces: n.host_interface.clone(),
-        backend: n.iptables_backend.into(),
-        ipv6: n.ipv6,
-        remove_on_exit: n.iptables_remove_on_exit,
-        verify_interval: n.iptables_verify_interval,
-    }))
+    if n.iptables && host_ip.is_some_and(|ip| ip.is_ipv6()) {
+        return Err(ConfigError::HostIpNotV4);
+    }
+    let host_ipv6 = match n.host_ipv6.as_deref().filter(|h| !h.is_empty()) {
+        Some(h) => {
+            let ip = h
+                .parse::<Ipv6Addr>()
+                .map_err(|_| ConfigError::HostIpv6(h.to_owned()))?;
+            if !n.ipv6 {
+                return Err(ConfigError::HostIpv6WithoutIpv6);
+            }
+            Some(ip)
+        }
+        None => None,
+    };
+    let redirect = match host_ip {
+        Some(IpAddr::V4(v4)) if n.iptables => Some(RedirectConfig {
+            app_port: n.app_port,
+            host_ip: v4,
+            host_ipv6,
+            interfaces: n.host_interface.clone(),
+            backend: n.iptables_backend.into(),
+            ipv6: n.ipv6,
+            remove_on_exit: n.iptables_remove_on_exit,
+            verify_interval: n.iptables_verify_interval,
+        }),
+        _ => None,
+    };
+    Ok((host_ip, redirect))
 }
 
 /// Compiles `--allow-metadata-path` patterns.
@@ -464,7 +500,7 @@ mod tests {
     fn seed_daemonset_args_pass_check_config() {
         let c = check(&crate::args::tests::SEED_ARGS).unwrap();
         assert_eq!(c.metrics_port, 8181);
-        assert_eq!(c.args.node.metadata_addr.hostport(), "169.254.169.254:80");
+        assert_eq!(c.metadata.hostport(), "169.254.169.254:80");
     }
 
     #[test]
@@ -514,7 +550,7 @@ mod tests {
             ),
             (
                 &["--host-ipv6=10.0.0.1", "--ipv6"],
-                "'10.0.0.1' for '--host-ipv6",
+                "--host-ipv6 \"10.0.0.1\"",
             ),
             (&["--host-ipv6=fd00::1"], "only used with --ipv6"),
             (
@@ -527,6 +563,9 @@ mod tests {
             assert!(e.contains(want), "{args:?}: {e}");
             assert!(e.ends_with('.') && !e.contains('\n'), "{e}");
         }
+        // Empty addresses are unset, as in kube2iam (`--host-ip=$(HOST_IP)` with it empty).
+        let c = check(&["--host-ip=", "--host-ipv6="]).unwrap();
+        assert_eq!((c.host_ip, c.redirect), (None, None));
         let c = check(&["--iptables", "--host-interface=auto", "--host-ip=10.0.0.1"]).unwrap();
         assert_eq!(
             c.redirect.map(|r| (r.host_ip, r.interfaces)),

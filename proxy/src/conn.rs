@@ -148,7 +148,6 @@ pub async fn serve(
     let tracked = w.track(stream.as_raw_fd());
     let limits = &w.shared.limits;
     let rcap = limits.max_head + limits.max_body;
-    // The buffers go back to the worker's pool however the connection ends.
     let (rbuf, out) = w.take_bufs(rcap);
     let mut b = Bufs {
         w: &w,
@@ -285,8 +284,10 @@ pub async fn serve(
     }
 }
 
-/// A connection's buffers, handed back to the worker's pool when the connection ends: by
-/// return, or by its task being dropped (a worker stopping past `--shutdown-grace`).
+/// A connection's buffers, handed back to the worker's pool however `serve` ends, so no
+/// exit path can forget them. A buffer an operation holds when the task is dropped (a worker
+/// stopping past `--shutdown-grace`) goes with the operation: the slot it leaves is empty,
+/// and an empty buffer is not pooled.
 struct Bufs<'w> {
     w: &'w Worker,
     rcap: usize,
@@ -300,7 +301,9 @@ impl Drop for Bufs<'_> {
             std::mem::take(&mut self.rbuf),
             std::mem::take(&mut self.out),
         );
-        self.w.give_bufs(r, o, self.rcap, OUT_KEEP);
+        if o.capacity() > 0 {
+            self.w.give_bufs(r, o, self.rcap, OUT_KEEP);
+        }
     }
 }
 

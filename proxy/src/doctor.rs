@@ -6,7 +6,7 @@
 use crate::args::{Args, DoctorArgs};
 use crate::config::Config;
 use iamlet_node::doctor::{self, Check, Level};
-use iamlet_node::{METADATA_V4, cleanup};
+use iamlet_node::{METADATA_V4, MetadataAddr, cleanup};
 use std::net::IpAddr;
 
 /// Runs every check, printing each line as it completes; returns the exit code.
@@ -39,7 +39,7 @@ pub fn run(args: &Args, d: &DoctorArgs) -> i32 {
         iptables: node.iptables,
         backend: node.iptables_backend.into(),
         kube2iam_addrs: match &config {
-            Some(_) => cleanup::kube2iam_addrs(node.metadata_addr.hostport()),
+            Some(c) => cleanup::kube2iam_addrs(c.metadata.hostport()),
             None => vec![IpAddr::V4(METADATA_V4)],
         },
         redirect: config.as_ref().and_then(|c| c.redirect.clone()),
@@ -47,8 +47,14 @@ pub fn run(args: &Args, d: &DoctorArgs) -> i32 {
     doctor::iptables::check(&iptables, ifaces.as_deref(), &mut emit);
     let metrics_port = config.as_ref().map_or(node.app_port, |c| c.metrics_port);
     doctor::ports::check(node.app_port, metrics_port, node.iptables, &mut emit);
-    let (imds, region) = doctor::imds::check(&node.metadata_addr);
-    emit(imds);
+    // An invalid --metadata-addr is already the flags line's FAIL; STS says so again.
+    let metadata = MetadataAddr::parse(&node.metadata_addr).ok();
+    let mut region = None;
+    if let Some(m) = &metadata {
+        let (imds, from_imds) = doctor::imds::check(m);
+        emit(imds);
+        region = from_imds;
+    }
     emit(doctor::imds::check_region(
         |k| std::env::var(k).ok(),
         region.as_deref(),
@@ -61,7 +67,7 @@ pub fn run(args: &Args, d: &DoctorArgs) -> i32 {
         base_role_arn: args.iam.base_role_arn.clone(),
         discover_base_arn: args.iam.auto_discover_base_arn || args.iam.auto_discover_default_role,
     };
-    emit(doctor::sts::check(&sts, Some(&node.metadata_addr)));
+    emit(doctor::sts::check(&sts, metadata.as_ref()));
     emit(doctor::kubernetes::check(
         args.kube.pods_from.as_deref(),
         &crate::config::kube_options(&args.kube),

@@ -27,7 +27,7 @@ pub enum DownstreamError {
     BodyTooLarge,
     #[error("the path does not canonicalise")]
     InvalidPath,
-    #[error("a method other than GET or HEAD while IMDSv2 is disabled")]
+    #[error("a method other than GET or HEAD on a metadata path")]
     Method,
     #[error("a token request that went through a proxy (X-Forwarded-For)")]
     TokenForwarded,
@@ -40,7 +40,7 @@ pub enum DownstreamError {
 }
 
 impl DownstreamError {
-    /// Every variant, for metrics that start at zero.
+    /// Every variant (the bounded label set).
     pub const ALL: [DownstreamError; 15] = [
         Self::UriTooLong,
         Self::HeadTooLarge,
@@ -72,7 +72,8 @@ impl DownstreamError {
             | Self::InvalidPath
             | Self::TokenTtl => respond::BAD_REQUEST,
             Self::BodyTooLarge => respond::PAYLOAD_TOO_LARGE,
-            Self::Method | Self::TokenForwarded => respond::FORBIDDEN,
+            Self::Method => respond::METHOD_NOT_ALLOWED,
+            Self::TokenForwarded => respond::FORBIDDEN,
             Self::HeaderTimeout | Self::WriteStalled => return None,
         })
     }
@@ -118,5 +119,9 @@ mod tests {
             }
         }
         assert_eq!(DownstreamError::HeaderTimeout.status(), None);
+        assert_eq!(
+            DownstreamError::Method.status(),
+            Some(respond::METHOD_NOT_ALLOWED)
+        );
     }
 }

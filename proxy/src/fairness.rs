@@ -12,7 +12,6 @@
 //! Counters move at connect and close, not per request.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Counters per row (a power of two).
@@ -34,13 +33,16 @@ impl std::fmt::Debug for SourceLimiter {
 }
 
 impl SourceLimiter {
-    pub fn new(cap: u32) -> Arc<Self> {
+    /// The process's limiter. It lives as long as the process, so a permit refers to it
+    /// without a reference count: cloning an `Arc` per connection would write one shared
+    /// cache line from every worker on every accept and close.
+    pub fn new(cap: u32) -> &'static Self {
         let row = || (0..SLOTS).map(|_| AtomicU32::new(0)).collect();
-        Arc::new(SourceLimiter {
+        Box::leak(Box::new(SourceLimiter {
             cap,
             rows: [row(), row()],
             keys: [ahash::RandomState::new(), ahash::RandomState::new()],
-        })
+        }))
     }
 
     fn slots(&self, ip: IpAddr) -> [usize; 2] {
@@ -50,7 +52,7 @@ impl SourceLimiter {
 
     /// Counts a new connection from `ip`, or `None` when `ip` already holds the cap. The
     /// permit gives the slot back when dropped.
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<SourcePermit> {
+    pub fn try_acquire(&'static self, ip: IpAddr) -> Option<SourcePermit> {
         let slots = self.slots(ip);
         let before = [0, 1].map(|i| self.rows[i][slots[i]].fetch_add(1, Ordering::AcqRel));
         if before[0].min(before[1]) >= self.cap {
@@ -58,7 +60,7 @@ impl SourceLimiter {
             return None;
         }
         Some(SourcePermit {
-            limiter: self.clone(),
+            limiter: self,
             slots,
         })
     }
@@ -80,7 +82,7 @@ impl SourceLimiter {
 
 /// One counted connection; uncounted on drop.
 pub struct SourcePermit {
-    limiter: Arc<SourceLimiter>,
+    limiter: &'static SourceLimiter,
     slots: [usize; 2],
 }
 

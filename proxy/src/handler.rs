@@ -20,7 +20,6 @@ const NOT_READY: &str = "credentials for this role are still being fetched from 
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 const UNAUTHORIZED: Status = Status(401, "Unauthorized");
-const METHOD_NOT_ALLOWED: Status = Status(405, "Method Not Allowed");
 
 /// One request's context.
 struct Req<'a, 'r> {
@@ -52,6 +51,13 @@ impl Req<'_, '_> {
 
     fn text(&mut self, label: RouteLabel, status: Status, body: &[u8]) {
         self.answer(label, status, respond::TEXT, body);
+    }
+
+    /// Refuses the request: counted as `e`, answered with `e`'s status.
+    fn refuse(&mut self, e: DownstreamError, label: RouteLabel, body: &[u8]) {
+        self.w.metrics.downstream_error(e);
+        let status = e.status().unwrap_or(respond::BAD_REQUEST);
+        self.text(label, status, body);
     }
 
     fn not_found(&mut self, label: RouteLabel) {
@@ -96,11 +102,10 @@ pub async fn handle(
         headers: req.headers,
     };
     let Ok(path) = canonicalize(req.path.unwrap_or("")) else {
-        w.metrics.downstream_error(DownstreamError::InvalidPath);
         r.head_only = false;
-        return r.text(
+        return r.refuse(
+            DownstreamError::InvalidPath,
             RouteLabel::Invalid,
-            respond::BAD_REQUEST,
             b"Bad Request: invalid path\n",
         );
     };
@@ -179,10 +184,9 @@ pub async fn handle(
     }
     if method != "GET" && method != "HEAD" {
         r.head_only = false;
-        w.metrics.downstream_error(DownstreamError::Method);
-        return r.text(
+        return r.refuse(
+            DownstreamError::Method,
             RouteLabel::Invalid,
-            METHOD_NOT_ALLOWED,
             b"Method Not Allowed\n",
         );
     }
@@ -219,7 +223,7 @@ fn mint_token(r: &mut Req<'_, '_>, method: &str) {
     if method != "PUT" {
         return r.text(
             RouteLabel::Token,
-            METHOD_NOT_ALLOWED,
+            respond::METHOD_NOT_ALLOWED,
             b"Method Not Allowed\n",
         );
     }
@@ -232,15 +236,16 @@ fn mint_token(r: &mut Req<'_, '_>, method: &str) {
     }
     // IMDS refuses token requests that went through a proxy.
     if r.header("x-forwarded-for").is_some() {
-        r.w.metrics
-            .downstream_error(DownstreamError::TokenForwarded);
-        return r.text(RouteLabel::Token, respond::FORBIDDEN, b"Forbidden\n");
+        return r.refuse(
+            DownstreamError::TokenForwarded,
+            RouteLabel::Token,
+            b"Forbidden\n",
+        );
     }
     let Some(ttl) = r.header(TTL_HEADER).and_then(token::parse_ttl) else {
-        r.w.metrics.downstream_error(DownstreamError::TokenTtl);
-        return r.text(
+        return r.refuse(
+            DownstreamError::TokenTtl,
             RouteLabel::Token,
-            respond::BAD_REQUEST,
             b"Bad Request: X-aws-ec2-metadata-token-ttl-seconds must be 1..21600\n",
         );
     };

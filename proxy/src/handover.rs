@@ -44,10 +44,10 @@ pub enum HandoverError {
     Foreign { path: PathBuf, uid: u32, ours: u32 },
     #[error("handover over {path}: {what}")]
     Protocol { path: PathBuf, what: String },
-    #[error("handover over {path}: {source}")]
+    #[error("handover over {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -67,9 +67,9 @@ pub struct Taken {
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> HandoverError + '_ {
-    move |source| HandoverError::Io {
+    move |error| HandoverError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 
@@ -315,7 +315,7 @@ pub fn offer(
         .spawn(move || serve(&listener, &path, listeners, &stopping, on_stop))
         .map_err(|e| HandoverError::Io {
             path: PathBuf::new(),
-            source: e,
+            error: e,
         })
 }
 

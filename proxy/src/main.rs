@@ -30,11 +30,18 @@ fn main() {
         Err(Err(e)) => usage(e),
     };
     match &args.command {
-        Some(iamlet::args::Command::Cleanup(c)) => std::process::exit(iamlet_node::cleanup::run(
-            c.kube2iam,
-            c.kube2iam_only,
-            args.node.metadata_addr.hostport(),
-        )),
+        Some(iamlet::args::Command::Cleanup(c)) => {
+            // Only kube2iam's rules need the address; an unusable one means the default.
+            let metadata = iamlet_node::MetadataAddr::parse(&args.node.metadata_addr).map_or_else(
+                |_| "169.254.169.254:80".to_owned(),
+                |m| m.hostport().to_owned(),
+            );
+            std::process::exit(iamlet_node::cleanup::run(
+                c.kube2iam,
+                c.kube2iam_only,
+                &metadata,
+            ))
+        }
         Some(iamlet::args::Command::Doctor(d)) => std::process::exit(iamlet::doctor::run(&args, d)),
         None => {}
     }
@@ -53,7 +60,7 @@ fn main() {
 
 fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     let a = &config.args;
-    let metadata = &a.node.metadata_addr;
+    let metadata = &config.metadata;
     let upstream = metadata.resolve()?;
     // --iptables: interfaces and backend checked now; the rule goes in once we listen.
     let node_ready = Arc::new(AtomicBool::new(config.redirect.is_none()));

@@ -8,6 +8,7 @@ pub const OK: Status = Status(200, "OK");
 pub const BAD_REQUEST: Status = Status(400, "Bad Request");
 pub const FORBIDDEN: Status = Status(403, "Forbidden");
 pub const NOT_FOUND: Status = Status(404, "Not Found");
+pub const METHOD_NOT_ALLOWED: Status = Status(405, "Method Not Allowed");
 pub const URI_TOO_LONG: Status = Status(414, "URI Too Long");
 pub const PAYLOAD_TOO_LARGE: Status = Status(413, "Payload Too Large");
 pub const HEADERS_TOO_LARGE: Status = Status(431, "Request Header Fields Too Large");

@@ -422,11 +422,11 @@ async fn stopped(worker: Rc<Worker>) {
 pub enum ListenError {
     #[error(transparent)]
     InUse(#[from] iamlet_node::port::PortInUse),
-    #[error("cannot listen on {flag} {port}: {source}")]
+    #[error("cannot listen on {flag} {port}: {error}")]
     Bind {
         flag: &'static str,
         port: u16,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("cannot copy the listening sockets for the next iamlet: {0}")]
     Dup(std::io::Error),
@@ -446,7 +446,7 @@ impl ListenError {
             ListenError::Bind {
                 flag,
                 port,
-                source: e,
+                error: e,
             }
         }
     }

@@ -34,11 +34,11 @@ pub struct TokenKey {
 pub enum TokenKeyError {
     #[error("the system random source failed")]
     Random,
-    #[error("cannot {what} --imds-token-key-file {}: {source}", path.display())]
+    #[error("cannot {what} --imds-token-key-file {}: {error}", path.display())]
     File {
         what: &'static str,
         path: std::path::PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("--imds-token-key-file {} holds {len} bytes; it needs at least 32 (delete it to have one generated)", path.display())]
     Short {
@@ -83,10 +83,10 @@ impl TokenKey {
 
     /// Reads the key from `path`, creating it (32 random bytes, mode 0600) when missing.
     pub fn from_file(path: &Path) -> Result<Self, TokenKeyError> {
-        let file_error = |what, source| TokenKeyError::File {
+        let file_error = |what, error| TokenKeyError::File {
             what,
             path: path.to_owned(),
-            source,
+            error,
         };
         match std::fs::File::open(path) {
             Ok(mut f) => {
@@ -128,7 +128,8 @@ impl TokenKey {
         ctx.sign()
     }
 
-    /// A token for `ip`, valid until `expires` (Unix seconds).
+    /// A token for `ip`, valid until `expires` (Unix seconds), as text.
+    #[cfg(test)]
     pub fn mint(&self, ip: IpAddr, expires: u64) -> String {
         self.mint_bytes(ip, expires)
             .iter()

@@ -73,7 +73,7 @@ pub struct Shared {
     /// Forward the node's signed identity (`--allow-instance-identity-signature`).
     pub forward_identity_signature: bool,
     /// The per-source-address connection cap, over all workers.
-    pub sources: Arc<SourceLimiter>,
+    pub sources: &'static SourceLimiter,
     /// The last `/metrics` rendering, shared by every scrape younger than `metrics_max_age`.
     pub metrics_cache: ArcSwapOption<RenderedMetrics>,
     /// Set while one worker renders `/metrics`; the others serve the previous rendering.

@@ -131,24 +131,21 @@ impl NamespaceInfo {
 /// Errors reading a pods file.
 #[derive(Debug, Error)]
 pub enum PodsFileError {
-    #[error("cannot read pods file {path}: {source}; check --pods-from")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read pods file {path}: {error}; check --pods-from")]
+    Read { path: String, error: std::io::Error },
     #[error(
-        "pods file {path} is not a Pod, Namespace or List in YAML or JSON ({source}); produce it with `kubectl get pods,namespaces -A -o yaml`"
+        "pods file {path} is not a Pod, Namespace or List in YAML or JSON ({error}); produce it with `kubectl get pods,namespaces -A -o yaml`"
     )]
     Parse {
         path: String,
-        source: serde_yaml::Error,
+        error: serde_yaml::Error,
     },
     #[error(
-        "pods file {path} is not a Pod, Namespace or List in JSON ({source}); produce it with `kubectl get pods,namespaces -A -o json`"
+        "pods file {path} is not a Pod, Namespace or List in JSON ({error}); produce it with `kubectl get pods,namespaces -A -o json`"
     )]
     ParseJson {
         path: String,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
 }
 
@@ -192,14 +189,14 @@ pub fn parse_pods_file(path: &str, text: &str) -> Result<PodsFile, PodsFileError
 /// [`parse_pods_file`], handing each object to `out` as it is decoded.
 pub fn read_pods_file(path: &str, text: &str, out: &mut dyn PodSink) -> Result<(), PodsFileError> {
     if text.trim_start().starts_with('{') {
-        return parse_json(text, out).map_err(|source| PodsFileError::ParseJson {
+        return parse_json(text, out).map_err(|error| PodsFileError::ParseJson {
             path: path.to_owned(),
-            source,
+            error,
         });
     }
-    let perr = |source| PodsFileError::Parse {
+    let perr = |error| PodsFileError::Parse {
         path: path.to_owned(),
-        source,
+        error,
     };
     for doc in serde_yaml::Deserializer::from_str(text) {
         let value = serde_yaml::Value::deserialize(doc).map_err(perr)?;

@@ -509,6 +509,26 @@ fn malformed_requests_get_4xx_and_neighbours_keep_working() {
 }
 
 #[test]
+fn a_start_up_failure_is_one_line_with_its_cause_once() {
+    let out = Iamlet::run_cli(&[
+        "--app-port=0",
+        "--metadata-addr=127.0.0.1:9",
+        "--pods-from=/dev/null",
+        "--imds-token-key-file=/nonexistent-iamlet-test-dir/key",
+    ]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("iamlet: "))
+        .unwrap_or_else(|| panic!("no `iamlet: ` line: {}", out.stderr));
+    assert_eq!(
+        line,
+        "iamlet: cannot create --imds-token-key-file /nonexistent-iamlet-test-dir/key: No such file or directory (os error 2)"
+    );
+}
+
+#[test]
 fn cli_lists_every_kube2iam_flag_and_rejects_bad_ones_in_one_sentence() {
     let help = Iamlet::run_cli(&["--help"]);
     assert!(help.success(), "{}", help.stderr);

@@ -10,11 +10,8 @@ use thiserror::Error;
 /// A tool that could not run, or ran and failed.
 #[derive(Debug, Error)]
 pub enum CommandError {
-    #[error("{prog}: {source}")]
-    Start {
-        prog: String,
-        source: std::io::Error,
-    },
+    #[error("{prog}: {error}")]
+    Start { prog: String, error: std::io::Error },
     /// `what` is the command line as the sentence shows it; `reason` is [`Out::reason`].
     #[error("{what} failed ({reason})")]
     Failed { what: String, reason: String },
@@ -27,9 +24,9 @@ pub fn run_ok(
     stdin: Option<&str>,
     what: impl FnOnce() -> String,
 ) -> Result<Out, CommandError> {
-    let out = run(prog, args, stdin).map_err(|source| CommandError::Start {
+    let out = run(prog, args, stdin).map_err(|error| CommandError::Start {
         prog: prog.to_owned(),
-        source,
+        error,
     })?;
     if out.ok() {
         Ok(out)

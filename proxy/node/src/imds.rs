@@ -91,16 +91,10 @@ impl fmt::Display for MetadataAddr {
 /// What went wrong asking the metadata service.
 #[derive(Debug, Error)]
 pub enum ImdsError {
-    #[error("cannot reach the instance metadata service at {host}: {source}")]
-    Connect {
-        host: String,
-        source: std::io::Error,
-    },
-    #[error("the instance metadata service at {host} did not answer: {source}")]
-    Exchange {
-        host: String,
-        source: std::io::Error,
-    },
+    #[error("cannot reach the instance metadata service at {host}: {error}")]
+    Connect { host: String, error: std::io::Error },
+    #[error("the instance metadata service at {host} did not answer: {error}")]
+    Exchange { host: String, error: std::io::Error },
     #[error("malformed answer from the instance metadata service at {host}")]
     Malformed { host: String },
     #[error("the instance metadata service at {host} answered {code} for {path}")]
@@ -122,8 +116,8 @@ pub enum ImdsError {
 impl ImdsError {
     /// The exchange ran out of time (a hop limit too low for where this runs, typically).
     pub fn timed_out(&self) -> bool {
-        matches!(self, ImdsError::Exchange { source, .. } | ImdsError::Connect { source, .. }
-            if matches!(source.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+        matches!(self, ImdsError::Exchange { error, .. } | ImdsError::Connect { error, .. }
+            if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
     }
 }
 
@@ -176,14 +170,14 @@ impl Client {
             req.push_str("Content-Length: 0\r\n");
         }
         req.push_str("Connection: close\r\n\r\n");
-        let exchange = |source| ImdsError::Exchange {
+        let exchange = |error| ImdsError::Exchange {
             host: host.clone(),
-            source,
+            error,
         };
-        let mut s = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(|source| {
+        let mut s = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(|error| {
             ImdsError::Connect {
                 host: host.clone(),
-                source,
+                error,
             }
         })?;
         s.set_read_timeout(Some(self.timeout)).map_err(exchange)?;

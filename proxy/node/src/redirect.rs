@@ -26,13 +26,13 @@ pub enum RedirectError {
     #[error("--ipv6 needs {0} on PATH; install it or drop --ipv6.")]
     NoIpv6Tool(String),
     #[error(
-        "cannot install the {family} redirect with {restore}: {source}; iamlet needs NET_ADMIN (privileged: true) and a working {tables}."
+        "cannot install the {family} redirect with {restore}: {error}; iamlet needs NET_ADMIN (privileged: true) and a working {tables}."
     )]
     Install {
         family: Family,
         restore: String,
         tables: String,
-        source: ApplyError,
+        error: ApplyError,
     },
     #[error("cannot start the iptables verifier thread: {0}")]
     Verifier(std::io::Error),
@@ -143,11 +143,11 @@ impl Redirect {
             }
         }
         for d in &self.desired {
-            let outcome = self.ensure(d).map_err(|source| RedirectError::Install {
+            let outcome = self.ensure(d).map_err(|error| RedirectError::Install {
                 family: d.family,
                 restore: self.backend.tool(d.family, Tool::Restore),
                 tables: self.backend.tool(d.family, Tool::Tables),
-                source,
+                error,
             })?;
             match outcome {
                 // Untouched, and no conntrack flush: the connections it tracks already go to
@@ -197,10 +197,10 @@ impl Redirect {
             format!("{tables} -t nat -S PREROUTING")
         })?;
         // A missing IAMLET chain is an empty list, not an error.
-        let chain = cmd::run(&tables, &args(rules::CHAIN), None).map_err(|source| {
+        let chain = cmd::run(&tables, &args(rules::CHAIN), None).map_err(|error| {
             cmd::CommandError::Start {
                 prog: tables.clone(),
-                source,
+                error,
             }
         })?;
         let mut text = pre.stdout;

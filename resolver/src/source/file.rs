@@ -48,9 +48,9 @@ fn load(
     state: &mut State,
 ) -> Result<usize, StartError> {
     let display = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| crate::pod::PodsFileError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| crate::pod::PodsFileError::Read {
         path: display.clone(),
-        source,
+        error,
     })?;
     /// Keeps what identity needs of each object as it is decoded.
     struct Infos<'a> {

@@ -20,8 +20,8 @@ pub fn check(addr: &MetadataAddr) -> (Check, Option<String>) {
         }
         Err(e) => {
             let why = match e {
-                crate::imds::ImdsError::Connect { source, .. }
-                | crate::imds::ImdsError::Exchange { source, .. } => source.to_string(),
+                crate::imds::ImdsError::Connect { error, .. }
+                | crate::imds::ImdsError::Exchange { error, .. } => error.to_string(),
                 other => other.to_string(),
             };
             return (
