@@ -509,6 +509,42 @@ fn malformed_requests_get_4xx_and_neighbours_keep_working() {
 }
 
 #[test]
+fn doctor_reports_a_bad_flag_and_still_runs_every_check() {
+    let out = Iamlet::run_cli(&[
+        "--host-ip=node-1",
+        "--metadata-addr=127.0.0.1:9",
+        "--pods-from=/dev/null",
+        "doctor",
+    ]);
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        lines.first().copied(),
+        Some(
+            "FAIL flags: --host-ip \"node-1\" is not an IP address; pass the node's IP, e.g. --host-ip=$(HOST_IP) from status.hostIP."
+        ),
+        "{}",
+        out.stdout
+    );
+    for check in [
+        "interfaces:",
+        "port:",
+        "imds:",
+        "region:",
+        "sts:",
+        "kubernetes:",
+    ] {
+        assert!(
+            lines.iter().any(|l| l
+                .split_once(' ')
+                .is_some_and(|(_, rest)| rest.starts_with(check))),
+            "no {check} line: {}",
+            out.stdout
+        );
+    }
+}
+
+#[test]
 fn a_start_up_failure_is_one_line_with_its_cause_once() {
     let out = Iamlet::run_cli(&[
         "--app-port=0",
