@@ -586,21 +586,28 @@ mod tests {
         calls.windows(2).map(|w| w[1] - w[0]).collect()
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_pod_request_during_the_retry_wait_leaves_one_refresh_chain() {
-        let sts = FakeSts::new(Duration::from_secs(1));
+    /// STS answering after `latency`: a pod's first request fails, a second request comes
+    /// at `request_at` s (paused time) and succeeds; the call times up to `end` s, with the
+    /// one-pending-refresh invariant watched throughout.
+    async fn failure_then_request(latency: Duration, request_at: f64, end: f64) -> Vec<f64> {
+        let sts = FakeSts::new(latency);
         let slot = start(&sts);
         sts.fail_next(1);
-        // Fails at 1 s; its retry is due at 3 s to 3.5 s.
         slot.request();
         let watch = Watch::start(&sts, &slot);
-        until(&sts, 1.5).await;
-        // Succeeds at 2.5 s, before the retry is due: the retry must do nothing.
+        until(&sts, request_at).await;
         slot.request();
-        // Refreshes come 811 s to 841 s apart: five of them by now, and never a sixth.
-        until(&sts, 2.5 + 5.0 * 841.0).await;
+        until(&sts, end).await;
         watch.stop().await;
-        let calls = sts.calls();
+        sts.calls()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_request_during_the_retry_wait_leaves_one_refresh_chain() {
+        // Fails at 1 s; its retry is due at 3 s to 3.5 s. The second request succeeds at
+        // 2.5 s, before the retry is due: the retry must do nothing. Refreshes come 811 s to
+        // 841 s apart: five of them by the end, and never a sixth.
+        let calls = failure_then_request(Duration::from_secs(1), 1.5, 2.5 + 5.0 * 841.0).await;
         assert_eq!(calls.len(), 2 + 5, "calls at {calls:?}");
         assert_eq!(&calls[..2], [0.0, 1.5], "calls at {calls:?}");
         assert!(
@@ -611,18 +618,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_timer_firing_during_a_fetch_does_nothing_and_the_fetch_rearms() {
-        let sts = FakeSts::new(Duration::from_secs(5));
-        let slot = start(&sts);
-        sts.fail_next(1);
-        // Fails at 5 s; its retry is due at 7 s to 7.5 s, while the next fetch runs.
-        slot.request();
-        let watch = Watch::start(&sts, &slot);
-        until(&sts, 6.0).await;
-        slot.request();
-        // Refreshes come 815 s to 845 s apart: three of them by now, and never a fourth.
-        until(&sts, 11.0 + 3.0 * 846.0).await;
-        watch.stop().await;
-        let calls = sts.calls();
+        // Fails at 5 s; its retry is due at 7 s to 7.5 s, while the second request's fetch
+        // (6 s to 11 s) runs. Refreshes come 815 s to 845 s apart: three of them by the end,
+        // and never a fourth.
+        let calls = failure_then_request(Duration::from_secs(5), 6.0, 11.0 + 3.0 * 846.0).await;
         assert_eq!(calls.len(), 2 + 3, "calls at {calls:?}");
         assert_eq!(&calls[..2], [0.0, 6.0], "calls at {calls:?}");
         assert!(
