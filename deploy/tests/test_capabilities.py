@@ -15,14 +15,15 @@ import textwrap
 
 import pytest
 
-from deploylib import IAMLET, agent_container, by_kind, manifest_objects
+from deploylib import IAMLET, agent_container, by_kind, manifest_objects, require
 
 TOOLS = ["unshare", "setpriv", "ip", "iptables-legacy", "iptables-nft",
          "iptables-legacy-save", "iptables-nft-save", "curl"]
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or any(shutil.which(t) is None for t in TOOLS),
-    reason="needs root and " + ", ".join(TOOLS) + " (a private network namespace)")
+@pytest.fixture(autouse=True)
+def _netns_prerequisites() -> None:
+    require(os.geteuid() == 0 and all(shutil.which(t) for t in TOOLS),
+            "needs root and " + ", ".join(TOOLS) + " (a private network namespace)")
 
 
 def setpriv_for(container) -> list[str]:

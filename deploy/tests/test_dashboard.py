@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from deploylib import CHART, IAMLET, ROOT
+from deploylib import CHART, IAMLET, ROOT, require
 
 DASHBOARD = CHART / "dashboards" / "iamlet.json"
 
@@ -56,8 +56,8 @@ def live_scrapes(tmp_path_factory) -> tuple[str, str]:
     leaves it): --iptables on a veth named weave, moto as STS, one annotated pod at
     127.0.0.1 that fetches its credentials, so every family has samples. Every wait is
     bounded and fails the fixture with the server's log."""
-    if os.geteuid() != 0 or any(shutil.which(t) is None for t in NETNS_TOOLS):
-        pytest.skip("needs root and " + ", ".join(NETNS_TOOLS))
+    require(os.geteuid() == 0 and all(shutil.which(t) for t in NETNS_TOOLS),
+            "needs root and " + ", ".join(NETNS_TOOLS))
     assert IAMLET.exists(), f"{IAMLET} missing: cargo build -p iamlet"
     assert Path(MOTO).exists(), f"{MOTO} missing: tests/install-python-tools.sh"
     tmp = tmp_path_factory.mktemp("live")
