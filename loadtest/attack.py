@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-from report import esc, fmt
+from report import esc, fmt, option, pct
 
 MARKER = "UPSTREAM-MARKER"
 ATTACKER = "127.0.0.11"
@@ -65,11 +65,8 @@ PHASES = [
 
 def settings(a):
     """Phase lengths and sizes: the command line's, else the full run's or the smoke's."""
-    smoke = a.smoke
-
     def pick(name, full, short):
-        v = getattr(a, name, None)
-        return v if v is not None else (short if smoke else full)
+        return option(a, name, full, short)
 
     return {
         "seconds": pick("attack_seconds", 10.0, 1.5),
@@ -503,13 +500,6 @@ def scrape(bench, port):
 
 
 # ---------------------------------------------------------------- run
-
-
-def pct(xs, q):
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[max(0, math.ceil(q * len(xs)) - 1)]
 
 
 def window_stats(neigh, rss, t_from, t_to):

@@ -5,6 +5,7 @@ Standard library only. Medians over the repetitions; ratios are medians of per-p
 """
 
 import json
+import math
 import os
 import statistics
 
@@ -144,6 +145,20 @@ def problems(results):
 
         p += workers.problems(results)
     return p
+
+
+def pct(xs, q):
+    """The q-quantile of xs (nearest rank), None for no samples."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[max(0, math.ceil(q * len(xs)) - 1)]
+
+
+def option(a, name, full, short):
+    """A part's setting: the command line's (`a.<name>`), else the full run's or the smoke's."""
+    v = getattr(a, name, None)
+    return v if v is not None else (short if a.smoke else full)
 
 
 def fmt(x, nd=0):
@@ -457,33 +472,28 @@ def write(results, out_dir, smoke=False):
             f.write(svg(summ))
         paths.append(spath)
         svg_rel = os.path.relpath(spath, os.path.dirname(results_md))
-    attack_rel = None
+
+    def part_chart(name, render):
+        """The part's chart next to the JSON; its path relative to RESULTS.md."""
+        path = os.path.join(out_dir, f"{base}-{name}.svg")
+        with open(path, "w") as f:
+            f.write(render(results))
+        paths.append(path)
+        return os.path.relpath(path, os.path.dirname(results_md))
+
+    attack_rel = upgrade_rel = workers_rel = None
     if results.get("attack"):
         import attack
 
-        apath = os.path.join(out_dir, base + "-attack.svg")
-        with open(apath, "w") as f:
-            f.write(attack.svg(results))
-        paths.append(apath)
-        attack_rel = os.path.relpath(apath, os.path.dirname(results_md))
-    upgrade_rel = None
+        attack_rel = part_chart("attack", attack.svg)
     if results.get("upgrade") and not results["upgrade"].get("skipped"):
         import upgrade
 
-        upath = os.path.join(out_dir, base + "-upgrade.svg")
-        with open(upath, "w") as f:
-            f.write(upgrade.svg(results))
-        paths.append(upath)
-        upgrade_rel = os.path.relpath(upath, os.path.dirname(results_md))
-    workers_rel = None
+        upgrade_rel = part_chart("upgrade", upgrade.svg)
     if results.get("workers"):
         import workers
 
-        wpath = os.path.join(out_dir, base + "-workers.svg")
-        with open(wpath, "w") as f:
-            f.write(workers.svg(results))
-        paths.append(wpath)
-        workers_rel = os.path.relpath(wpath, os.path.dirname(results_md))
+        workers_rel = part_chart("workers", workers.svg)
     md = markdown(results, summ, scal, svg_rel, attack_rel, upgrade_rel, workers_rel)
     new = not os.path.exists(results_md)
     with open(results_md, "a") as f:

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 
-from report import esc, fmt
+from report import esc, fmt, option, pct
 
 POD_ROLE = "up-role"
 NODE_ROLE = "node-role"
@@ -66,8 +66,7 @@ def settings(a):
     smoke = a.smoke
 
     def pick(name, full, short):
-        v = getattr(a, name, None)
-        return v if v is not None else (short if smoke else full)
+        return option(a, name, full, short)
 
     return {
         "upgrades": pick("upgrade_count", 20, 2),
@@ -661,13 +660,6 @@ def run_mode(bench, env, cfg, mode):
     res["last_exit_code"] = last_exit
     res["errors"] = errors
     return res
-
-
-def pct(xs, q):
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[max(0, math.ceil(q * len(xs)) - 1)]
 
 
 def summarize(mode, cfg, data, upgrades):

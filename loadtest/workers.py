@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import time
 
-from report import esc, fmt
+from report import esc, fmt, option
 
 CONNS = 50
 # The built-in client's bound in count, per second of a run: far above what one core answers.
@@ -36,8 +36,7 @@ def settings(a):
     smoke = a.smoke
 
     def pick(name, full, short):
-        v = getattr(a, name, None)
-        return v if v is not None else (short if smoke else full)
+        return option(a, name, full, short)
 
     cores = os.cpu_count() or 1
     # W = 1..cores, at least 1 and 2; the smoke stops at 4 to stay within a few seconds.
