@@ -27,6 +27,8 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
 # shellcheck source=deploy/image/common.sh
 . deploy/image/common.sh
+# shellcheck source=deploy/wait.sh
+. deploy/wait.sh
 
 BINARY=target/release/iamlet
 IMAGE=localhost/iamlet:dev
@@ -195,18 +197,6 @@ NODE_ROLE=node-instance-role-NEVER-IN-A-POD
 # Polls until "$@" succeeds, at most SECS seconds, while process PID lives; otherwise says
 # what it waited for, shows LOG's tail and stops the test (never goes on after a timed-out
 # wait).
-wait_until() {
-  local secs=$1 what=$2 log=$3 pid=$4 i
-  shift 4
-  for i in $(seq 1 $((secs * 10))); do
-    "$@" >/dev/null 2>&1 && return 0
-    kill -0 "$pid" 2>/dev/null || { echo "FAIL: $what: exited; $log:" >&2; tail -n 40 "$log" >&2; exit 1; }
-    sleep 0.1
-  done
-  echo "FAIL: $what: not within ${secs}s; $log:" >&2
-  tail -n 40 "$log" >&2
-  exit 1
-}
 
 cat >"$WORK/imds.py" <<'EOF'
 # The node's instance metadata service, reduced to what shows whose answer a client got.

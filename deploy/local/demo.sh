@@ -17,19 +17,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Polls URL until it answers 2xx, at most SECONDS; otherwise says why, shows the log's tail
-# and stops the demo (it never goes on without the server).
-wait_for() {
-  local url=$1 secs=$2 log=$3 pid=$4 i
-  for i in $(seq 1 $((secs * 10))); do
-    curl -fs "$url" >/dev/null 2>&1 && return 0
-    kill -0 "$pid" 2>/dev/null || { echo "the process behind $url exited; $log:" >&2; tail -n 40 "$log" >&2; exit 1; }
-    sleep 0.1
-  done
-  echo "$url did not answer within ${secs}s; $log:" >&2
-  tail -n 40 "$log" >&2
-  exit 1
-}
+# shellcheck source=deploy/wait.sh
+. deploy/wait.sh
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 echo "==> python tools (moto, boto3, awscli) in $VENV"
@@ -42,7 +31,7 @@ MOTO_PORT=$(free_port)
 echo "==> moto on 127.0.0.1:$MOTO_PORT (STS + stand-in metadata service)"
 "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
 PIDS+=($!)
-wait_for "http://127.0.0.1:$MOTO_PORT/moto-api/" 90 "$WORK/moto.log" "${PIDS[-1]}"
+wait_until 90 "moto on :$MOTO_PORT" "$WORK/moto.log" "${PIDS[-1]}" curl -fs "http://127.0.0.1:$MOTO_PORT/moto-api/"
 
 APP_PORT=$(free_port)
 echo "==> iamlet on 127.0.0.1:$APP_PORT with deploy/local/pods.yaml"
@@ -55,7 +44,7 @@ env AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
     --base-role-arn=arn:aws:iam::123456789012:role/ \
     --pods-from="$ROOT/deploy/local/pods.yaml" >"$WORK/iamlet.log" 2>&1 &
 PIDS+=($!)
-wait_for "http://127.0.0.1:$APP_PORT/ready" 60 "$WORK/iamlet.log" "${PIDS[-1]}"
+wait_until 60 "iamlet /ready on :$APP_PORT" "$WORK/iamlet.log" "${PIDS[-1]}" curl -fs "http://127.0.0.1:$APP_PORT/ready"
 
 echo "==> the pod's view: GET /latest/meta-data/iam/security-credentials/"
 curl -fs "http://127.0.0.1:$APP_PORT/latest/meta-data/iam/security-credentials/"; echo
