@@ -411,36 +411,31 @@ class Held:
                 "closed_by_agent": n - open_, "bytes_sent": self.bytes_sent}
 
 
-def attack_conns(ctx, deadline):
+def hold_open(ctx, deadline, n, sources, payload, rcvbuf=None, dribble=None):
+    """n connections from sources, each sending payload (then dribble every 0.5 s), held
+    until deadline and then closed; what the holding saw."""
     h = Held(ctx["port"])
     try:
-        h.open(ctx["cfg"]["conns"], [ATTACKER],
-               b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: x\r\n\r\n", deadline)
-        h.hold(deadline)
+        h.open(n, sources, payload, deadline, rcvbuf=rcvbuf)
+        h.hold(deadline, dribble=dribble)
     finally:
         res = h.close()
     return res
+
+
+def attack_conns(ctx, deadline):
+    return hold_open(ctx, deadline, ctx["cfg"]["conns"], [ATTACKER],
+                     b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
 def attack_scrapes(ctx, deadline):
-    h = Held(ctx["port"])
-    try:
-        h.open(ctx["cfg"]["scrapers"], [ATTACKER], b"GET /metrics HTTP/1.1\r\n\r\n" * ctx["cfg"]["pipelined"], deadline,
-               rcvbuf=4096)
-        h.hold(deadline)
-    finally:
-        res = h.close()
-    return res
+    return hold_open(ctx, deadline, ctx["cfg"]["scrapers"], [ATTACKER],
+                     b"GET /metrics HTTP/1.1\r\n\r\n" * ctx["cfg"]["pipelined"], rcvbuf=4096)
 
 
 def attack_slowloris(ctx, deadline):
-    h = Held(ctx["port"])
-    try:
-        h.open(ctx["cfg"]["slowloris"], SLOW_SOURCES, b"GET /latest/meta-data/ HTTP/1.1\r\nX-a: ", deadline)
-        h.hold(deadline, dribble=b"a", every=0.5)
-    finally:
-        res = h.close()
-    return res
+    return hold_open(ctx, deadline, ctx["cfg"]["slowloris"], SLOW_SOURCES,
+                     b"GET /latest/meta-data/ HTTP/1.1\r\nX-a: ", dribble=b"a")
 
 
 def attack_interim(ctx, deadline):
