@@ -301,9 +301,7 @@ impl Drop for Bufs<'_> {
             std::mem::take(&mut self.rbuf),
             std::mem::take(&mut self.out),
         );
-        if o.capacity() > 0 {
-            self.w.give_bufs(r, o, self.rcap, OUT_KEEP);
-        }
+        self.w.give_bufs(r, o, self.rcap, OUT_KEEP);
     }
 }
 

@@ -291,10 +291,11 @@ impl Worker {
     }
 
     /// Returns a closed connection's buffers for reuse (dropped if the pool is full or they
-    /// are not the usual size).
+    /// are not the usual size, e.g. one left empty by an operation that still held it).
     pub fn give_bufs(&self, mut r: Vec<u8>, mut o: Vec<u8>, rcap: usize, out_keep: usize) {
         let mut pool = self.bufs.borrow_mut();
-        if pool.len() < MAX_POOLED_BUFS && r.capacity() == rcap && o.capacity() <= out_keep {
+        let usable = r.capacity() == rcap && (1..=out_keep).contains(&o.capacity());
+        if pool.len() < MAX_POOLED_BUFS && usable {
             r.clear();
             o.clear();
             pool.push((r, o));
