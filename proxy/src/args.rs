@@ -384,12 +384,16 @@ pub struct ProxyArgs {
     /// Bound on the metadata service's answer
     #[arg(long, env = "IAMLET_UPSTREAM_TIMEOUT", default_value = "3s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub upstream_timeout: Duration,
-    /// On SIGTERM/SIGINT: how long in-flight requests may finish before exit
+    /// On SIGTERM/SIGINT: how long in-flight requests may finish before exit; with
+    /// --handover-socket, also how long a new iamlet that took the listening sockets may go
+    /// silent before this one drops it and goes on serving (at least 1s)
     #[arg(long, env = "IAMLET_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub shutdown_grace: Duration,
     /// Unix socket for upgrades without a refused connection: a starting iamlet takes the
     /// running one's listening sockets over it, then the old one drains and exits (the
-    /// manifests use /run/iamlet/handover.sock on a hostPath). Off when not set
+    /// manifests use /run/iamlet/handover.sock on a hostPath). A missing directory is created
+    /// with mode 0700; an existing one must be a real directory owned by iamlet's user and
+    /// writable by no one else, or the start is refused. Off when not set
     #[arg(long, env = "IAMLET_HANDOVER_SOCKET", value_name = "PATH")]
     pub handover_socket: Option<PathBuf>,
 }

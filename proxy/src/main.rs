@@ -60,6 +60,11 @@ fn main() {
 
 fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     let a = &config.args;
+    // First: a handover socket that cannot be served safely must end the start before it has
+    // touched anything, not after it has taken over from the running iamlet.
+    if let Some(path) = &a.proxy.handover_socket {
+        handover::prepare(path)?;
+    }
     let metadata = &config.metadata;
     let upstream = metadata.resolve()?;
     // --iptables: interfaces and backend checked now; the rule goes in once we listen.
@@ -81,7 +86,7 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     // An upgrade: the running iamlet's own listening sockets, if one serves at the handover
     // socket; else ours, bound now.
     let mut taken = match &a.proxy.handover_socket {
-        Some(path) => handover::take_over(path)?,
+        Some(path) => handover::take_over(path, a.proxy.shutdown_grace)?,
         None => None,
     };
     let opened = server::open(
@@ -128,8 +133,12 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     if let Some(t) = taken {
         t.complete(&shared, p.shutdown_grace + Duration::from_secs(1));
     }
-    let handed_over =
-        handover::offer_to_next(p.handover_socket.as_deref(), opened.offered, &stopping)?;
+    let handed_over = handover::offer_to_next(
+        p.handover_socket.as_deref(),
+        opened.offered,
+        &stopping,
+        p.shutdown_grace,
+    )?;
     // Last: whoever waits for this line may upgrade this process at once.
     tracing::info!("ready: the first pod list is published");
 

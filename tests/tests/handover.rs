@@ -2,13 +2,16 @@
 //! connection per request keeps asking while iamlet is replaced again and again; not one
 //! request may be refused, reset, answered with an error, or take a second. Then the
 //! half-done handovers: the new process killed before it takes over, the old one killed
-//! while the new one syncs — one process serves at every step.
+//! while the new one syncs, a peer that takes the sockets and goes silent — one process
+//! serves at every step. And a socket path in a shared directory is refused at start.
 
 use iamlet_e2e::apiserver::ApiServer;
 use iamlet_e2e::rig::data::{self as dataplane, POD, ip};
 use iamlet_e2e::util::TempDir;
 use iamlet_e2e::{FakeImds, Iamlet, Moto, drivers, try_request_from, wait_until};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -94,6 +97,65 @@ fn agent(driver: &str, moto: &Moto, imds: &FakeImds, sock: &str) -> iamlet_e2e::
         imds,
         &[&format!("--handover-socket={sock}"), "--workers=2"],
     )
+}
+
+/// A root process speaking the handover protocol that takes the listening sockets and then
+/// says nothing, ever (a new process that hung, or one that only wanted the sockets).
+struct Rogue {
+    stream: UnixStream,
+    answer: String,
+    fds: Vec<RawFd>,
+}
+
+impl Rogue {
+    fn take(sock: &str) -> Rogue {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        use std::io::Write;
+        let stream = UnixStream::connect(sock).expect("connect to the handover socket");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (&stream)
+            .write_all(b"IAMLET-HANDOVER/1 HELLO\n")
+            .expect("HELLO");
+        let mut line = [0u8; 128];
+        let mut iov = [std::io::IoSliceMut::new(&mut line)];
+        let mut space = nix::cmsg_space!([RawFd; 16]);
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .expect("the answer to HELLO");
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().expect("control messages") {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                fds.extend(raw);
+            }
+        }
+        let n = msg.bytes;
+        Rogue {
+            answer: String::from_utf8_lossy(&line[..n]).into_owned(),
+            stream,
+            fds,
+        }
+    }
+
+    /// Waits (bounded) for the old process to close the connection: it dropped this peer.
+    fn wait_dropped(&self, timeout: Duration) -> bool {
+        use std::io::Read;
+        self.stream.set_read_timeout(Some(timeout)).unwrap();
+        matches!((&self.stream).read(&mut [0u8; 64]), Ok(0))
+    }
+}
+
+impl Drop for Rogue {
+    fn drop(&mut self) {
+        for fd in self.fds.drain(..) {
+            let _ = nix::unistd::close(fd);
+        }
+    }
 }
 
 #[test]
@@ -250,4 +312,113 @@ fn an_old_process_killed_during_the_handover_leaves_the_new_one_accepting() {
         "{} of {ok} failed (killed after {killed_at} answers): {failures:?}",
         failures.len()
     );
+}
+
+#[test]
+fn a_peer_that_takes_the_sockets_and_goes_silent_only_delays_the_next_upgrade() {
+    let driver = drivers()[0];
+    let dir = TempDir::new("handover-silent");
+    let sock = dir.path().join("handover.sock").display().to_string();
+    let (moto, imds) = (Moto::start(), FakeImds::start());
+    // The old process drops a holder that stays silent for --shutdown-grace.
+    let agent = || {
+        dataplane::builder(
+            driver,
+            &moto,
+            &imds,
+            &[
+                &format!("--handover-socket={sock}"),
+                "--workers=2",
+                "--shutdown-grace=2s",
+            ],
+        )
+    };
+    let mut old = agent().start();
+    let addr = old.addr();
+    let load = Load::start(addr, false);
+    load.wait_for_more(50);
+    let rogue = Rogue::take(&sock);
+    assert!(
+        rogue.answer.starts_with("IAMLET-HANDOVER/1 SOCKETS ") && !rogue.fds.is_empty(),
+        "{:?} with {} descriptors",
+        rogue.answer,
+        rogue.fds.len()
+    );
+    // A genuine upgrade meanwhile: it waits for the old process to drop the silent holder,
+    // then takes over as usual.
+    let new = agent().start();
+    assert!(
+        new.log()
+            .contains("handover: took the running iamlet's listening sockets"),
+        "{}",
+        new.log()
+    );
+    println!(
+        "the new process met BUSY: {}",
+        new.log()
+            .contains("handing its sockets to another new process")
+    );
+    let (code, timed_out) = old.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        (code, timed_out),
+        (Some(0), false),
+        "the old process hands over and exits: {}",
+        old.log()
+    );
+    assert!(
+        old.log()
+            .contains("the new process took the sockets and then sent nothing for 2s"),
+        "{}",
+        old.log()
+    );
+    assert!(
+        rogue.wait_dropped(Duration::from_secs(5)),
+        "the old process closed the silent peer's connection"
+    );
+    load.wait_for_more(50);
+    let (ok, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {ok} failed: {failures:?}",
+        failures.len()
+    );
+    drop(new);
+}
+
+#[test]
+fn a_handover_socket_in_a_shared_directory_is_refused_at_start_and_the_directory_left_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("handover-shared-dir");
+    let shared = dir.path().join("tmp");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let out = Iamlet::run_cli(&[
+        "--app-port=0",
+        "--metadata-addr=127.0.0.1:9",
+        "--pods-from=/dev/null",
+        &format!("--handover-socket={}/handover.sock", shared.display()),
+    ]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("iamlet: "))
+        .collect();
+    assert_eq!(
+        lines,
+        [format!(
+            "iamlet: the handover socket's directory {} is writable by group or others (mode 1777): point --handover-socket into a directory owned by uid {} and writable by it alone (iamlet creates a missing one with mode 0700)",
+            shared.display(),
+            nix::unistd::geteuid()
+        )],
+        "{}",
+        out.stderr
+    );
+    let mode = std::fs::symlink_metadata(&shared)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o1777);
+    assert!(!shared.join("handover.sock").exists());
 }
