@@ -15,7 +15,8 @@
 //! ```text
 //! new → old   IAMLET-HANDOVER/1 HELLO
 //! old → new   IAMLET-HANDOVER/1 SOCKETS app=N admin=M      (+ N+M fds, SCM_RIGHTS)
-//! new → old   IAMLET-HANDOVER/1 STARTING                   (every 250 ms until STOP)
+//! new → old   IAMLET-HANDOVER/1 STARTING                   (every 250 ms until STOP, from
+//!                                                             half of --shutdown-grace on)
 //! new → old   IAMLET-HANDOVER/1 STOP                       (after the new one accepts)
 //! old → new   IAMLET-HANDOVER/1 STOPPING
 //! ```
@@ -268,7 +269,7 @@ pub fn take_over(path: &Path, grace: Duration) -> Result<Option<Taken>, Handover
     let began = Instant::now();
     let mut seen_busy = false;
     loop {
-        let answer = ask(path)?;
+        let answer = ask(path, grace)?;
         let busy = matches!(answer, Answer::Busy);
         match answer {
             Answer::Sockets(t) => return Ok(Some(t)),
@@ -294,7 +295,7 @@ pub fn take_over(path: &Path, grace: Duration) -> Result<Option<Taken>, Handover
 }
 
 /// One `HELLO`.
-fn ask(path: &Path) -> Result<Answer, HandoverError> {
+fn ask(path: &Path, grace: Duration) -> Result<Answer, HandoverError> {
     let stream = match UnixStream::connect(path) {
         Ok(s) => s,
         Err(e)
@@ -375,7 +376,7 @@ fn ask(path: &Path) -> Result<Answer, HandoverError> {
         l.set_nonblocking(true).map_err(io(path))?;
     }
     let admin_l = listeners.split_off(app);
-    let progress = Some(say_starting(&stream).map_err(io(path))?);
+    let progress = Some(say_starting(&stream, silence_bound(grace) / 2).map_err(io(path))?);
     Ok(Answer::Sockets(Taken {
         path: path.to_owned(),
         stream,
@@ -387,14 +388,23 @@ fn ask(path: &Path) -> Result<Answer, HandoverError> {
     }))
 }
 
-/// Tells the old process, every `PROGRESS`, that this one is still starting (syncing, or
-/// waiting for the xtables lock), so that it is not dropped as a hung holder.
-fn say_starting(stream: &UnixStream) -> std::io::Result<Progress> {
+/// Tells the old process, every `PROGRESS` from `first` on, that this one is still starting
+/// (syncing, or waiting for the xtables lock), so that it is not dropped as a hung holder.
+/// Nothing is said before `first` (half the old one's patience): a start that is done by
+/// then sends only `STOP`, which is all an iamlet from before `STARTING` understands, so an
+/// upgrade from one keeps its handover in the usual case.
+fn say_starting(stream: &UnixStream, first: Duration) -> std::io::Result<Progress> {
     let s = stream.try_clone()?;
     let (stop, rx) = mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("iamlet-handover-progress".into())
         .spawn(move || {
+            if !matches!(rx.recv_timeout(first), Err(mpsc::RecvTimeoutError::Timeout)) {
+                return;
+            }
+            if (&s).write_all(STARTING.as_bytes()).is_err() {
+                return;
+            }
             while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(PROGRESS) {
                 if (&s).write_all(STARTING.as_bytes()).is_err() {
                     return;
