@@ -209,6 +209,7 @@ impl Config {
             idle_timeout: a.proxy.idle_timeout,
             write_timeout: a.proxy.write_timeout,
             max_connections: a.proxy.max_connections_per_worker,
+            max_stranger_connections: Limits::stranger_share(a.proxy.max_connections_per_worker),
         };
         Ok(Config {
             workers,

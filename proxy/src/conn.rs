@@ -5,13 +5,11 @@
 use crate::downstream::DownstreamError;
 use crate::handler::handle;
 use crate::respond::{self, Persist};
-use crate::worker::{Limits, Worker};
+use crate::worker::{ConnGuard, Limits, WORKER_OUT_BUDGET, Worker};
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{CancelableAsyncReadRent, CancelableAsyncWriteRent, Canceller};
 use monoio::net::TcpStream;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
-use std::rc::Rc;
 use std::time::Instant;
 
 /// Header slots per request (hyper uses 100; IMDS clients send fewer than ten).
@@ -138,22 +136,28 @@ const OUT_KEEP: usize = 64 * 1024;
 pub const OUT_BOUND: usize = 64 * 1024;
 
 /// Serves one connection until the peer closes, errs, idles out, stalls a write, or asks to
-/// close. `_permit` counts it against its source's connection cap while it lives.
+/// close. `tracked` counts it in its worker's connections and `_permit` against its source's
+/// cap while it lives. A
+/// `stranger` (a source that was not a known pod when it connected) gets one request per
+/// connection: it is answered with `Connection: close`, so a pipelined batch from anywhere
+/// costs one bounded wait, not one per request.
 pub async fn serve(
     mut stream: TcpStream,
     peer: IpAddr,
-    w: Rc<Worker>,
+    stranger: bool,
+    tracked: ConnGuard,
     _permit: crate::fairness::SourcePermit,
 ) {
-    let tracked = w.track(stream.as_raw_fd());
+    let w = tracked.worker();
     let limits = &w.shared.limits;
     let rcap = limits.max_head + limits.max_body;
     let (rbuf, out) = w.take_bufs(rcap);
     let mut b = Bufs {
-        w: &w,
+        w,
         rcap,
         rbuf,
         out,
+        held: 0,
     };
     // TCP_NODELAY is set before the first write that Nagle could hold back: a second answer
     // on the connection, or one larger than a segment. A connection that carries one small
@@ -165,13 +169,18 @@ pub async fn serve(
     // leaves a partial request, so a complete request costs no clock read for it.
     let mut head_started: Option<Instant> = None;
     let mut canceller = Canceller::new();
+    // Bytes a pod pipelined while one of its requests waited, read by the watch for its
+    // departure; they are parsed after that request.
+    let mut early: Vec<u8> = Vec::new();
     loop {
         let mut close = false;
         // False when answering stopped at OUT_BOUND with complete requests still buffered:
         // they are answered after the write, before reading more.
         let mut need_read = true;
         while start < b.rbuf.len() {
-            if b.out.len() >= OUT_BOUND {
+            if b.out.len() >= OUT_BOUND
+                || (!b.out.is_empty() && w.pending_out() >= WORKER_OUT_BUDGET)
+            {
                 need_read = false;
                 break;
             }
@@ -180,25 +189,36 @@ pub async fn serve(
                 Next::Request { req, len } => (req, len),
                 Next::Incomplete => break,
                 Next::Reject(e) => {
-                    reject(&w, &mut b.out, e);
+                    reject(w, &mut b.out, e);
                     close = true;
                     break;
                 }
             };
-            let persist = if w.stopping() {
+            let persist = if stranger || w.stopping() {
                 Persist::Close
             } else {
                 persistence(&req)
             };
             let t0 = Instant::now();
-            handle(&w, peer, &req, persist, &mut b.out).await;
+            let handling = handle(w, peer, &req, persist, &mut b.out);
+            if !answer_watching(handling, &mut stream, stranger, &mut early, &mut canceller).await {
+                // The client left while its request waited: nothing to answer, and the
+                // connection, its permit and its buffers go now rather than after the wait.
+                w.metrics.peer_gone.inc();
+                return;
+            }
             w.metrics
                 .observe_latency(req.method.unwrap_or(""), t0.elapsed());
+            b.hold();
             start += len;
             head_started = None;
             if persist == Persist::Close {
                 close = true;
                 break;
+            }
+            if !early.is_empty() {
+                b.rbuf.extend_from_slice(&early);
+                early.clear();
             }
         }
         if !b.out.is_empty() {
@@ -216,6 +236,7 @@ pub async fn serve(
             .await;
             b.out = buf;
             b.out.clear();
+            b.release();
             if b.out.capacity() > OUT_KEEP {
                 // A large answer (a /metrics scrape with many roles) does not stay resident
                 // for the rest of a keep-alive connection.
@@ -284,6 +305,64 @@ pub async fn serve(
     }
 }
 
+/// Most bytes one read takes while watching a waiting request's connection.
+const WATCH_READ: usize = 1024;
+/// Most bytes a stranger may send while its one request waits; past it, it is closed.
+const STRANGER_DRAIN: usize = 64 * 1024;
+
+/// Runs a request's `handling`. If it has to wait (for its pod to be known, STS, or the
+/// upstream), the connection is watched meanwhile: a read races the wait, and EOF or an
+/// error (the client hung up, or the worker evicted the connection) ends the handling at
+/// once, returning false. Bytes a pod sends meanwhile (pipelined requests) end the watch and
+/// are kept in `early`; a stranger's are dropped (it gets one answer per connection) and
+/// the watch goes on, up to [`STRANGER_DRAIN`]. A request answered at once costs nothing for this.
+async fn answer_watching(
+    handling: impl std::future::Future<Output = ()>,
+    stream: &mut TcpStream,
+    stranger: bool,
+    early: &mut Vec<u8>,
+    canceller: &mut Canceller,
+) -> bool {
+    let mut handling = std::pin::pin!(handling);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(handling.as_mut().poll(cx)));
+    if first.await.is_ready() {
+        return true;
+    }
+    let mut buf = Vec::with_capacity(WATCH_READ);
+    let mut dropped = 0usize;
+    loop {
+        let mut read = std::pin::pin!(stream.cancelable_read(buf, canceller.handle()));
+        monoio::select! {
+            biased;
+            () = &mut handling => {
+                *canceller = std::mem::take(canceller).cancel();
+                let (res, got) = read.await;
+                if matches!(res, Ok(n) if n > 0) && !stranger {
+                    early.extend_from_slice(&got);
+                }
+                return true;
+            }
+            (res, got) = &mut read => match res {
+                Ok(n) if n > 0 => {
+                    if !stranger {
+                        early.extend_from_slice(&got);
+                        handling.await;
+                        return true;
+                    }
+                    // A stranger streaming while it waits is not worth reading for.
+                    dropped += n;
+                    if dropped > STRANGER_DRAIN {
+                        return false;
+                    }
+                    buf = got;
+                    buf.clear();
+                }
+                _ => return false,
+            },
+        }
+    }
+}
+
 /// A connection's buffers, handed back to the worker's pool however `serve` ends, so no
 /// exit path can forget them. A buffer an operation holds when the task is dropped (a worker
 /// stopping past `--shutdown-grace`) goes with the operation: the slot it leaves is empty,
@@ -293,10 +372,28 @@ struct Bufs<'w> {
     rcap: usize,
     rbuf: Vec<u8>,
     out: Vec<u8>,
+    /// How much of `out` is counted in the worker's unwritten output.
+    held: usize,
+}
+
+impl Bufs<'_> {
+    /// Counts what `out` gained in the worker's unwritten output.
+    fn hold(&mut self) {
+        let grew = self.out.len().saturating_sub(self.held);
+        self.w.hold_out(grew, true);
+        self.held = self.out.len();
+    }
+
+    /// `out` was written (or dropped): no longer counted.
+    fn release(&mut self) {
+        self.w.hold_out(self.held, false);
+        self.held = 0;
+    }
 }
 
 impl Drop for Bufs<'_> {
     fn drop(&mut self) {
+        self.release();
         let (r, o) = (
             std::mem::take(&mut self.rbuf),
             std::mem::take(&mut self.out),

@@ -211,7 +211,8 @@ pub async fn handle(
             if !w.wait_known(peer).await {
                 return r.not_found(RouteLabel::Denied);
             }
-            let status = passthrough::forward(w, method, &path, req.headers, r.out, persist).await;
+            let status =
+                passthrough::forward(w, peer, method, &path, req.headers, r.out, persist).await;
             w.metrics.request(RouteLabel::Passthrough, status);
         }
     }

@@ -7,6 +7,7 @@
 pub mod args;
 pub mod config;
 pub mod conn;
+pub mod conns;
 pub mod doctor;
 pub mod downstream;
 pub mod duration;
@@ -16,6 +17,7 @@ pub mod handover;
 pub mod latency;
 pub mod malloc;
 pub mod metrics;
+pub mod notify;
 pub mod passthrough;
 pub mod respond;
 pub mod route;

@@ -60,7 +60,7 @@ pub const TOKEN_REJECTIONS: [&str; 3] = ["missing", "invalid", "expired"];
 /// Why a connection was closed at accept: its source already holds
 /// `--max-connections-per-ip`, or the worker is at `--max-connections-per-worker` with every
 /// connection mid-request (none idle to close instead).
-pub const REJECT_REASONS: [&str; 2] = ["per_source", "worker_full"];
+pub const REJECT_REASONS: [&str; 3] = ["per_source", "worker_full", "strangers"];
 
 /// The cells of a worker's counters: `iamlet_http_requests_total` by route and status
 /// class, then one cell per counter below.
@@ -74,7 +74,9 @@ const TOKENS_ISSUED: usize = IP_TIMEOUT + 1;
 /// `iamlet_connections_rejected_total`, in [`REJECT_REASONS`] order.
 const REJECTED: usize = TOKENS_ISSUED + 1;
 const EVICTED: usize = REJECTED + REJECT_REASONS.len();
-const CELLS: usize = EVICTED + 1;
+const PEER_GONE: usize = EVICTED + 1;
+const UPSTREAM_OPENED: usize = PEER_GONE + 1;
+const CELLS: usize = UPSTREAM_OPENED + 1;
 
 /// One worker's counter cells, written by that worker only. The alignment keeps every other
 /// allocation (another worker's cells among them) off its cache lines.
@@ -197,6 +199,8 @@ impl ProxyMetrics {
             tokens_issued: c(TOKENS_ISSUED),
             rejected_per_source: c(REJECTED),
             rejected_worker_full: c(REJECTED + 1),
+            rejected_strangers: c(REJECTED + 2),
+            peer_gone: c(PEER_GONE),
             connections_evicted: c(EVICTED),
             connections: c(CONNECTIONS),
             cache_hits: c(CACHE_HITS),
@@ -320,7 +324,7 @@ impl Collector for ProxyMetrics {
         family(
             e,
             "connections_rejected",
-            "Connections closed at accept, by reason (per_source: the source address holds --max-connections-per-ip; worker_full: the worker is at --max-connections-per-worker and no connection is idle)",
+            "Connections closed at accept, by reason (per_source: the source address holds --max-connections-per-ip; worker_full: the worker is at --max-connections-per-worker and no connection can make room; strangers: a source that is not a known pod while such sources hold their share, a sixteenth of --max-connections-per-worker)",
             REJECT_REASONS
                 .iter()
                 .enumerate()
@@ -334,8 +338,20 @@ impl Collector for ProxyMetrics {
         single(
             e,
             "connections_evicted",
-            "Idle keep-alive connections closed to make room for a new one at --max-connections-per-worker",
+            "Connections closed to make room for a new one at --max-connections-per-worker (strangers first, then waiting requests, then the longest-idle keep-alive)",
             s(EVICTED),
+        )?;
+        single(
+            e,
+            "requests_abandoned",
+            "Requests given up while they waited because their client had gone (connection, buffers and slot released at once)",
+            s(PEER_GONE),
+        )?;
+        single(
+            e,
+            "upstream_connections_opened",
+            "Connections opened to the metadata service (each worker holds at most 16, busy and idle)",
+            s(UPSTREAM_OPENED),
         )
     }
 }
@@ -350,6 +366,9 @@ pub struct WorkerMetrics {
     pub tokens_issued: LocalCounter,
     pub rejected_per_source: LocalCounter,
     pub rejected_worker_full: LocalCounter,
+    pub rejected_strangers: LocalCounter,
+    /// Requests abandoned because their client left while they waited.
+    pub peer_gone: LocalCounter,
     pub connections_evicted: LocalCounter,
     pub connections: LocalCounter,
     pub cache_hits: LocalCounter,
@@ -359,6 +378,12 @@ pub struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
+    /// The counter of connections opened to the metadata service, for the worker's
+    /// `Upstream` (same thread, so still one writer).
+    pub fn upstream_opened(&self) -> LocalCounter {
+        LocalCounter::new(&self.cells, UPSTREAM_OPENED)
+    }
+
     #[inline]
     pub fn request(&self, route: RouteLabel, status: u16) {
         let class = usize::from((status / 100).clamp(1, 5) - 1);

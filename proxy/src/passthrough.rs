@@ -5,6 +5,7 @@
 use crate::respond::{self, Persist};
 use crate::upstream::{UpstreamError, UpstreamResponse};
 use crate::worker::Worker;
+use std::net::IpAddr;
 
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -76,9 +77,12 @@ fn build(
 }
 
 /// Forwards a GET or HEAD and writes the relayed answer; returns the status written (the
-/// caller counts it).
+/// caller counts it). A HEAD goes upstream as a GET whose body is dropped: its answer is read
+/// to the byte, so its connection is pooled like any other (a HEAD answer's framing leaves
+/// that in doubt, and a connection per HEAD spends the node's connections to IMDS).
 pub async fn forward(
     w: &Worker,
+    peer: IpAddr,
     method: &str,
     path: &str,
     headers: &[httparse::Header<'_>],
@@ -91,8 +95,8 @@ pub async fn forward(
             Ok(t) => t,
             Err(e) => return fail(w, out, e, persist),
         };
-        let req = build(w, method, path, headers, token.as_deref());
-        match w.upstream.exchange(req, head_only).await {
+        let req = build(w, "GET", path, headers, token.as_deref());
+        match w.upstream.exchange(req, false, Some(peer)).await {
             Ok(resp) if resp.status == 401 && attempt == 0 => {
                 // Our token expired early, or the upstream started requiring tokens.
                 w.upstream.invalidate_token();
@@ -132,6 +136,11 @@ fn fail(w: &Worker, out: &mut Vec<u8>, e: UpstreamError, persist: Persist) -> u1
             "UpstreamError",
             "the instance metadata service sent no valid response",
         ),
+        UpstreamError::Busy => (
+            respond::UNAVAILABLE,
+            "UpstreamBusy",
+            "too many requests to the instance metadata service from this node; retry shortly",
+        ),
     };
     respond::write(
         out,
@@ -150,9 +159,10 @@ fn relay(resp: &UpstreamResponse, out: &mut Vec<u8>, persist: Persist, head_only
     let raw = &resp.raw;
     let body = raw.get(resp.head_len..).unwrap_or_default();
     let declared = resp.head.content_length;
-    // A HEAD answer has no body; its Content-Length is the GET's, as the upstream said.
+    // A HEAD answer has no body; its Content-Length is the GET's, as the upstream said (or,
+    // for the GET relayed for a HEAD, the body it sent).
     let len = if head_only {
-        declared.unwrap_or(0)
+        declared.unwrap_or(body.len())
     } else {
         body.len()
     };

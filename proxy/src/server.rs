@@ -7,6 +7,7 @@ use crate::conn;
 use crate::worker::{Shared, Worker};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -298,8 +299,9 @@ fn sweep(worker: &Rc<Worker>, listener: &std::net::TcpListener, max: usize) {
     }
 }
 
-/// Takes an accepted connection, or closes it at once when its source is at its cap or the
-/// worker is full of busy connections.
+/// Takes an accepted connection, or closes it at once when its source is at its cap, it is a
+/// stranger (not a known pod) and the strangers' share is taken, or the worker is full of
+/// pods' busy connections.
 fn admit(worker: &Rc<Worker>, stream: monoio::net::TcpStream, peer: SocketAddr, max: usize) {
     worker.metrics.connections.inc();
     let ip = peer.ip().to_canonical();
@@ -309,18 +311,27 @@ fn admit(worker: &Rc<Worker>, stream: monoio::net::TcpStream, peer: SocketAddr, 
         worker.metrics.rejected_per_source.inc();
         return;
     };
-    // At the worker's cap, the connection idle the longest makes room: a newcomer is refused
-    // only when every connection is mid-request.
+    // The admin listener answers anyone (kubelet probes, Prometheus); on the app port a
+    // source that is not a known pod draws on a small share of its own, so a burst from
+    // anywhere that reaches the port never takes the slots pods need.
+    let stranger = !worker.admin_only && !worker.is_known(&ip);
+    if stranger && worker.stranger_connections() >= worker.shared.limits.max_stranger_connections {
+        worker.metrics.rejected_strangers.inc();
+        return;
+    }
+    // At the worker's cap one connection makes room: a stranger's first (waiting for its
+    // address or not), then the keep-alive idle the longest. A newcomer is refused only when
+    // every connection is a pod's, busy with a request.
     if worker.live_connections() >= max {
-        if worker.evict_idlest() {
+        if worker.evict_one(stranger) {
             worker.metrics.connections_evicted.inc();
         } else {
             worker.metrics.rejected_worker_full.inc();
             return;
         }
     }
-    worker.starting();
-    monoio::spawn(conn::serve(stream, ip, worker.clone(), permit));
+    let tracked = worker.track(stream.as_raw_fd(), stranger);
+    monoio::spawn(conn::serve(stream, ip, stranger, tracked, permit));
 }
 
 /// One worker: an accept loop per listener on one runtime, then the graceful stop.

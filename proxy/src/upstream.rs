@@ -2,19 +2,29 @@
 //! iamlet's own IMDSv2 token (so tokenless pods keep working where the node requires
 //! IMDSv2). `!Send`: one per worker runtime.
 
+use crate::metrics::LocalCounter;
+use crate::notify::LocalNotify;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
-use std::cell::RefCell;
-use std::net::SocketAddr;
+use std::cell::{Cell, RefCell};
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// Largest upstream response relayed (user-data is at most 16 KiB).
 pub const MAX_RESPONSE: usize = 1 << 20;
-/// Idle upstream connections kept per worker: enough that concurrent pass-through requests
-/// from many pods reuse connections instead of opening new ones (loadtest/RESULTS.md).
-const MAX_IDLE: usize = 64;
+/// Most connections to the metadata service one worker holds, busy and idle together. IMDS
+/// is the node's, shared with its own processes and limited in packets per second per
+/// interface: pods' pass-through queues for these rather than opening a connection each,
+/// whatever they send.
+pub const MAX_CONNS: usize = 16;
+/// Of those, most one source's requests use at once: a pod flooding pass-through waits for
+/// its own share while its neighbours take the rest.
+pub const SOURCE_SHARE: usize = MAX_CONNS / 4;
+/// New connections per second per worker beyond the first `MAX_CONNS` (an upstream that
+/// closes every connection must not be answered with a connection per request).
+const NEW_CONNS_PER_SEC: u64 = 32;
 /// Lifetime asked for iamlet's own upstream token.
 const TOKEN_TTL: u64 = 21_600;
 const TOKEN_RENEW_BEFORE: Duration = Duration::from_secs(300);
@@ -35,6 +45,9 @@ pub enum UpstreamError {
     Timeout,
     /// Malformed, oversized, or unsupported framing.
     Protocol,
+    /// No connection to the upstream could be had within the connect timeout: the worker's
+    /// connections were all busy (or its source's share was), or new ones were rate-limited.
+    Busy,
 }
 
 impl UpstreamError {
@@ -44,6 +57,7 @@ impl UpstreamError {
             UpstreamError::ConnectTimeout => "upstream_connect_timeout",
             UpstreamError::Timeout => "upstream_timeout",
             UpstreamError::Protocol => "upstream_protocol",
+            UpstreamError::Busy => "upstream_busy",
         }
     }
 }
@@ -167,6 +181,16 @@ pub struct Upstream {
     connect_timeout: Duration,
     response_timeout: Duration,
     idle: RefCell<Vec<TcpStream>>,
+    /// Exchanges under way (each on a connection of its own), overall and per source.
+    busy: Cell<usize>,
+    busy_by_source: RefCell<ahash::AHashMap<IpAddr, usize>>,
+    /// Woken when an exchange ends (a connection or a share came free).
+    freed: LocalNotify,
+    /// New connections that may be opened now, and when that count was last topped up.
+    new_conns: Cell<u64>,
+    new_conns_at: Cell<Instant>,
+    /// Counts the connections opened.
+    opened: LocalCounter,
     token: RefCell<TokenState>,
     /// Request and response buffers of finished exchanges.
     bufs: RefCell<Vec<Vec<u8>>>,
@@ -178,6 +202,7 @@ impl Upstream {
         host: String,
         connect_timeout: Duration,
         response_timeout: Duration,
+        opened: LocalCounter,
     ) -> Self {
         Upstream {
             addr,
@@ -185,6 +210,12 @@ impl Upstream {
             connect_timeout,
             response_timeout,
             idle: RefCell::new(Vec::new()),
+            busy: Cell::new(0),
+            busy_by_source: RefCell::default(),
+            freed: LocalNotify::default(),
+            new_conns: Cell::new(MAX_CONNS as u64),
+            new_conns_at: Cell::new(Instant::now()),
+            opened,
             token: RefCell::new(TokenState::Unknown),
             bufs: RefCell::new(Vec::new()),
         }
@@ -228,7 +259,7 @@ impl Upstream {
             "PUT /latest/api/token HTTP/1.1\r\nHost: {}\r\nX-aws-ec2-metadata-token-ttl-seconds: {TOKEN_TTL}\r\nContent-Length: 0\r\n\r\n",
             self.host
         );
-        match self.exchange(req.into_bytes(), false).await {
+        match self.exchange(req.into_bytes(), false, None).await {
             Ok(resp) if resp.status == 200 => {
                 let value = String::from_utf8_lossy(&resp.raw[resp.head_len..])
                     .trim()
@@ -264,11 +295,15 @@ impl Upstream {
     /// Sends one request and reads one response (`head`: the request was a HEAD, so the
     /// answer has no body whatever its Content-Length); reuses a pooled connection when one is
     /// idle and retries once on a fresh connection if the pooled one turned out to be dead.
+    /// `source`: the pod it is for (`None`: iamlet's own), whose share it counts against.
+    /// Waits up to the connect timeout for a connection (see [`MAX_CONNS`]).
     pub async fn exchange(
         &self,
         req: Vec<u8>,
         head: bool,
+        source: Option<IpAddr>,
     ) -> Result<UpstreamResponse, UpstreamError> {
+        let _slot = self.slot(source).await?;
         let pooled = self.idle.borrow_mut().pop();
         let req = match pooled {
             Some(conn) => {
@@ -276,13 +311,21 @@ impl Upstream {
                     .await
                 {
                     Ok(Ok((resp, conn))) => return Ok(self.finish(resp, conn)),
-                    Ok(Err(RoundTrip::Stale(req))) => req,
+                    Ok(Err(RoundTrip::Stale(req))) => {
+                        if !self.take_new_conn() {
+                            self.recycle(req);
+                            return Err(UpstreamError::Busy);
+                        }
+                        req
+                    }
                     Ok(Err(RoundTrip::Failed(e))) => return Err(e),
                     Err(_) => return Err(UpstreamError::Timeout),
                 }
             }
+            // `slot` made sure a new connection may be opened.
             None => req,
         };
+        self.opened.inc();
         let conn =
             match monoio::time::timeout(self.connect_timeout, TcpStream::connect_addr(self.addr))
                 .await
@@ -300,10 +343,84 @@ impl Upstream {
         }
     }
 
+    /// A place among the exchanges under way: a free connection (pooled, or one that may be
+    /// opened now) within the worker's cap and within `source`'s share. Waits for one, woken
+    /// when an exchange ends or when the next new connection is allowed, for at most the
+    /// connect timeout.
+    async fn slot(&self, source: Option<IpAddr>) -> Result<Slot<'_>, UpstreamError> {
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let freed = self.freed.notified();
+            let share_left = source.is_none_or(|ip| {
+                self.busy_by_source.borrow().get(&ip).copied().unwrap_or(0) < SOURCE_SHARE
+            });
+            let busy = self.busy.get();
+            if share_left && busy < MAX_CONNS {
+                // Busy and idle connections together stay within the cap: with none idle, all
+                // of them are busy, so one more fits.
+                if !self.idle.borrow().is_empty() || self.take_new_conn() {
+                    return Ok(self.enter(source));
+                }
+            }
+            let now = Instant::now();
+            let until = *deadline.get_or_insert(now + self.connect_timeout);
+            if now >= until {
+                return Err(UpstreamError::Busy);
+            }
+            // Wait for a freed connection, the next new-connection allowance, or the bound.
+            let next_new =
+                self.new_conns_at.get() + Duration::from_millis(1000 / NEW_CONNS_PER_SEC);
+            let wake = if share_left && busy < MAX_CONNS {
+                until.min(next_new.max(now))
+            } else {
+                until
+            };
+            monoio::select! {
+                () = freed => {}
+                () = monoio::time::sleep(wake - now) => {}
+            }
+        }
+    }
+
+    fn enter(&self, source: Option<IpAddr>) -> Slot<'_> {
+        self.busy.set(self.busy.get() + 1);
+        if let Some(ip) = source {
+            *self.busy_by_source.borrow_mut().entry(ip).or_insert(0) += 1;
+        }
+        Slot { up: self, source }
+    }
+
+    /// Takes one new-connection allowance, topped up at [`NEW_CONNS_PER_SEC`] to at most
+    /// [`MAX_CONNS`]; false when none is left.
+    fn take_new_conn(&self) -> bool {
+        let now = Instant::now();
+        let step = Duration::from_millis(1000 / NEW_CONNS_PER_SEC);
+        let since = now.saturating_duration_since(self.new_conns_at.get());
+        let earned = (since.as_millis() / step.as_millis()) as u64;
+        if earned > 0 {
+            let topped = (self.new_conns.get() + earned).min(MAX_CONNS as u64);
+            self.new_conns.set(topped);
+            self.new_conns_at.set(if topped == MAX_CONNS as u64 {
+                now
+            } else {
+                self.new_conns_at.get() + step * earned as u32
+            });
+        }
+        match self.new_conns.get() {
+            0 => false,
+            n => {
+                self.new_conns.set(n - 1);
+                true
+            }
+        }
+    }
+
     fn finish(&self, resp: UpstreamResponse, conn: Option<TcpStream>) -> UpstreamResponse {
         if let Some(c) = conn {
             let mut idle = self.idle.borrow_mut();
-            if idle.len() < MAX_IDLE {
+            // While its exchange holds a place, a connection counts as busy; pooled, it is
+            // within the same cap.
+            if idle.len() < MAX_CONNS {
                 idle.push(c);
             }
         }
@@ -384,6 +501,29 @@ impl Upstream {
         };
         self.recycle(req);
         answer.map_err(RoundTrip::Failed)
+    }
+}
+
+/// One exchange's place (see [`Upstream::slot`]), given back on drop.
+struct Slot<'a> {
+    up: &'a Upstream,
+    source: Option<IpAddr>,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let up = self.up;
+        up.busy.set(up.busy.get() - 1);
+        if let Some(ip) = self.source {
+            let mut by = up.busy_by_source.borrow_mut();
+            if let Some(n) = by.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    by.remove(&ip);
+                }
+            }
+        }
+        up.freed.notify_all();
     }
 }
 

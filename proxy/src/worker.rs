@@ -1,8 +1,10 @@
 //! Process-wide settings shared by the workers, and each worker's own state.
 
 use crate::args::{Imdsv2Mode, MetadataPolicy};
+use crate::conns::ConnTable;
 use crate::fairness::SourceLimiter;
 use crate::metrics::{ProxyMetrics, WorkerMetrics};
+use crate::notify::LocalNotify;
 use crate::token::TokenKey;
 use crate::upstream::Upstream;
 use arc_swap::ArcSwapOption;
@@ -26,6 +28,17 @@ pub struct Limits {
     /// A write that makes no progress for this long closes the connection.
     pub write_timeout: Duration,
     pub max_connections: usize,
+    /// Of those, most held by sources that are not known pods (strangers): past it a
+    /// stranger's new connection is closed at once, so strangers never take a pod's slot.
+    pub max_stranger_connections: usize,
+}
+
+impl Limits {
+    /// The strangers' share of `max_connections`: a sixteenth, at least 4 (and no more
+    /// than the whole).
+    pub fn stranger_share(max_connections: usize) -> usize {
+        (max_connections / 16).max(4).min(max_connections)
+    }
 }
 
 impl Default for Limits {
@@ -37,6 +50,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(5),
             max_connections: 4096,
+            max_stranger_connections: Limits::stranger_share(4096),
         }
     }
 }
@@ -146,15 +160,25 @@ impl Shared {
     }
 }
 
-/// One open connection as its worker sees it.
-#[derive(Debug)]
-pub struct ConnState {
-    fd: RawFd,
-    /// 0 while the connection has a request in progress; else the worker's idle sequence
-    /// number when it started waiting for the next request (smaller: idle for longer).
-    idle_since: Cell<u64>,
-    evicted: Cell<bool>,
+/// Most bytes of answers a worker holds unwritten over all its connections: past it, a
+/// connection with answers pending writes them before answering more of its pipelined
+/// requests, so what clients send and do not read costs a bounded amount of memory.
+pub const WORKER_OUT_BUDGET: usize = 4 << 20;
+
+/// One bounded wait for an address to become a known pod, shared by every request from that
+/// address on this worker: one wait on the resolver, however many requests wait.
+#[derive(Default)]
+struct IpWait {
+    /// `Some` once finished: the pod, or `None` when the wait ran out.
+    result: RefCell<Option<Option<Arc<Identity>>>>,
+    done: LocalNotify,
+    waiters: Cell<usize>,
+    /// Set when the last waiter left before the wait finished: nobody needs it any more.
+    abandoned: Cell<bool>,
+    abandon: LocalNotify,
 }
+
+type IpWaits = Rc<RefCell<ahash::AHashMap<IpAddr, Rc<IpWait>>>>;
 
 /// One worker thread's state (`!Send`: lives on its runtime only).
 pub struct Worker {
@@ -166,13 +190,10 @@ pub struct Worker {
     /// Per-worker copies: a shared `Regex` would share its match-cache pool across threads.
     pub allow_paths: Vec<regex::Regex>,
     reader: RefCell<SnapshotReader>,
-    open: RefCell<ahash::AHashMap<u64, Rc<ConnState>>>,
-    next_conn: Cell<u64>,
-    idle_seq: Cell<u64>,
-    /// Connections shut down to make room, not yet closed by their task.
-    evicting: Cell<usize>,
-    /// Connections accepted whose task has not run yet (a stopping worker waits for them).
-    starting: Cell<usize>,
+    conns: RefCell<ConnTable>,
+    /// Bytes of answers written into connections' output buffers and not yet sent.
+    pending_out: Cell<usize>,
+    ip_waits: IpWaits,
     /// Read and output buffers of closed connections, reused by new ones (a new connection
     /// per request is what SDKs do; this saves two allocations of ~9 and 4 KiB per request).
     bufs: RefCell<Vec<(Vec<u8>, Vec<u8>)>>,
@@ -184,22 +205,23 @@ const MAX_POOLED_BUFS: usize = 256;
 impl Worker {
     pub fn new(shared: Arc<Shared>, admin_only: bool) -> Self {
         let u = &shared.upstream;
+        let metrics = shared.metrics.worker();
+        let opened = metrics.upstream_opened();
         Worker {
-            metrics: shared.metrics.worker(),
+            metrics,
             reader: RefCell::new(shared.handle.reader()),
             upstream: Upstream::new(
                 u.addr,
                 u.host.clone(),
                 u.connect_timeout,
                 u.response_timeout,
+                opened,
             ),
             allow_paths: shared.allow_paths.clone(),
             admin_only,
-            open: RefCell::new(ahash::AHashMap::new()),
-            next_conn: Cell::new(0),
-            idle_seq: Cell::new(0),
-            evicting: Cell::new(0),
-            starting: Cell::new(0),
+            conns: RefCell::new(ConnTable::new()),
+            pending_out: Cell::new(0),
+            ip_waits: Rc::default(),
             bufs: RefCell::new(Vec::new()),
             shared,
         }
@@ -209,6 +231,12 @@ impl Worker {
     #[inline]
     pub fn identity(&self, ip: &IpAddr) -> Option<Arc<Identity>> {
         self.reader.borrow_mut().load().get(ip).cloned()
+    }
+
+    /// Whether `ip` is a known pod now.
+    #[inline]
+    pub fn is_known(&self, ip: &IpAddr) -> bool {
+        self.reader.borrow_mut().load().get(ip).is_some()
     }
 
     /// Runs `f` on the identity behind `ip` in the current snapshot, borrowed: no reference
@@ -221,7 +249,7 @@ impl Worker {
 
     /// Whether `ip` is a known pod, waiting for it (as [`Worker::wait_identity`]) if not yet.
     pub async fn wait_known(&self, ip: IpAddr) -> bool {
-        self.with_identity(&ip, |_| ()).is_some() || self.wait_for(ip).await.is_some()
+        self.is_known(&ip) || self.wait_for(ip).await.is_some()
     }
 
     /// Waits for `ip` to appear, up to `--backoff-max-elapsed-time`.
@@ -232,56 +260,113 @@ impl Worker {
         self.wait_for(ip).await
     }
 
-    /// Waits for `ip`, not in the current snapshot, to appear.
+    /// Waits for `ip`, not in the current snapshot, to appear: joins the wait already under
+    /// way for `ip` on this worker (ending when it ends) or starts one.
     async fn wait_for(&self, ip: IpAddr) -> Option<Arc<Identity>> {
-        match monoio::time::timeout(self.shared.wait_ip, self.shared.handle.wait_for_ip(ip)).await {
-            Ok(id) => {
+        let wait = self.ip_wait(ip);
+        wait.waiters.set(wait.waiters.get() + 1);
+        let _leave = Leave(&wait);
+        let found = loop {
+            let done = wait.done.notified();
+            if let Some(r) = &*wait.result.borrow() {
+                break r.clone();
+            }
+            done.await;
+        };
+        match found {
+            Some(id) => {
                 self.metrics.ip_found.inc();
                 Some(id)
             }
-            Err(_) => {
+            None => {
                 self.metrics.ip_timeout.inc();
                 None
             }
         }
     }
 
+    /// The wait under way for `ip`, or a new one: a task on this worker waits on the
+    /// resolver, bounded, and wakes every request waiting for `ip` when it ends.
+    fn ip_wait(&self, ip: IpAddr) -> Rc<IpWait> {
+        if let Some(w) = self.ip_waits.borrow().get(&ip)
+            && !w.abandoned.get()
+        {
+            return w.clone();
+        }
+        let wait = Rc::new(IpWait::default());
+        self.ip_waits.borrow_mut().insert(ip, wait.clone());
+        let (w, waits) = (wait.clone(), self.ip_waits.clone());
+        let (handle, bound) = (self.shared.handle.clone(), self.shared.wait_ip);
+        monoio::spawn(async move {
+            let abandoned = async {
+                let n = w.abandon.notified();
+                if !w.abandoned.get() {
+                    n.await;
+                }
+            };
+            let found = monoio::select! {
+                r = monoio::time::timeout(bound, handle.wait_for_ip(ip)) => Some(r.ok()),
+                _ = abandoned => None,
+            };
+            let mut all = waits.borrow_mut();
+            if all.get(&ip).is_some_and(|x| Rc::ptr_eq(x, &w)) {
+                all.remove(&ip);
+            }
+            drop(all);
+            *w.result.borrow_mut() = Some(found.flatten());
+            w.done.notify_all();
+        });
+        wait
+    }
+
+    /// Addresses with a wait under way on this worker (for tests and debugging).
+    pub fn ip_waits(&self) -> usize {
+        self.ip_waits.borrow().len()
+    }
+
     pub fn stopping(&self) -> bool {
         self.shared.stopping.load(Ordering::Relaxed)
     }
 
-    /// A connection was accepted; its task will call [`Worker::track`].
-    pub fn starting(&self) {
-        self.starting.set(self.starting.get() + 1);
-    }
-
     /// Connections accepted and not yet closed, whether or not their task has run.
     pub fn unfinished_connections(&self) -> usize {
-        self.open.borrow().len() + self.starting.get()
+        self.conns.borrow().open()
     }
 
     /// Open connections that are not already being closed to make room.
     pub fn live_connections(&self) -> usize {
-        self.open.borrow().len() - self.evicting.get()
+        self.conns.borrow().live()
     }
 
-    /// Closes the connection that has waited longest for its next request (a keep-alive
-    /// connection between requests); false when every connection is mid-request.
-    pub fn evict_idlest(&self) -> bool {
-        let open = self.open.borrow();
-        let idlest = open
-            .values()
-            .filter(|c| c.idle_since.get() != 0 && !c.evicted.get())
-            .min_by_key(|c| c.idle_since.get());
-        let Some(c) = idlest else { return false };
-        c.evicted.set(true);
-        self.evicting.set(self.evicting.get() + 1);
+    /// Open connections from sources that were not known pods when accepted.
+    pub fn stranger_connections(&self) -> usize {
+        self.conns.borrow().strangers()
+    }
+
+    /// Closes one connection to make room, in [`ConnTable::evict`]'s order (a stranger, then
+    /// the longest-idle keep-alive); false when every connection is a pod's busy one.
+    /// Room for a stranger (`for_stranger`) is only ever made by another stranger.
+    pub fn evict_one(&self, for_stranger: bool) -> bool {
+        let Some(fd) = self.conns.borrow_mut().evict(for_stranger) else {
+            return false;
+        };
         // Its pending read sees EOF and the connection's task ends as after a peer close.
-        let _ = nix::sys::socket::shutdown(c.fd, nix::sys::socket::Shutdown::Both);
+        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
         true
     }
 
-    /// Tracks a connection; the returned guard untracks it.
+    /// Bytes of answers not yet sent, over the worker's connections.
+    pub fn pending_out(&self) -> usize {
+        self.pending_out.get()
+    }
+
+    /// `n` bytes of answers are about to be written (`true`) or are done with (`false`).
+    pub fn hold_out(&self, n: usize, held: bool) {
+        let p = self.pending_out.get();
+        self.pending_out
+            .set(if held { p + n } else { p.saturating_sub(n) });
+    }
+
     /// A connection's read buffer (capacity `rcap`) and output buffer, empty.
     pub fn take_bufs(&self, rcap: usize) -> (Vec<u8>, Vec<u8>) {
         self.bufs
@@ -302,20 +387,15 @@ impl Worker {
         }
     }
 
-    pub fn track(&self, fd: RawFd) -> ConnGuard<'_> {
-        self.starting.set(self.starting.get().saturating_sub(1));
-        let id = self.next_conn.get();
-        self.next_conn.set(id + 1);
-        let state = Rc::new(ConnState {
-            fd,
-            idle_since: Cell::new(0),
-            evicted: Cell::new(false),
-        });
-        self.open.borrow_mut().insert(id, state.clone());
+    /// Tracks a connection from the moment it is admitted (`stranger`: its source was not a
+    /// known pod), before its task first runs: the caps count a burst of accepted
+    /// connections at once, not only those whose tasks have started. The returned guard
+    /// untracks it.
+    pub fn track(self: &Rc<Self>, fd: RawFd, stranger: bool) -> ConnGuard {
+        let id = self.conns.borrow_mut().insert(fd, stranger);
         ConnGuard {
-            worker: self,
+            worker: self.clone(),
             id,
-            state,
         }
     }
 
@@ -325,41 +405,46 @@ impl Worker {
     /// answered. Busy ones are left alone: they answer with `Connection: close` (the worker
     /// is stopping) and close then.
     pub fn close_reads(&self) {
-        for c in self.open.borrow().values() {
-            if c.idle_since.get() != 0 {
-                let _ = nix::sys::socket::shutdown(c.fd, nix::sys::socket::Shutdown::Read);
-            }
+        for fd in self.conns.borrow().idle_fds() {
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
         }
     }
 }
 
-/// Untracks a connection when dropped.
-pub struct ConnGuard<'a> {
-    worker: &'a Worker,
-    id: u64,
-    state: Rc<ConnState>,
+/// Leaves a shared [`IpWait`]; the last waiter to leave an unfinished wait ends it.
+struct Leave<'a>(&'a IpWait);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let w = self.0;
+        w.waiters.set(w.waiters.get() - 1);
+        if w.waiters.get() == 0 && w.result.borrow().is_none() {
+            w.abandoned.set(true);
+            w.abandon.notify_all();
+        }
+    }
 }
 
-impl ConnGuard<'_> {
+/// A tracked connection, and its worker; untracks the connection when dropped.
+pub struct ConnGuard {
+    worker: Rc<Worker>,
+    id: u32,
+}
+
+impl ConnGuard {
+    pub fn worker(&self) -> &Rc<Worker> {
+        &self.worker
+    }
+
     /// The connection waits for its next request (true) or has one in progress (false).
     #[inline]
     pub fn set_idle(&self, idle: bool) {
-        let seq = if idle {
-            let n = self.worker.idle_seq.get() + 1;
-            self.worker.idle_seq.set(n);
-            n
-        } else {
-            0
-        };
-        self.state.idle_since.set(seq);
+        self.worker.conns.borrow_mut().set_idle(self.id, idle);
     }
 }
 
-impl Drop for ConnGuard<'_> {
+impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.worker.open.borrow_mut().remove(&self.id);
-        if self.state.evicted.get() {
-            self.worker.evicting.set(self.worker.evicting.get() - 1);
-        }
+        self.worker.conns.borrow_mut().remove(self.id);
     }
 }

@@ -4,6 +4,7 @@
 //! here is killed by PID on drop. It contains no tests of iamlet itself (see `tests/tests/`).
 
 pub mod apiserver;
+pub mod attack;
 pub mod client;
 pub mod drivers;
 pub mod iamlet;

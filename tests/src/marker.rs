@@ -6,7 +6,7 @@
 use crate::wire;
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,7 +32,12 @@ impl Seen {
 struct Shared {
     stop: AtomicBool,
     interim: AtomicBool,
+    /// Milliseconds each answer is held.
+    delay_ms: AtomicU64,
     seen: Mutex<Vec<Seen>>,
+    accepted: AtomicUsize,
+    open: AtomicUsize,
+    max_open: AtomicUsize,
 }
 
 /// The marker upstream on 127.0.0.1:0; stopped on drop.
@@ -55,7 +60,13 @@ impl MarkerImds {
                 }
                 let Ok(conn) = conn else { return };
                 let s = s.clone();
-                std::thread::spawn(move || serve(conn, &s));
+                s.accepted.fetch_add(1, Ordering::SeqCst);
+                let open = s.open.fetch_add(1, Ordering::SeqCst) + 1;
+                s.max_open.fetch_max(open, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    serve(conn, &s);
+                    s.open.fetch_sub(1, Ordering::SeqCst);
+                });
             }
         });
         MarkerImds { addr, shared }
@@ -68,6 +79,23 @@ impl MarkerImds {
     /// Answer every request with `100 Continue` first (a hostile or odd upstream).
     pub fn send_interim(&self, yes: bool) {
         self.shared.interim.store(yes, Ordering::SeqCst);
+    }
+
+    /// Hold every answer for `d` before sending it.
+    pub fn delay(&self, d: Duration) {
+        self.shared
+            .delay_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// The most connections open at once so far.
+    pub fn max_open_connections(&self) -> usize {
+        self.shared.max_open.load(Ordering::SeqCst)
     }
 
     /// Every request received so far.
@@ -106,6 +134,10 @@ fn serve(conn: TcpStream, s: &Shared) {
             path: path.clone(),
             headers: head.headers.clone(),
         });
+        let delay = s.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         let mut reply = Vec::new();
         if s.interim.load(Ordering::SeqCst) {
             reply.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");

@@ -5,147 +5,14 @@
 //! the identity findings by what reaches the upstream. Every attack is bounded in count and
 //! time and talks only to loopback.
 
+use iamlet_e2e::attack::{agent, under_attack, warm};
 use iamlet_e2e::marker::{MARKER, MarkerImds};
 use iamlet_e2e::rig::data::{self as dataplane, OTHER_POD, POD, UNKNOWN, ip, sample};
-use iamlet_e2e::{Conn, Iamlet, Moto, Response, drivers, get_from, request_from, wait_until};
+use iamlet_e2e::{Conn, Moto, Response, drivers, get_from, request_from};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-const NEIGHBOUR_PATH: &str = "/latest/meta-data/iam/security-credentials/other-role";
-/// The chart's memory limit is 128 Mi; the agent must stay well inside it.
-const RSS_LIMIT_KIB: u64 = 64 * 1024;
-
-/// iamlet with the data-plane pods, `upstream` as the metadata service, default limits.
-fn agent(driver: &str, moto: &Moto, upstream: SocketAddr, extra: &[&str]) -> Iamlet {
-    let mut b = dataplane::builder_at(driver, moto, upstream, extra);
-    // Scrapes share a rendering, as in production (the rig renders every scrape otherwise).
-    if !extra.iter().any(|a| a.starts_with("--metrics-max-age")) {
-        b = b.arg("--metrics-max-age=1s");
-    }
-    b.start()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// What the neighbour pod saw, and the agent's largest RSS, during an attack.
-struct Observed {
-    latencies: Vec<Duration>,
-    failures: Vec<String>,
-    max_rss_kib: u64,
-}
-
-impl Observed {
-    fn p99(&self) -> Duration {
-        let mut l = self.latencies.clone();
-        l.sort();
-        l.get((l.len() * 99).div_ceil(100).saturating_sub(1))
-            .copied()
-            .unwrap_or_default()
-    }
-
-    fn assert_unharmed(&self, what: &str) {
-        println!(
-            "{what}: neighbour {} requests, {} failed, p99 {:?}; agent max RSS {} KiB",
-            self.latencies.len() + self.failures.len(),
-            self.failures.len(),
-            self.p99(),
-            self.max_rss_kib
-        );
-        assert!(
-            self.latencies.len() >= 40,
-            "{what}: the neighbour made too few requests ({})",
-            self.latencies.len()
-        );
-        assert!(
-            self.failures.is_empty(),
-            "{what}: the neighbour's requests failed: {:?}",
-            &self.failures[..self.failures.len().min(10)]
-        );
-        assert!(
-            self.p99() < Duration::from_millis(100),
-            "{what}: the neighbour's p99 was {:?}",
-            self.p99()
-        );
-        assert!(
-            self.max_rss_kib < RSS_LIMIT_KIB,
-            "{what}: the agent's RSS reached {} KiB",
-            self.max_rss_kib
-        );
-    }
-}
-
-/// Runs `attack` while the neighbour pod (OTHER_POD) asks for its credentials 50 times a
-/// second on new connections and the agent's RSS is sampled; the neighbour goes on for
-/// `window` after the attack started (the attack itself runs on its own threads).
-fn under_attack(iamlet: &Iamlet, window: Duration, attack: impl FnOnce()) -> Observed {
-    let addr = iamlet.addr();
-    let pid = iamlet.pid();
-    let stop = Arc::new(AtomicBool::new(false));
-    let max_rss = Arc::new(AtomicU64::new(rss_kib(pid)));
-    let sampler = {
-        let (stop, max_rss) = (stop.clone(), max_rss.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                max_rss.fetch_max(rss_kib(pid), Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(25));
-            }
-        })
-    };
-    let neighbour = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut latencies, mut failures) = (Vec::new(), Vec::new());
-            let start = Instant::now();
-            let mut n = 0u32;
-            while !stop.load(Ordering::SeqCst) {
-                // 50 per second, on schedule.
-                let due = start + Duration::from_millis(20) * n;
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-                n += 1;
-                let t = Instant::now();
-                let raw = format!(
-                    "GET {NEIGHBOUR_PATH} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n"
-                );
-                match iamlet_e2e::try_request_from(ip(OTHER_POD), addr, raw.as_bytes()) {
-                    Ok(r) if r.status == 200 && r.body_str().contains("\"Code\" : \"Success\"") => {
-                        latencies.push(t.elapsed());
-                    }
-                    Ok(r) => failures.push(format!("{} {}", r.status, r.body_str())),
-                    Err(e) => failures.push(e.to_string()),
-                }
-            }
-            (latencies, failures)
-        })
-    };
-    let attack_started = Instant::now();
-    attack();
-    if let Some(left) = window.checked_sub(attack_started.elapsed()) {
-        std::thread::sleep(left);
-    }
-    stop.store(true, Ordering::SeqCst);
-    let (latencies, failures) = neighbour.join().expect("neighbour thread");
-    sampler.join().expect("sampler thread");
-    Observed {
-        latencies,
-        failures,
-        max_rss_kib: max_rss.load(Ordering::SeqCst).max(rss_kib(pid)),
-    }
-}
 
 /// A socket from `src` with a small receive buffer (set before connect, so the window the
 /// agent sees is small too).
@@ -156,15 +23,6 @@ fn small_window_socket(src: Ipv4Addr, dst: SocketAddr) -> std::io::Result<TcpStr
     sock.connect_timeout(&SockAddr::from(dst), Duration::from_secs(2))?;
     sock.set_write_timeout(Some(Duration::from_secs(2)))?;
     Ok(sock.into())
-}
-
-/// Warms the neighbour's credentials so that the attack windows measure serving, not STS.
-fn warm(iamlet: &Iamlet) {
-    wait_until!(
-        Duration::from_secs(20),
-        get_from(ip(OTHER_POD), iamlet.addr(), NEIGHBOUR_PATH).status == 200,
-        "the neighbour's first credentials"
-    );
 }
 
 #[test]
@@ -493,8 +351,8 @@ fn head_on_a_pass_through_path_answers_at_once_without_a_body() {
         let (moto, up) = (Moto::start(), MarkerImds::start());
         let iamlet = agent(driver, &moto, up.addr(), &["--workers=1"]);
         let path = "/latest/meta-data/instance-id";
-        // What the upstream says the GET-equivalent body of this HEAD is.
-        let body_len = format!("{MARKER} HEAD {path}").len();
+        // A HEAD is relayed as a GET whose body is dropped: its length is the GET's body's.
+        let body_len = format!("{MARKER} GET {path}").len();
         let mut c = Conn::open(ip(POD), iamlet.addr());
         let t = Instant::now();
         let head = c.send(format!("HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
