@@ -57,6 +57,11 @@ echo "iamlet's direct dependencies: $(tr '\n' ' ' <<<"$direct")"
 step "build"
 cargo build --locked -p iamlet
 
+step "real control plane: kube-apiserver and etcd from their Go modules (cached)"
+# Built once per machine into ~/.cache/iamlet-kube (keyed by the versions in tests/kube/go.mod);
+# the control-plane tests start them on loopback (tests/kube/start.sh).
+tests/kube/build.sh
+
 step "deploy tests"
 deploy/tests/run.sh   # manifests, Helm chart, dashboard, Dockerfile, docs/configuration.md
 

@@ -14,6 +14,7 @@ pub mod moto;
 pub mod netns;
 pub mod process;
 pub mod python;
+pub mod realapi;
 pub mod rig;
 pub mod stsproxy;
 pub mod util;

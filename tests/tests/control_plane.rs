@@ -1,64 +1,41 @@
-//! The control plane end to end: the real `iamlet` binary watching the stand-in API server
-//! (`--api-server=http://127.0.0.1:PORT --node=node-a`), moto as STS, the fake IMDS
-//! upstream, raw clients from the pods' own IPs. The worst failure this product can have is
-//! one pod getting another pod's role; these tests drive pod lifecycles and check what the
-//! running proxy answers.
+//! The control plane end to end against the real thing: the `iamlet` binary watching a real
+//! kube-apiserver (and etcd) built from their Go modules, with the shipped ServiceAccount's
+//! token and nothing more (`deploy/manifests/iamlet.yaml`'s RBAC), moto as STS, the fake IMDS
+//! upstream, raw clients from the pods' own IPs. Each test has a node and namespaces of its
+//! own on the shared server. The worst failure this product can have is one pod getting
+//! another pod's role; these tests drive pod lifecycles and check what the running proxy
+//! answers. What only a scripted server can do (a stream cut mid-event, a 410 at an exact
+//! moment, a 500 on a relist) is in `control_plane_faults.rs`.
 
-use iamlet_e2e::rig::control as common;
-
-use common::{BASE, LIST, NODE, rig};
-use iamlet_e2e::apiserver::{ApiRequest, ApiServer, PodBuilder};
+use iamlet_e2e::apiserver::PodBuilder;
+use iamlet_e2e::realapi::RealApiServer;
+use iamlet_e2e::rig::control::{BASE, LIST, real, real_with};
 use iamlet_e2e::rig::data::sample;
 use iamlet_e2e::wait_until;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-fn pod_requests(api: &ApiServer) -> Vec<ApiRequest> {
-    api.requests()
-        .into_iter()
-        .filter(|r| r.method == "GET" && r.path == "/api/v1/pods")
-        .collect()
-}
+/// The agent's user, as the API server authenticates its token.
+const AGENT: &str = "system:serviceaccount:kube-system:iamlet";
 
 #[test]
-fn the_node_field_selector_is_sent_and_honoured() {
-    // With --api-token: the stand-in answers 401 without `Authorization: Bearer sekret`.
-    let api = ApiServer::builder().token("sekret").start();
-    api.create_pod(&PodBuilder::running("shop", "mine", NODE, "127.20.0.1").role("mine"));
-    api.create_pod(&PodBuilder::running("shop", "theirs", "node-b", "127.20.0.2").role("theirs"));
-    let r = rig(
-        api,
-        &["--backoff-max-elapsed-time=300ms", "--api-token=sekret"],
-    );
+fn the_node_field_selector_scopes_every_list_and_watch_to_this_node() {
+    let api = RealApiServer::shared();
+    let s = api.scope("field-selector");
+    let ns = s.ns("shop");
+    let other = format!("{}-other", s.node);
+    s.create_node(&other);
+    s.create_pod(&PodBuilder::running(&ns, "mine", &s.node, "127.20.0.1").role("mine"));
+    s.create_pod(&PodBuilder::running(&ns, "theirs", &other, "127.20.0.2").role("theirs"));
+    let node = s.node.clone();
+    let r = real(s, &["--backoff-max-elapsed-time=300ms"]);
 
-    let reqs = pod_requests(&r.api);
-    assert!(reqs.iter().any(|q| !q.is_watch()), "a list: {reqs:?}");
-    for q in &reqs {
-        assert_eq!(
-            q.param("fieldSelector"),
-            Some("spec.nodeName=node-a"),
-            "every pod list and watch is scoped to this node: {q:?}"
-        );
-        assert_ne!(
-            q.param("resourceVersion").filter(|_| !q.is_watch()),
-            Some("0"),
-            "lists are consistent reads, never a possibly stale cache: {q:?}"
-        );
-    }
-    assert!(
-        r.api
-            .requests()
-            .iter()
-            .all(|q| q.path != "/api/v1/namespaces"),
-        "no namespace watch without namespace restrictions"
-    );
     let resp = r.get("127.20.0.1", LIST);
     assert_eq!((resp.status, resp.body_str().as_str()), (200, "mine"));
     // Another node's pod is unknown here, now and after it changes.
     assert_eq!(r.get("127.20.0.2", LIST).status, 404);
     r.api
-        .create_pod(&PodBuilder::running("shop", "later", "node-b", "127.20.0.3").role("later"));
-    r.api.set_pod_phase("shop", "theirs", "Running");
+        .create_pod(&PodBuilder::running(&ns, "later", &other, "127.20.0.3").role("later"));
+    r.api.set_pod_phase(&ns, "theirs", "Running");
     assert_eq!(r.get("127.20.0.3", LIST).status, 404);
     let store = r.store();
     let ips: Vec<&str> = store["pods"]
@@ -68,24 +45,50 @@ fn the_node_field_selector_is_sent_and_honoured() {
         .map(|p| p["ip"].as_str().unwrap())
         .collect();
     assert_eq!(ips, ["127.20.0.1"], "{store}");
-    // kube2iam's /debug/store keys are there too.
     assert_eq!(store["rolesByIP"]["127.20.0.1"], format!("{BASE}mine"));
-    assert_eq!(store["namespaceByIP"]["127.20.0.1"], "shop");
+    assert_eq!(store["namespaceByIP"]["127.20.0.1"], ns);
+
+    // What the API server itself recorded of this agent's pod requests (its audit log):
+    // every list and watch carries this node's field selector, lists are consistent reads
+    // (never resourceVersion=0), and no namespace is read without restrictions.
+    let selector = format!("fieldSelector=spec.nodeName%3D{node}");
+    let mine: Vec<String> = api
+        .audit_of(AGENT)
+        .iter()
+        .filter_map(|e| e["requestURI"].as_str().map(str::to_owned))
+        .filter(|u| u.starts_with("/api/v1/pods") && u.contains(&node))
+        .collect();
+    assert!(
+        mine.iter().any(|u| !u.contains("watch=")),
+        "a list: {mine:?}"
+    );
+    assert!(
+        mine.iter().any(|u| u.contains("watch=")),
+        "a watch: {mine:?}"
+    );
+    for u in &mine {
+        assert!(u.contains(&selector), "{u}");
+        if !u.contains("watch=") {
+            assert!(!u.contains("resourceVersion=0"), "a consistent list: {u}");
+        }
+    }
 }
 
 #[test]
 fn a_pod_asking_milliseconds_after_creation_gets_its_own_role() {
-    let api = ApiServer::start();
-    let r = rig(
-        api,
+    let s = RealApiServer::shared().scope("milliseconds");
+    let ns = s.ns("shop");
+    let r = real(
+        s,
         &["--default-role=fallback", "--backoff-max-elapsed-time=2s"],
     );
     let mut slowest = Duration::ZERO;
     for i in 1..=20u8 {
         let src = format!("127.21.0.{i}");
         let role = format!("own-{i}");
-        r.api
-            .create_pod(&PodBuilder::running("shop", &format!("new-{i}"), NODE, &src).role(&role));
+        r.api.create_pod(
+            &PodBuilder::running(&ns, &format!("new-{i}"), &r.api.node, &src).role(&role),
+        );
         // No pause: the request races the watch event.
         let t = Instant::now();
         let list = r.get(&src, LIST);
@@ -101,56 +104,101 @@ fn a_pod_asking_milliseconds_after_creation_gets_its_own_role() {
         assert_eq!(doc["Code"], "Success");
     }
     eprintln!("slowest first answer after creation: {slowest:?}");
-    // And a pod without an annotation does get the default role.
-    r.api
-        .create_pod(&PodBuilder::running("shop", "plain", NODE, "127.21.0.99"));
+    r.api.create_pod(&PodBuilder::running(
+        &ns,
+        "plain",
+        &r.api.node,
+        "127.21.0.99",
+    ));
     let plain = r.get("127.21.0.99", LIST);
     assert_eq!((plain.status, plain.body_str().as_str()), (200, "fallback"));
 }
 
-fn denied_events(api: &ApiServer, pod: &str) -> Vec<serde_json::Value> {
-    api.events()
+#[test]
+fn pods_changed_deleted_finished_and_ips_reused_never_answer_a_role_that_is_not_the_owners() {
+    let s = RealApiServer::shared().scope("lifecycle");
+    let ns = s.ns("shop");
+    s.create_pod(&PodBuilder::running(&ns, "a", &s.node, "127.23.0.1").role("a"));
+    let r = real(s, &["--backoff-max-elapsed-time=300ms"]);
+    assert_eq!(r.get("127.23.0.1", LIST).body_str(), "a");
+
+    // The annotation changes: the new role, never the old one afterwards.
+    r.api
+        .annotate_pod(&ns, "a", &[("iam.amazonaws.com/role", "a-2")]);
+    let changed = r.eventually("127.23.0.1", LIST, Duration::from_secs(5), |x| {
+        x.body_str() == "a-2"
+    });
+    assert_eq!(changed.body_str(), "a-2");
+
+    // Deleted: unknown. The IP is reused by a new pod: its role.
+    r.api.delete_pod(&ns, "a");
+    let gone = r.eventually("127.23.0.1", LIST, Duration::from_secs(5), |x| {
+        x.status == 404
+    });
+    assert_eq!(gone.status, 404);
+    r.api
+        .create_pod(&PodBuilder::running(&ns, "b", &r.api.node, "127.23.0.1").role("b"));
+    assert_eq!(r.get("127.23.0.1", LIST).body_str(), "b");
+
+    // Finished (Succeeded): its IP is no longer its identity.
+    r.api.set_pod_phase(&ns, "b", "Succeeded");
+    let done = r.eventually("127.23.0.1", LIST, Duration::from_secs(5), |x| {
+        x.status == 404
+    });
+    assert_eq!(done.status, 404, "{}", done.body_str());
+    // A hostNetwork pod is never mapped.
+    r.api.create_pod(
+        &PodBuilder::running(&ns, "host", &r.api.node, "127.23.0.2")
+            .role("host")
+            .host_network(),
+    );
+    r.api
+        .create_pod(&PodBuilder::running(&ns, "c", &r.api.node, "127.23.0.3").role("c"));
+    assert_eq!(r.get("127.23.0.3", LIST).body_str(), "c");
+    assert_eq!(r.get("127.23.0.2", LIST).status, 404);
+}
+
+fn denied_events(
+    r: &iamlet_e2e::rig::control::Rig<iamlet_e2e::realapi::Scope>,
+    ns: &str,
+    pod: &str,
+) -> Vec<serde_json::Value> {
+    r.api
+        .events_for(ns, pod)
         .into_iter()
-        .filter(|e| e["reason"] == "IamRoleDenied" && e["regarding"]["name"] == pod)
+        .filter(|e| e["reason"] == "IamRoleDenied")
         .collect()
 }
 
 #[test]
-fn a_namespace_annotation_change_takes_effect_and_denials_are_immediate() {
+fn a_namespace_annotation_change_takes_effect_and_denials_are_events_the_server_accepts() {
     const KEY: &str = "iam.amazonaws.com/allowed-roles";
-    let api = ApiServer::start();
-    api.set_namespace("team", &[(KEY, r#"["web-*"]"#)]);
-    api.create_pod(&PodBuilder::running("team", "app", NODE, "127.22.0.1").role("app"));
-    api.create_pod(&PodBuilder::running("team", "web", NODE, "127.22.0.2").role("web-1"));
+    let s = RealApiServer::shared().scope("namespaces");
+    let team = s.ns("team");
+    s.set_namespace(&team, &[(KEY, r#"["web-*"]"#)]);
+    s.create_pod(&PodBuilder::running(&team, "app", &s.node, "127.22.0.1").role("app"));
+    s.create_pod(&PodBuilder::running(&team, "web", &s.node, "127.22.0.2").role("web-1"));
     // A second denied pod: its Event marks the point by which every earlier report was handled.
-    api.create_pod(&PodBuilder::running("team", "app-b", NODE, "127.22.0.4").role("app"));
-    let r = rig(
-        api,
+    s.create_pod(&PodBuilder::running(&team, "app-b", &s.node, "127.22.0.4").role("app"));
+    let node = s.node.clone();
+    let r = real(
+        s,
         &[
             "--namespace-restrictions",
             "--default-role=fallback",
             "--backoff-max-elapsed-time=2s",
         ],
     );
-    let ns_watch = r
-        .api
-        .requests()
-        .into_iter()
-        .filter(|q| q.path == "/api/v1/namespaces")
-        .count();
-    assert!(ns_watch >= 1, "namespaces are watched with restrictions on");
-
     let misses = sample(r.iamlet.addr(), "iamlet_credential_cache_misses_total");
     let denied = r.get("127.22.0.1", LIST);
     assert_eq!(denied.status, 403, "{}", denied.body_str());
     assert_eq!(
         denied.body_str(),
         format!(
-            "Forbidden: role {BASE}app is not allowed in namespace team by its {KEY} annotation\n"
+            "Forbidden: role {BASE}app is not allowed in namespace {team} by its {KEY} annotation\n"
         )
     );
-    let creds = r.get("127.22.0.1", &format!("{LIST}app"));
-    assert_eq!(creds.status, 403);
+    assert_eq!(r.get("127.22.0.1", &format!("{LIST}app")).status, 403);
     assert_eq!(
         sample(r.iamlet.addr(), "iamlet_credential_cache_misses_total"),
         misses,
@@ -158,34 +206,37 @@ fn a_namespace_annotation_change_takes_effect_and_denials_are_immediate() {
     );
     assert_eq!(r.get("127.22.0.2", LIST).body_str(), "web-1");
 
-    // One IamRoleDenied Event on the pod, however many denied requests.
+    // One IamRoleDenied Event on the pod, however many denied requests: accepted by the real
+    // server's validation, and found the way `kubectl get events --field-selector
+    // involvedObject.name=app` finds it.
     for _ in 0..5 {
         assert_eq!(r.get("127.22.0.1", LIST).status, 403);
     }
-    // Reports are handled in order: once app-b's Event exists, all of app's were handled.
     assert_eq!(r.get("127.22.0.4", LIST).status, 403);
     wait_until!(
-        Duration::from_secs(5),
-        !denied_events(&r.api, "app-b").is_empty(),
+        Duration::from_secs(10),
+        !denied_events(&r, &team, "app-b").is_empty(),
         "app-b's IamRoleDenied Event"
     );
-    let events = denied_events(&r.api, "app");
+    let events = denied_events(&r, &team, "app");
     assert_eq!(events.len(), 1, "{events:?}");
     let ev = &events[0];
     assert_eq!(ev["type"], "Warning");
-    assert_eq!(ev["regarding"]["kind"], "Pod");
-    assert_eq!(ev["regarding"]["namespace"], "team");
-    assert_eq!(ev["reportingController"], "iamlet");
-    assert_eq!(ev["reportingInstance"], NODE);
+    assert_eq!(ev["involvedObject"]["kind"], "Pod");
+    assert_eq!(ev["involvedObject"]["namespace"], team.as_str());
+    assert_eq!(ev["involvedObject"]["name"], "app");
+    assert_eq!(ev["reportingComponent"], "iamlet");
+    assert_eq!(ev["reportingInstance"], node.as_str());
     assert!(
-        ev["note"]
+        ev["message"]
             .as_str()
             .unwrap()
-            .contains("is not allowed in namespace team")
+            .contains(&format!("is not allowed in namespace {team}")),
+        "{ev}"
     );
 
     // The namespace now allows app: the same pod gets its role, without a restart.
-    r.api.set_namespace("team", &[(KEY, r#"["web-*", "app"]"#)]);
+    r.api.set_namespace(&team, &[(KEY, r#"["web-*", "app"]"#)]);
     let ok = r.eventually("127.22.0.1", LIST, Duration::from_secs(5), |x| {
         x.status == 200
     });
@@ -193,10 +244,14 @@ fn a_namespace_annotation_change_takes_effect_and_denials_are_immediate() {
     let creds = r.get("127.22.0.1", &format!("{LIST}app"));
     assert_eq!(creds.status, 200, "{}", creds.body_str());
     let store = r.store();
-    assert_eq!(store["rolesByNamespace"]["team"][1], "app", "{store}");
+    assert_eq!(
+        store["rolesByNamespace"][team.as_str()][1],
+        "app",
+        "{store}"
+    );
 
     // Annotation removed: denied again; the default role still passes.
-    r.api.set_namespace("team", &[]);
+    r.api.set_namespace(&team, &[]);
     let again = r.eventually("127.22.0.1", LIST, Duration::from_secs(5), |x| {
         x.status == 403
     });
@@ -205,85 +260,33 @@ fn a_namespace_annotation_change_takes_effect_and_denials_are_immediate() {
         "{}",
         again.body_str()
     );
-    r.api
-        .create_pod(&PodBuilder::running("team", "plain", NODE, "127.22.0.3"));
+    r.api.create_pod(&PodBuilder::running(
+        &team,
+        "plain",
+        &r.api.node,
+        "127.22.0.3",
+    ));
     let plain = r.get("127.22.0.3", LIST);
     assert_eq!((plain.status, plain.body_str().as_str()), (200, "fallback"));
 }
 
 #[test]
-fn updates_made_while_the_watch_is_broken_or_expired_are_not_lost() {
-    let api = ApiServer::start();
-    api.create_pod(&PodBuilder::running("shop", "a", NODE, "127.23.0.1").role("a"));
-    let r = rig(api, &["--backoff-max-elapsed-time=300ms"]);
-    assert_eq!(r.get("127.23.0.1", LIST).body_str(), "a");
-
-    // A broken stream: the changes made meanwhile arrive on the resumed watch.
-    r.api.drop_watches();
-    r.api.delete_pod("shop", "a");
-    r.api
-        .create_pod(&PodBuilder::running("shop", "b", NODE, "127.23.0.1").role("b"));
-    let b = r.eventually("127.23.0.1", LIST, Duration::from_secs(10), |x| {
-        x.body_str() == "b"
-    });
-    assert_eq!(b.body_str(), "b");
-
-    // History compacted and the stream ended with 410 inside it: a relist.
-    r.api.stall_watches(Duration::from_millis(200));
-    r.api.delete_pod("shop", "b");
-    r.api
-        .create_pod(&PodBuilder::running("shop", "c", NODE, "127.23.0.1").role("c"));
-    r.api.compact();
-    r.api.expire_watches();
-    let c = r.eventually("127.23.0.1", LIST, Duration::from_secs(10), |x| {
-        x.body_str() == "c"
-    });
-    assert_eq!(c.body_str(), "c");
-
-    // A 500 on the relist, then success.
-    r.api.fail_next(2, 500);
-    r.api.compact();
-    r.api.drop_watches();
-    r.api.delete_pod("shop", "c");
-    let gone = r.eventually("127.23.0.1", LIST, Duration::from_secs(10), |x| {
-        x.status == 404
-    });
-    assert_eq!(gone.status, 404);
-
-    let m = r.metrics();
-    assert!(
-        m.contains("iamlet_watch_relists_total{resource=\"pods\"}"),
-        "{m}"
-    );
-    assert!(
-        m.contains("iamlet_watch_errors_total{resource=\"pods\",kind=\"expired\"}"),
-        "{m}"
-    );
-    assert!(r.api.stats().expired_sent.load(Ordering::Relaxed) >= 1);
-}
-
-#[test]
-fn an_sts_failure_is_reported_as_an_event_on_the_pod() {
-    let api = ApiServer::start();
-    api.create_pod(&PodBuilder::running("shop", "app", NODE, "127.24.0.1").role("app"));
-    let imds = iamlet_e2e::FakeImds::start();
+fn an_sts_failure_is_reported_as_an_event_the_server_accepts() {
+    let s = RealApiServer::shared().scope("sts-failure");
+    let ns = s.ns("shop");
+    s.create_pod(&PodBuilder::running(&ns, "app", &s.node, "127.24.0.1").role("app"));
     // STS at a port nobody listens on: every AssumeRole fails.
     let dead = format!("http://127.0.0.1:{}", iamlet_e2e::free_port());
-    let iamlet = iamlet_e2e::Iamlet::builder()
-        .imds(&imds)
-        .env("AWS_ENDPOINT_URL_STS", dead)
-        .arg(format!("--api-server={}", api.url()))
-        .arg(format!("--node={NODE}"))
-        .arg(format!("--base-role-arn={BASE}"))
-        .arg("--backoff-max-elapsed-time=10s")
-        .start();
-    let src = "127.24.0.1".parse().unwrap();
-    let resp = iamlet_e2e::get_from(src, iamlet.addr(), &format!("{LIST}app"));
+    let r = real_with(s, &["--backoff-max-elapsed-time=10s"], |b| {
+        b.env("AWS_ENDPOINT_URL_STS", dead)
+    });
+    let resp = r.get("127.24.0.1", &format!("{LIST}app"));
     assert_eq!(resp.status, 500, "{}", resp.body_str());
     let found = wait_until!(
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         Some(
-            api.events()
+            r.api
+                .events_for(&ns, "app")
                 .into_iter()
                 .filter(|e| e["reason"] == "IamCredentialError")
                 .collect::<Vec<_>>()
@@ -292,8 +295,8 @@ fn an_sts_failure_is_reported_as_an_event_on_the_pod() {
         "an IamCredentialError Event"
     );
     assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!(found[0]["regarding"]["name"], "app");
-    let note = found[0]["note"].as_str().unwrap();
+    assert_eq!(found[0]["involvedObject"]["name"], "app");
+    let note = found[0]["message"].as_str().unwrap();
     assert!(
         note.starts_with(&format!("AssumeRole of {BASE}app failed")),
         "{note}"

@@ -1,7 +1,10 @@
-//! The control-plane rig (control_plane, churn): the real `iamlet` binary watching the stand-in API
-//! server, moto as STS, the fake IMDS upstream, raw clients from pod IPs.
+//! The control-plane rig (control_plane, churn): the real `iamlet` binary watching an API
+//! server — the real kube-apiserver ([`real`], with the shipped ServiceAccount's rights) or
+//! the stand-in that injects faults ([`rig`]) — moto as STS, the fake IMDS upstream, raw
+//! clients from pod IPs.
 
 use crate::apiserver::ApiServer;
+use crate::realapi::Scope;
 use crate::{FakeImds, Iamlet, Moto, Response, get_from};
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -10,8 +13,8 @@ pub const BASE: &str = "arn:aws:iam::123456789012:role/";
 pub const NODE: &str = "node-a";
 pub const LIST: &str = "/latest/meta-data/iam/security-credentials/";
 
-pub struct Rig {
-    pub api: ApiServer,
+pub struct Rig<A = ApiServer> {
+    pub api: A,
     pub iamlet: Iamlet,
     _moto: Moto,
     _imds: FakeImds,
@@ -39,11 +42,42 @@ pub fn rig(api: ApiServer, extra: &[&str]) -> Rig {
     }
 }
 
+/// Starts moto, the fake IMDS and iamlet against the real API server, for `scope`'s node,
+/// with the shipped ServiceAccount's token (`--kubeconfig`): exactly the manifests' rights.
+pub fn real(scope: Scope, extra: &[&str]) -> Rig<Scope> {
+    real_with(scope, extra, |b| b)
+}
+
+/// As [`real`], with the builder adjusted by `f` first (an STS that fails, say).
+pub fn real_with(
+    scope: Scope,
+    extra: &[&str],
+    f: impl FnOnce(crate::IamletBuilder) -> crate::IamletBuilder,
+) -> Rig<Scope> {
+    let moto = Moto::start();
+    let imds = FakeImds::start();
+    let id = scope.api.shipped_identity();
+    let mut b = f(Iamlet::builder().sts(&moto).imds(&imds))
+        .arg(format!("--kubeconfig={}", id.kubeconfig.display()))
+        .arg(format!("--node={}", scope.node))
+        .arg(format!("--base-role-arn={BASE}"))
+        .arg("--debug");
+    for a in extra {
+        b = b.arg(*a);
+    }
+    Rig {
+        iamlet: b.start(),
+        api: scope,
+        _moto: moto,
+        _imds: imds,
+    }
+}
+
 pub fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
-impl Rig {
+impl<A> Rig<A> {
     pub fn get(&self, src: &str, path: &str) -> Response {
         get_from(ip(src), self.iamlet.addr(), path)
     }
