@@ -34,12 +34,10 @@
 //! iamlet refuses to start instead of taking the directory over. Only a socket is replaced at
 //! the path.
 
-use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg, sockopt::PeerCredentials,
-};
-use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg, sockopt::PeerCredentials};
+use std::io::{BufRead, BufReader, IoSlice, Read, Write};
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -323,34 +321,13 @@ fn ask(path: &Path, grace: Duration) -> Result<Answer, HandoverError> {
         Err(e) => return Err(io(path)(e)),
     }
     let mut line = [0u8; 128];
-    let mut iov = [IoSliceMut::new(&mut line)];
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
-    // A signal may interrupt the wait (EINTR): ask again.
-    let msg = loop {
-        match recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                let e = std::io::Error::from(e);
-                if gone(&e) {
-                    return Ok(Answer::Gone);
-                }
-                return Err(io(path)(e));
-            }
-            Ok(m) => break m,
-        }
+    let msg = match crate::sockopt::recv_with_fds(&stream, &mut line, MAX_FDS) {
+        Ok(m) => m,
+        Err(e) if gone(&e) => return Ok(Answer::Gone),
+        Err(e) => return Err(io(path)(e)),
     };
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    for c in msg.cmsgs().map_err(|e| io(path)(e.into()))? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            fds.extend(raw.into_iter().map(owned));
-        }
-    }
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+    let fds = msg.fds;
+    if msg.truncated {
         return Err(protocol(path, "the descriptors were truncated"));
     }
     let n = msg.bytes;
@@ -414,10 +391,6 @@ fn say_starting(stream: &UnixStream, first: Duration) -> std::io::Result<Progres
     Ok(Progress { stop, thread })
 }
 
-fn owned(fd: RawFd) -> OwnedFd {
-    crate::sockopt::own_received_fd(fd)
-}
-
 /// `IAMLET-HANDOVER/1 SOCKETS app=N admin=M` → (N, M).
 fn parse_sockets(line: &str) -> Option<(usize, usize)> {
     let rest = line.trim_end().strip_prefix(SOCKETS)?.trim();
@@ -440,7 +413,8 @@ impl Taken {
         let (tx, rx) = std::sync::mpsc::channel();
         if let Ok(s) = self.stream.try_clone() {
             let _ = s.set_read_timeout(None);
-            std::thread::spawn(move || {
+            let watcher = std::thread::Builder::new().name("iamlet-handover-watch".into());
+            let _ = watcher.spawn(move || {
                 let mut b = [0u8; 64];
                 // The old process writes nothing before STOP, so a return means it went
                 // away. A peek, so that `finish` still reads the answer to STOP.
@@ -480,7 +454,8 @@ impl Taken {
         use std::sync::atomic::Ordering;
         shared.sweeping.store(true, Ordering::Relaxed);
         let s = shared.clone();
-        std::thread::spawn(move || {
+        let ender = std::thread::Builder::new().name("iamlet-sweep-end".into());
+        let _ = ender.spawn(move || {
             std::thread::sleep(sweep_for);
             s.sweeping.store(false, Ordering::Relaxed);
         });
@@ -792,6 +767,7 @@ fn send_sockets(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::OwnedFd;
 
     /// The `--shutdown-grace` the tests' old processes run with: the least silence bound.
     const GRACE: Duration = MIN_SILENCE;
@@ -869,19 +845,9 @@ mod tests {
         s.set_read_timeout(Some(STEP)).unwrap();
         (&s).write_all(HELLO.as_bytes()).unwrap();
         let mut line = [0u8; 128];
-        let mut iov = [IoSliceMut::new(&mut line)];
-        let mut space = nix::cmsg_space!([RawFd; 4]);
-        let msg =
-            recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).unwrap();
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().unwrap() {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                fds.extend(raw.into_iter().map(owned));
-            }
-        }
-        let n = msg.bytes;
-        let text = String::from_utf8_lossy(&line[..n]).into_owned();
-        (s, text, fds)
+        let msg = crate::sockopt::recv_with_fds(&s, &mut line, 4).unwrap();
+        let text = String::from_utf8_lossy(&line[..msg.bytes]).into_owned();
+        (s, text, msg.fds)
     }
 
     #[test]

@@ -542,7 +542,9 @@ pub fn open(
 /// Waits for the worker threads to end, at most `bound`; false when they did not.
 pub fn join(threads: Vec<JoinHandle<()>>, bound: std::time::Duration) -> bool {
     let (done_tx, done_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let joiner = std::thread::Builder::new().name("iamlet-join".into());
+    // Not spawned (no threads left to make): the wait below runs out, as for a hung worker.
+    let _ = joiner.spawn(move || {
         threads.into_iter().for_each(|t| drop(t.join()));
         let _ = done_tx.send(());
     });

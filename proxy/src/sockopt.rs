@@ -1,15 +1,61 @@
 //! Socket operations that neither socket2 nor nix expose safely: `TCP_DEFER_ACCEPT`, and
-//! taking ownership of descriptors received with `SCM_RIGHTS`.
+//! receiving descriptors sent with `SCM_RIGHTS` as owned ones.
 #![allow(unsafe_code)]
 
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// Takes ownership of a descriptor the kernel just installed in this process from an
-/// `SCM_RIGHTS` message (nix hands them over as raw numbers).
-pub fn own_received_fd(fd: RawFd) -> OwnedFd {
-    // SAFETY: `recvmsg` created this descriptor for us; nothing else in the process knows
-    // its number, so this is its only owner.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+/// One message received on a unix stream socket with any descriptors passed along
+/// (`SCM_RIGHTS`), each owned as it is taken from the message.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes written into the caller's buffer.
+    pub bytes: usize,
+    pub fds: Vec<OwnedFd>,
+    /// More descriptors were sent than `max_fds` had room for (the kernel closed the rest).
+    pub truncated: bool,
+}
+
+/// `recvmsg` on `socket` into `buf`, with room for `max_fds` descriptors, retried on EINTR.
+/// The descriptors come back owned (close-on-exec): the kernel created them in this process
+/// for this call, so ownership cannot be claimed twice, which a function taking a raw number
+/// could not promise.
+pub fn recv_with_fds(
+    socket: &impl AsRawFd,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> std::io::Result<Received> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut space = vec![0u8; nix::sys::socket::cmsg_space::<RawFd>() * max_fds.max(1)];
+    let msg = loop {
+        match recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: `recvmsg` installed these descriptors in this process just now and
+            // handed over their numbers only here; each is wrapped once, so it has exactly
+            // one owner.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok(Received {
+        bytes: msg.bytes,
+        fds,
+        truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC),
+    })
 }
 
 /// `TCP_DEFER_ACCEPT`: the kernel completes an accept only once the client's first data has

@@ -1,3 +1,7 @@
+//! Fault injection, on the scripted stand-in API server (a real one cannot cut a stream, send a
+//! 410 inside it or serve a stale cache on cue; IP reuse itself is also tested against the real
+//! kube-apiserver in `control_plane.rs`).
+//!
 //! IP reuse churn through the real binary: at least 10,000 pod create/delete events on this
 //! node, IPs handed from pod to pod with a different role each time (after plain deletes,
 //! graceful terminations and pods left Succeeded/Failed with their IP still in the status),
@@ -403,7 +407,7 @@ fn client(r: &Rig, seed: u64, occupied: &[AtomicBool; IPS], done: &AtomicBool) -
 }
 
 #[test]
-fn ip_reuse_churn_never_answers_a_role_the_ips_owner_does_not_have() {
+fn fault_injection_ip_reuse_churn_never_answers_a_role_the_ips_owner_does_not_have() {
     let api = ApiServer::builder()
         .bookmark_every(Duration::from_millis(250))
         .start();

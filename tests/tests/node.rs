@@ -1080,13 +1080,15 @@ fn ipv6_metadata_address_is_redirected_with_ip6tables() {
 }
 
 #[test]
-fn an_api_server_that_refuses_the_agent_at_boot_never_opens_the_nodes_role() {
+fn fault_injection_an_api_server_that_refuses_the_agent_at_boot_never_opens_the_nodes_role() {
     require_netns!("node");
     use iamlet_e2e::apiserver::{ApiServer, PodBuilder};
     let node = Node::builder(&["cali1"]).moto().build();
     let pod = node.pod("cali1");
-    // The stand-in API server lives in the node namespace; it refuses the agent (RBAC not
-    // applied yet) for a minute.
+    // The stand-in API server lives in the node namespace (the agent there cannot reach a
+    // real one on the host's loopback); it refuses the agent (RBAC not applied yet) for exactly
+    // a minute, then serves. The real server's refusal of a missing verb is in
+    // control_plane_rbac.rs.
     let api = node.ns.own(node.ns.run(ApiServer::start));
     api.refuse(Some(403));
     api.create_pod(

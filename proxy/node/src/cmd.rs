@@ -109,22 +109,25 @@ pub fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> std::io::Result<Ou
         .spawn()?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         let input = input.to_owned();
-        std::thread::spawn(move || {
-            let _ = pipe.write_all(input.as_bytes());
-        });
+        std::thread::Builder::new()
+            .name("iamlet-cmd-in".into())
+            .spawn(move || {
+                let _ = pipe.write_all(input.as_bytes());
+            })?;
     }
-    let mut out_pipe = child.stdout.take().expect("piped stdout");
-    let mut err_pipe = child.stderr.take().expect("piped stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out_pipe.read_to_end(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err_pipe.read_to_end(&mut s);
-        s
-    });
+    let out_pipe = child.stdout.take().expect("piped stdout");
+    let err_pipe = child.stderr.take().expect("piped stderr");
+    let read_all = |name: &str, mut pipe: Box<dyn Read + Send>| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let mut s = Vec::new();
+                let _ = pipe.read_to_end(&mut s);
+                s
+            })
+    };
+    let out_reader = read_all("iamlet-cmd-out", Box::new(out_pipe))?;
+    let err_reader = read_all("iamlet-cmd-err", Box::new(err_pipe))?;
     let deadline = Instant::now() + TIMEOUT;
     let code = loop {
         match child.try_wait()? {
