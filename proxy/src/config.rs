@@ -328,6 +328,7 @@ impl Config {
             node_ready: rt.node_ready,
             stopping: rt.stopping,
             shutdown_grace: p.shutdown_grace,
+            fatal: std::sync::OnceLock::new(),
         }
     }
 

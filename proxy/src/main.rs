@@ -151,5 +151,8 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     if !server::join(threads, p.shutdown_grace + Duration::from_secs(1)) {
         tracing::warn!("in-flight requests did not finish within --shutdown-grace; exiting");
     }
-    Ok(())
+    match shared.fatal.get() {
+        Some(why) => Err(anyhow::anyhow!("{why}")),
+        None => Ok(()),
+    }
 }

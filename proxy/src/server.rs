@@ -257,16 +257,21 @@ fn run_worker(
                     Err(e) => tracing::debug!(setup = name, error = %e, "io_uring setup refused"),
                 }
             }
-            built.map(|mut rt| rt.block_on(worker_main(ls, shared, admin_only)))
+            let s = shared.clone();
+            built.map(|mut rt| rt.block_on(worker_main(ls, s, admin_only)))
         }
-        Driver::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .map(|mut rt| rt.block_on(worker_main(ls, shared, admin_only))),
+        Driver::Epoll => {
+            let s = shared.clone();
+            monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+                .map(|mut rt| rt.block_on(worker_main(ls, s, admin_only)))
+        }
     };
     if let Err(e) = result {
-        tracing::error!(error = %e, %driver, "worker runtime failed to start");
-        std::process::exit(1);
+        shared.fail(format!(
+            "the {driver} runtime of a worker failed to start: {e}"
+        ));
     }
 }
 
@@ -361,8 +366,10 @@ async fn accept_loop(l: std::net::TcpListener, worker: Rc<Worker>) {
     let listener = match monoio::net::TcpListener::from_std(l) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(error = %e, "cannot register the listener with the runtime");
-            std::process::exit(1);
+            worker.shared.fail(format!(
+                "cannot register a listener with the worker's runtime: {e}"
+            ));
+            return;
         }
     };
     let max = worker.shared.limits.max_connections;

@@ -102,6 +102,9 @@ pub struct Shared {
     /// Set on SIGTERM/SIGINT: stop accepting, finish in-flight requests.
     pub stopping: Arc<AtomicBool>,
     pub shutdown_grace: Duration,
+    /// Why a worker could not go on (its runtime or listener failed), if one could not: `main`
+    /// stops the agent as on SIGTERM and then exits 1 with it.
+    pub fatal: std::sync::OnceLock<String>,
 }
 
 /// One `/metrics` rendering, in both formats.
@@ -112,6 +115,15 @@ pub struct RenderedMetrics {
 }
 
 impl Shared {
+    /// A worker cannot serve: records why (the first reason wins) and asks `main` to stop,
+    /// with the SIGTERM it already waits for, so the redirect and the other workers stop
+    /// the usual way rather than by an exit from a worker thread.
+    pub fn fail(&self, why: String) {
+        tracing::error!(error = %why, "a worker cannot serve; stopping");
+        let _ = self.fatal.set(why);
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGTERM);
+    }
+
     /// `/metrics`, rendered at most once per `metrics_max_age` in the whole process: a flood
     /// of scrapes costs copies, not renders. While one worker renders, the others answer with
     /// the previous rendering (or render their own when there is none yet).
