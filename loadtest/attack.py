@@ -5,7 +5,11 @@ Phases, one after another with quiet gaps between: (a) 10,000 connections from o
 with a request whose answer is never read; (b) 50 small-window sockets pipelining /metrics
 without reading; (c) 2,000 slowloris connections from ten sources; (d) an upstream that sends
 `100 Continue` before every answer, with requests from the attacker (`Expect: 100-continue`)
-and the neighbour alternating, each checked for its own answer.
+and the neighbour alternating, each checked for its own answer; (e) a burst of 34 × 256
+connections from sources that are not pods, each pipelining 512 requests and closing at once,
+then how long iamlet keeps sockets for them; (f) a pass-through flood from the attacker pod
+(HEADs on 8 keep-alive connections, bursts of 256 GETs on new connections) and how many
+connections reach the metadata service.
 
 Measured: the neighbour's latency and failures, iamlet's RSS (every 100 ms), and iamlet's own
 counters after each phase. Standard library only; loopback only; every socket is closed at
@@ -34,6 +38,16 @@ MARKER = "UPSTREAM-MARKER"
 ATTACKER = "127.0.0.11"
 NEIGHBOUR = "127.0.0.12"
 SLOW_SOURCES = [f"127.0.3.{i}" for i in range(1, 11)]
+# Phase (e): sources that are not pods (write_pods knows 127.0.0.1, ATTACKER and NEIGHBOUR).
+STRANGERS = [f"127.0.4.{i}" for i in range(1, 35)]
+STRANGER_REQUEST = b"GET / HTTP/1.1\r\n\r\n"
+# Phase (f): a pass-through path (forwarded to the marker upstream).
+FLOOD_PATH = "/latest/meta-data/instance-id"
+# iamlet's pass-through pool (proxy/src/upstream.rs MAX_CONNS): per worker, busy and idle.
+UPSTREAM_PER_WORKER = 16
+# Phase (e): sockets iamlet still holds for the departed strangers this long after the burst
+# are a problem.
+RELEASE_LIMIT_S = 5.0
 ATTACKER_ROLE = "app-role"
 NEIGHBOUR_ROLE = "other-role"
 NEIGHBOUR_PATH = "/latest/meta-data/iam/security-credentials/" + NEIGHBOUR_ROLE
@@ -53,6 +67,10 @@ COUNTERS = {
     "renders": ("iamlet_metrics_renders_total", {}),
     "write_stalled": ("iamlet_errors_total", {"class": "downstream", "kind": "write_stalled"}),
     "header_timeout": ("iamlet_errors_total", {"class": "downstream", "kind": "header_timeout"}),
+    "rejected_strangers": ("iamlet_connections_rejected_total", {"reason": "strangers"}),
+    "abandoned": ("iamlet_requests_abandoned_total", {}),
+    "upstream_busy": ("iamlet_errors_total", {"class": "upstream", "kind": "upstream_busy"}),
+    "upstream_opened": ("iamlet_upstream_connections_opened_total", {}),
 }
 
 PHASES = [
@@ -60,6 +78,8 @@ PHASES = [
     ("b", "small-window sockets pipelining /metrics, never read"),
     ("c", "slowloris from 10 sources"),
     ("d", "upstream 100 Continue, attacker and neighbour alternating"),
+    ("e", "pipelined burst from strangers, closed at once"),
+    ("f", "pass-through flood from one pod"),
 ]
 
 
@@ -79,6 +99,16 @@ def settings(a):
         "scrapers": 50,
         "pipelined": 400,
         "pairs_max": 20_000,
+        # (e): connections per stranger source (34 sources), requests pipelined on each
+        # (512 × 18 bytes = 9 KiB).
+        "stranger_conns": pick("attack_stranger_conns", 256, 32),
+        "stranger_requests": 512,
+        # (f): HEADs over `head_conns` keep-alive connections, and up to `bursts` bursts of
+        # `burst` concurrent GETs, each on a new connection.
+        "heads": pick("attack_heads", 4_000, 800),
+        "head_conns": 8,
+        "burst": 256,
+        "bursts": pick("attack_bursts", 20, 2),
     }
 
 
@@ -88,12 +118,17 @@ def settings(a):
 class MarkerUpstream:
     """The metadata service iamlet forwards to: every answer names the request it answers,
     so an answer delivered to the wrong client is visible. With `interim` set it sends
-    `100 Continue` before every answer, unasked."""
+    `100 Continue` before every answer, unasked. HTTP/1.1 with keep-alive, so iamlet can pool
+    its connections; it counts the connections it accepts and the most open at once."""
 
     def __init__(self):
         self.interim = False
         self.requests = 0
         self.expect_seen = 0
+        self.heads_seen = 0
+        self.accepted = 0
+        self.open = 0
+        self.peak = 0  # most open at once since the last `mark`
         self.lock = threading.Lock()
         up = self
 
@@ -102,11 +137,22 @@ class MarkerUpstream:
             timeout = 30  # an idle pooled connection's thread ends eventually, iamlet or not
 
             def setup(self):
+                with up.lock:
+                    up.accepted += 1
+                    up.open += 1
+                    up.peak = max(up.peak, up.open)
                 super().setup()
                 # The interim answer, the head and the body go out as separate writes (so the
                 # 100 arrives on its own, as from a real upstream); without this, Nagle holds
                 # each behind iamlet's delayed ACK of the previous one.
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def finish(self):
+                try:
+                    super().finish()
+                finally:
+                    with up.lock:
+                        up.open -= 1
 
             def handle_expect_100(self):
                 return True  # whether a 100 goes out is `interim`'s choice, not the client's
@@ -122,6 +168,8 @@ class MarkerUpstream:
                     up.requests += 1
                     if self.headers.get("Expect") is not None:
                         up.expect_seen += 1
+                    if self.command == "HEAD":
+                        up.heads_seen += 1
                 if up.interim:
                     self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 extra = {}
@@ -138,9 +186,12 @@ class MarkerUpstream:
                 for k, v in extra.items():
                     self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":
+                    self.wfile.write(body)
 
-            do_GET = do_PUT = do_POST = answer
+            # iamlet relays a HEAD as a GET (so its connection pools); a HEAD arriving here is
+            # counted (`heads_seen`) and answered as one.
+            do_GET = do_PUT = do_POST = do_HEAD = answer
 
         class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
             daemon_threads = True
@@ -151,6 +202,13 @@ class MarkerUpstream:
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
         self.thread.start()
+
+    def mark(self):
+        """Starts a window: (connections accepted so far, requests so far); the peak restarts
+        from the connections open now."""
+        with self.lock:
+            self.peak = self.open
+            return self.accepted, self.requests
 
     def close(self):
         self.server.shutdown()
@@ -468,7 +526,339 @@ def attack_interim(ctx, deadline):
             "expect_forwarded": up.expect_seen - expect0, "examples": examples}
 
 
-ATTACKS = {"a": attack_conns, "b": attack_scrapes, "c": attack_slowloris, "d": attack_interim}
+def burst_and_close(port, sources, per_source, payload, deadline, in_flight=256, timeout=3.0):
+    """per_source connections from each of `sources` (round robin, at most `in_flight`
+    unfinished at once): each sends `payload` and is closed as soon as it has, reading
+    nothing. Bounded by `deadline`, and each connection by `timeout`."""
+    n = per_source * len(sources)
+    sel = selectors.DefaultSelector()
+    started = sent = connect_failures = send_errors = unfinished = 0
+    try:
+        while (started < n or sel.get_map()) and time.monotonic() < deadline:
+            while started < n and len(sel.get_map()) < in_flight:
+                src = sources[started % len(sources)]
+                started += 1
+                try:
+                    s = new_socket(src, blocking=False)
+                except OSError:
+                    connect_failures += 1
+                    continue
+                rc = s.connect_ex(("127.0.0.1", port))
+                if rc not in (0, errno.EINPROGRESS):
+                    s.close()
+                    connect_failures += 1
+                    continue
+                # [started at, bytes left to send; None while connecting]
+                sel.register(s, selectors.EVENT_WRITE, [time.monotonic(), None])
+            for key, _ in sel.select(timeout=0.02):
+                s, st = key.fileobj, key.data
+                if st[1] is None:
+                    if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                        sel.unregister(s)
+                        s.close()
+                        connect_failures += 1
+                        continue
+                    st[1] = memoryview(payload)
+                try:
+                    st[1] = st[1][s.send(st[1]):]
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    # Closed by iamlet at accept (a stranger past its share) before all was sent.
+                    sel.unregister(s)
+                    s.close()
+                    send_errors += 1
+                    continue
+                if not st[1]:
+                    sel.unregister(s)
+                    s.close()
+                    sent += 1
+            now = time.monotonic()
+            for key in list(sel.get_map().values()):
+                if now - key.data[0] > timeout:
+                    sel.unregister(key.fileobj)
+                    key.fileobj.close()
+                    if key.data[1] is None:
+                        connect_failures += 1
+                    else:
+                        send_errors += 1
+    finally:
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+            unfinished += 1
+        sel.close()
+    return {"planned": n, "started": started, "sent": sent, "connect_failures": connect_failures,
+            "send_errors": send_errors, "unfinished": unfinished}
+
+
+def proc_hex(ip):
+    """An IPv4 address as /proc/net/tcp writes it (the 32-bit value in host byte order)."""
+    return "%08X" % int.from_bytes(socket.inet_aton(ip), sys.byteorder)
+
+
+def sockets_for(pid, port, peers_hex):
+    """(held, queued) for TCP peers in `peers_hex`: sockets that are descriptors of `pid`, and
+    connections to `port` still in the listen queue (not accepted yet: no descriptor, state
+    ESTABLISHED or CLOSE_WAIT); None when /proc cannot be read."""
+    try:
+        with open(f"/proc/{pid}/net/tcp") as f:
+            table = f.read()
+    except OSError:
+        return None
+    inodes, queued = [], 0
+    for line in table.splitlines()[1:]:
+        # The remote address first (a cheap split: most lines are someone else's), then the rest.
+        head = line.split(None, 3)
+        if len(head) < 4 or head[2].split(":")[0] not in peers_hex:
+            continue
+        cols = line.split()
+        if len(cols) < 10:
+            continue
+        if cols[9] != "0":
+            inodes.append(cols[9])
+        elif cols[3] in ("01", "08") and int(cols[1].split(":")[1], 16) == port:
+            queued += 1
+    held = 0
+    if inodes:
+        mine = set()
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    mine.add(link[8:-1])
+        except OSError:
+            return None
+        held = sum(1 for i in inodes if i in mine)
+    return held, queued
+
+
+def attack_strangers(ctx, deadline):
+    """(e): the burst (bounded by the phase's time, at least 3 s), then the phase's length
+    again with the neighbour alone, watching (every 50 ms, bounded) until iamlet holds no
+    socket for the strangers. Its end is its own: burst end + `seconds` (or the watch's end)."""
+    cfg = ctx["cfg"]
+    payload = STRANGER_REQUEST * cfg["stranger_requests"]
+    peers = {proc_hex(ip) for ip in STRANGERS}
+    t_start = time.monotonic()
+    b = burst_and_close(ctx["port"], STRANGERS, cfg["stranger_conns"], payload, max(deadline, t_start + 3.0))
+    t_end = time.monotonic()
+    watch_until = t_end + max(cfg["seconds"], RELEASE_LIMIT_S + 1.0)
+    # release_s: when the first reading that found nothing began (0 when the one taken at
+    # the burst's end did); a reading takes `read_ms_max` at most.
+    first = last = most = None
+    release_s = None
+    read_ms = 0.0
+    while True:
+        t_read = time.monotonic()
+        last = sockets_for(ctx["pid"], ctx["port"], peers)
+        read_ms = max(read_ms, (time.monotonic() - t_read) * 1e3)
+        if last is None:
+            break
+        if first is None:
+            first = most = last
+        elif sum(last) > sum(most):
+            most = last
+        if last == (0, 0):
+            release_s = t_read - t_end
+            break
+        if time.monotonic() >= watch_until:
+            break
+        time.sleep(0.05)
+    watched = time.monotonic() - t_end
+    time.sleep(max(0.0, t_end + cfg["seconds"] - time.monotonic()))
+    return {**b, "sources": len(STRANGERS), "per_source": cfg["stranger_conns"], "payload_bytes": len(payload),
+            "requests_each": cfg["stranger_requests"], "burst_s": round(t_end - t_start, 3),
+            "at_burst_end": first, "most_after": most, "at_watch_end": last,
+            "release_s": None if release_s is None else round(release_s, 3), "read_ms_max": round(read_ms, 1),
+            "watched_s": round(watched, 3)}
+
+
+class Tally:
+    """Answers by status: 200, 503, other statuses, errors (no answer: timeout, reset, close)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts = {"sent": 0, "200": 0, "503": 0, "other": 0, "errors": 0}
+        self.other = {}
+        self.examples = []
+
+    def add(self, status=None, err=None):
+        with self.lock:
+            if err is not None:
+                self.counts["errors"] += 1
+                if len(self.examples) < 5:
+                    self.examples.append(err)
+            elif status in (200, 503):
+                self.counts[str(status)] += 1
+            else:
+                self.counts["other"] += 1
+                self.other[str(status)] = self.other.get(str(status), 0) + 1
+
+    def sent(self):
+        with self.lock:
+            self.counts["sent"] += 1
+
+    def result(self):
+        with self.lock:
+            return {**self.counts, "other_statuses": dict(self.other), "examples": list(self.examples)}
+
+
+def head_loop(port, n, deadline, tally, odd, timeout=3.0):
+    """Up to n HEADs one after another on a keep-alive connection from the attacker (a new
+    one after an error or a close), until `deadline`. An answer with bytes after its head
+    (a body on a HEAD answer) is counted in `odd` and the connection replaced, as a client
+    would have to."""
+    raw = f"HEAD {FLOOD_PATH} HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n".encode()
+    s = None
+    try:
+        for _ in range(n):
+            if time.monotonic() >= deadline:
+                return
+            try:
+                if s is None:
+                    s = new_socket(ATTACKER)
+                    s.settimeout(timeout)
+                    s.connect(("127.0.0.1", port))
+                    with tally.lock:
+                        odd["connections"] += 1
+                tally.sent()
+                until = time.monotonic() + timeout
+                s.settimeout(timeout)
+                s.sendall(raw)
+                buf = b""
+                while b"\r\n\r\n" not in buf and len(buf) < 65536:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("no answer in time")
+                    s.settimeout(left)
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        raise ConnectionError("closed before an answer")
+                    buf += chunk
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                try:
+                    status = int(lines[0].split(" ", 2)[1]) if lines[0].startswith("HTTP/") else -1
+                except (IndexError, ValueError):
+                    status = -1
+                tally.add(status)
+                if status == -1 or rest:
+                    with tally.lock:
+                        odd["head_answers_with_body"] += 1
+                        if len(odd["examples"]) < 3:
+                            odd["examples"].append(buf[:300].decode("latin-1"))
+                    s.close()
+                    s = None
+                elif any(x.lower().replace(" ", "") == "connection:close" for x in lines[1:]):
+                    s.close()
+                    s = None
+            except OSError as e:
+                tally.add(err=f"HEAD: {type(e).__name__}: {e}")
+                if s is not None:
+                    s.close()
+                s = None
+    finally:
+        if s is not None:
+            s.close()
+
+
+def get_burst(port, n, tally, timeout=3.0):
+    """n GETs at once from the attacker, each on a new connection (Connection: close), read to
+    their answers; bounded by `timeout` (iamlet's own upstream bounds are 1 s to get a
+    connection, 3 s for the answer)."""
+    raw = get(FLOOD_PATH)
+    sel = selectors.DefaultSelector()
+    end = time.monotonic() + timeout
+    try:
+        for _ in range(n):
+            try:
+                s = new_socket(ATTACKER, blocking=False)
+            except OSError as e:
+                tally.add(err=f"GET socket: {e}")
+                continue
+            rc = s.connect_ex(("127.0.0.1", port))
+            if rc not in (0, errno.EINPROGRESS):
+                s.close()
+                tally.add(err=f"GET connect: {os.strerror(rc)}")
+                continue
+            tally.sent()
+            sel.register(s, selectors.EVENT_WRITE, [memoryview(raw), b""])
+        while sel.get_map() and time.monotonic() < end:
+            for key, ev in sel.select(timeout=0.05):
+                s, st = key.fileobj, key.data
+                try:
+                    if st[0] is not None:
+                        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if err:
+                            raise OSError(err, os.strerror(err))
+                        st[0] = st[0][s.send(st[0]):]
+                        if not st[0]:
+                            st[0] = None
+                            sel.modify(s, selectors.EVENT_READ, st)
+                        continue
+                    chunk = s.recv(65536)
+                    st[1] += chunk
+                    r = parse_response(st[1], eof=not chunk)
+                    if r is None and chunk:
+                        continue
+                    sel.unregister(s)
+                    s.close()
+                    if r is None:
+                        tally.add(err="GET: closed before an answer")
+                    else:
+                        tally.add(r[0])
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    sel.unregister(s)
+                    s.close()
+                    tally.add(err=f"GET: {type(e).__name__}: {e}")
+    finally:
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+            tally.add(err="GET: no answer in time")
+        sel.close()
+
+
+def attack_flood(ctx, deadline):
+    """(f): HEADs over keep-alive connections (threads) and, meanwhile, bursts of GETs on new
+    connections, all from the attacker pod to a pass-through path; the marker upstream counts
+    the connections iamlet opens to it."""
+    cfg, port, up = ctx["cfg"], ctx["port"], ctx["upstream"]
+    accepted0, requests0 = up.mark()
+    heads, gets = Tally(), Tally()
+    odd = {"connections": 0, "head_answers_with_body": 0, "examples": []}
+    per = -(-cfg["heads"] // cfg["head_conns"])
+    threads = [threading.Thread(target=head_loop, args=(port, per, deadline, heads, odd), daemon=True)
+               for _ in range(cfg["head_conns"])]
+    for t in threads:
+        t.start()
+    bursts = 0
+    try:
+        while bursts < cfg["bursts"] and time.monotonic() < deadline:
+            get_burst(port, cfg["burst"], gets)
+            bursts += 1
+    finally:
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()) + 5.0)
+    with up.lock:
+        accepted, peak, upstream_requests, heads_seen = up.accepted - accepted0, up.peak, up.requests - requests0, up.heads_seen
+    time.sleep(max(0.0, deadline - time.monotonic()))
+    h, g = heads.result(), gets.result()
+    return {"requests": h["sent"] + g["sent"], "heads": h, "gets": g, "bursts": bursts,
+            "head_connections": odd["connections"], "head_answers_with_body": odd["head_answers_with_body"],
+            "head_examples": odd["examples"],
+            "status": {k: h[k] + g[k] for k in ("200", "503", "other", "errors")},
+            "upstream_accepted": accepted, "upstream_peak_open": peak, "upstream_requests": upstream_requests,
+            "upstream_heads_seen": heads_seen, "upstream_cap": ctx["workers"] * UPSTREAM_PER_WORKER,
+            "still_alive": sum(t.is_alive() for t in threads)}
+
+
+ATTACKS = {"a": attack_conns, "b": attack_scrapes, "c": attack_slowloris, "d": attack_interim,
+           "e": attack_strangers, "f": attack_flood}
 
 
 # ---------------------------------------------------------------- metrics
@@ -578,7 +968,7 @@ def run(env, results, bench):
         rss = RssSampler(bench, srv.pid, t0)
         rss.start()
         neigh.start()
-        ctx = {"port": port, "upstream": up, "cfg": cfg}
+        ctx = {"port": port, "upstream": up, "cfg": cfg, "pid": srv.pid, "workers": cfg["workers"]}
         phases = []
         time.sleep(cfg["quiet"])
         before = scrape(bench, port)
@@ -664,6 +1054,22 @@ def problems(results):
                 p.append(f"{name}: {at['errors']} failed requests {at['examples']}")
             if not at["pairs"]:
                 p.append(f"{name}: no request pairs")
+        elif ph["id"] == "e":
+            if not at["sent"]:
+                p.append(f"{name}: the burst sent no connections")
+            if at["release_s"] is None or at["release_s"] > RELEASE_LIMIT_S:
+                left = at["at_watch_end"]
+                what = "unknown (/proc unreadable)" if left is None else f"{left[0]} held, {left[1]} not yet accepted"
+                p.append(f"{name}: iamlet still had sockets for the departed strangers {RELEASE_LIMIT_S:g} s after "
+                         f"the burst ({what} at {at['watched_s']:g} s)")
+        elif ph["id"] == "f":
+            if not at["requests"]:
+                p.append(f"{name}: the flood sent no requests")
+            elif not at["status"]["200"]:
+                p.append(f"{name}: no pass-through request answered 200 {at['heads']['examples'] + at['gets']['examples']}")
+            if at["upstream_peak_open"] > at["upstream_cap"]:
+                p.append(f"{name}: {at['upstream_peak_open']} upstream connections open at once > "
+                         f"{r['workers']} workers × {UPSTREAM_PER_WORKER} = {at['upstream_cap']}")
         elif not at.get("opened"):
             p.append(f"{name}: the attack opened no connections")
         if ph.get("counters_after") is None:
@@ -679,13 +1085,15 @@ def markdown(results, svg_rel):
              f"`{' '.join(r['iamlet_args'])}`; {cfg['seconds']:g} s per phase, {cfg['quiet']:g} s quiet between). "
              f"The neighbour pod ({NEIGHBOUR}) asks for its credentials {NEIGHBOUR_RATE} times a second, each on a "
              f"new connection; the attacker pod is {ATTACKER}, the slowloris sources {SLOW_SOURCES[0]}–"
-             f"{SLOW_SOURCES[-1].rsplit('.', 1)[1]} are not pods. Counters are iamlet's own, their increase over "
+             f"{SLOW_SOURCES[-1].rsplit('.', 1)[1]} and the burst's {STRANGERS[0]}–{STRANGERS[-1].rsplit('.', 1)[1]} "
+             f"are not pods. Counters are iamlet's own, their increase over "
              f"the phase, scraped {cfg['quiet']:g} s after it (more than `--metrics-max-age` later: a fresh render). "
              f"Chart: ![neighbour latency and RSS under attack]({svg_rel})")
     L.append("")
     L.append("| phase | attack | neighbour requests | failures | p50 / p99 / max ms | max RSS MiB | "
-             "rejected per_source / worker_full | evicted | /metrics renders | write_stalled | header_timeout |")
-    L.append("|---" * 11 + "|")
+             "rejected per_source / worker_full / strangers | evicted | abandoned | /metrics renders | "
+             "write_stalled | header_timeout | upstream busy / opened |")
+    L.append("|---" * 13 + "|")
     for ph in r["phases"]:
         n = ph["neighbour"]
         at = ph.get("attack")
@@ -695,6 +1103,27 @@ def markdown(results, svg_rel):
             what = (f"{at['pairs']:,} pairs; **{at['mismatches']} wrong answers**, {at['errors']} errors; "
                     f"interim answers reaching clients {at['interim_seen_by_clients']}, Expect forwarded "
                     f"{at['expect_forwarded']}")
+        elif ph["id"] == "e":
+            if at["release_s"] is None:
+                rel = f"**not all released within {at['watched_s']:.1f} s** after it"
+            elif at["release_s"] == 0:
+                rel = "**nothing left to release**"
+            else:
+                rel = f"**all released {at['release_s']:.2f} s** after it"
+            held = at["at_burst_end"]
+            what = (f"{at['sent']:,} of {at['planned']:,} connections sent and closed in {at['burst_s']:.2f} s "
+                    f"({at['connect_failures']} connect failures, {at['send_errors']} cut off); at the burst's end "
+                    f"iamlet held {fmt(held and held[0])} sockets for them, {fmt(held and held[1])} not yet accepted: "
+                    f"{rel} (a reading of /proc took ≤ {at['read_ms_max']:.0f} ms)")
+        elif ph["id"] == "f":
+            st, h, g = at["status"], at["heads"], at["gets"]
+            what = (f"{at['requests']:,} requests ({h['sent']:,} HEAD on {at['head_connections']} connections, "
+                    f"{g['sent']:,} GET in {at['bursts']} bursts): 200 {st['200']:,} / 503 {st['503']:,} / other "
+                    f"{st['other']:,} / no answer {st['errors']:,}; upstream **{at['upstream_accepted']} connections "
+                    f"accepted, at most {at['upstream_peak_open']} open** (cap {at['upstream_cap']})"
+                    + (f"; {at['head_answers_with_body']} HEAD answers with a body" if at["head_answers_with_body"] else "")
+                    + (f"; {at['upstream_heads_seen']} HEADs reached the upstream as HEAD"
+                       if at["upstream_heads_seen"] else ""))
         else:
             what = (f"{at['opened']:,} opened ({at['connect_failures']} failed), {at['closed_by_agent']:,} closed by "
                     f"iamlet before the end")
@@ -703,8 +1132,10 @@ def markdown(results, svg_rel):
         L.append(f"| {name} | {what} | {n['requests']:,} | **{n['failures']}** | "
                  f"{fmt(n['p50_ms'], 2)} / {fmt(n['p99_ms'], 2)} / {fmt(n['max_ms'], 1)} | "
                  f"{fmt((n['max_rss_kib'] or 0) / 1024, 1)} | {fmt(d.get('rejected_per_source'))} / "
-                 f"{fmt(d.get('rejected_worker_full'))} | {fmt(d.get('evicted'))} | {fmt(d.get('renders'))} | "
-                 f"{fmt(d.get('write_stalled'))} | {fmt(d.get('header_timeout'))} |")
+                 f"{fmt(d.get('rejected_worker_full'))} / {fmt(d.get('rejected_strangers'))} | {fmt(d.get('evicted'))} | "
+                 f"{fmt(d.get('abandoned'))} | {fmt(d.get('renders'))} | "
+                 f"{fmt(d.get('write_stalled'))} | {fmt(d.get('header_timeout'))} | "
+                 f"{fmt(d.get('upstream_busy'))} / {fmt(d.get('upstream_opened'))} |")
     L.append("")
     smoke = results.get("smoke")
     o = r["overall"]
@@ -713,16 +1144,32 @@ def markdown(results, svg_rel):
              f"{cfg['pipelined']} `GET /metrics` and never reading; (c) {cfg['slowloris']:,} slowloris connections "
              f"round robin from 10 sources, one header byte every 500 ms; (d) the upstream sends `100 Continue` "
              f"before every answer while `GET /latest/meta-data/a-N` from {ATTACKER} (with `Expect: 100-continue`) "
-             f"and `…/b-N` from {NEIGHBOUR} alternate, each on a new connection, each checked for its own marker.")
+             f"and `…/b-N` from {NEIGHBOUR} alternate, each on a new connection, each checked for its own marker; "
+             f"(e) {len(STRANGERS)} sources that are not pods × {cfg['stranger_conns']:,} connections "
+             f"({len(STRANGERS) * cfg['stranger_conns']:,}), each sending {cfg['stranger_requests']} pipelined "
+             f"`GET / HTTP/1.1` ({cfg['stranger_requests'] * len(STRANGER_REQUEST):,} bytes) and closing at once, "
+             f"then the phase's length with the neighbour alone while /proc (iamlet's descriptors against "
+             f"`/proc/PID/net/tcp`, and connections still in its listen queue) is read every 50 ms until iamlet "
+             f"holds nothing for those sources; (f) from {ATTACKER}, {cfg['heads']:,} `HEAD {FLOOD_PATH}` one after "
+             f"another over {cfg['head_conns']} keep-alive connections and, meanwhile, up to {cfg['bursts']} bursts of "
+             f"{cfg['burst']} concurrent `GET {FLOOD_PATH}` on new connections (the phase's time bounds both); the "
+             f"marker upstream (HTTP/1.1 keep-alive) counts the connections iamlet opens to it and the most open at "
+             f"once.")
     L.append("- Reading the counters: /metrics renders include the harness's own scrape after each phase; "
              "write_stalled also counts the scrape sockets the harness resets at the end of a phase shorter "
              "than `--write-timeout` (5 s), and header_timeout only shows when a phase outlasts "
-             "`--header-read-timeout` (5 s).")
+             "`--header-read-timeout` (5 s). rejected strangers: connections from non-pods closed at accept while "
+             "non-pods held their share (a sixteenth of `--max-connections-per-worker`, per worker); abandoned: "
+             "requests given up because their client hung up while they waited; upstream busy: pass-through "
+             "requests answered 503 for want of an upstream connection within `--upstream-connect-timeout`; "
+             "upstream opened: iamlet's count of connections opened to the metadata service.")
     L.append(f"- Whole run: {o['requests']:,} neighbour requests, {o['failures']} failures, max latency "
              f"{fmt(o['max_ms'], 1)} ms, max RSS {fmt((o['max_rss_kib'] or 0) / 1024, 1)} MiB"
              + f"; limits: zero failures, zero wrong answers, "
              + ("" if smoke else f"p99 < {P99_LIMIT_MS:.0f} ms per phase, ")
-             + f"RSS < {RSS_LIMIT_KIB // 1024} MiB"
+             + f"RSS < {RSS_LIMIT_KIB // 1024} MiB, nothing held for the departed strangers "
+             + f"{RELEASE_LIMIT_S:g} s after the burst, at most {r['workers']} × {UPSTREAM_PER_WORKER} upstream "
+             + "connections open at once in (f)"
              + ". " + ("No problems." if not problems(results) else "Problems: " + "; ".join(problems(results)) + "."))
     L.append("")
     return "\n".join(L) + "\n"
@@ -759,15 +1206,23 @@ def svg(results):
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
            '<rect width="100%" height="100%" fill="white"/>']
-    colours = ["#fde2c4", "#d8e8f8", "#e2f2d8", "#efdcf3"]
+    colours = ["#fde2c4", "#d8e8f8", "#e2f2d8", "#efdcf3", "#f8f3c4", "#d4f0ee"]
     for i, p in enumerate(phases):
         x0, x1 = X(p["start_s"]), X(p["end_s"])
         for top, h in ((top1, h1), (top2, h2)):
-            out.append(f'<rect x="{x0:.1f}" y="{top}" width="{max(1.0, x1 - x0):.1f}" height="{h}" fill="{colours[i % 4]}"/>')
+            out.append(f'<rect x="{x0:.1f}" y="{top}" width="{max(1.0, x1 - x0):.1f}" height="{h}" '
+                       f'fill="{colours[i % len(colours)]}"/>')
         out.append(f'<text x="{(x0 + x1) / 2:.1f}" y="{top1 + 14}" text-anchor="middle" font-weight="bold">'
                    f'({p["id"]})</text>')
         out.append(f'<text x="{(x0 + x1) / 2:.1f}" y="{top1 + 27}" text-anchor="middle" font-size="9">'
                    f'{esc(short_title(p, r["settings"]))}</text>')
+        at = p.get("attack") or {}
+        if p["id"] == "e" and at.get("release_s") is not None:
+            # When iamlet held nothing more for the departed strangers.
+            x = X(p["start_s"] + at["burst_s"] + at["release_s"])
+            out.append(f'<line x1="{x:.1f}" y1="{top1 + 32}" x2="{x:.1f}" y2="{top2 + h2}" stroke="#555" '
+                       f'stroke-dasharray="2,2"/>')
+            out.append(f'<text x="{x + 2:.1f}" y="{top1 + 40}" font-size="9">released</text>')
     out.append(f'<text x="{left}" y="{top1 - 14}" font-size="13" font-weight="bold">neighbour credentials request '
                f'latency, ms (log; {NEIGHBOUR_RATE}/s, new connection each; red ×: failed'
                + ("" if results.get("smoke") else f"; dashed: {P99_LIMIT_MS:.0f} ms") + ')</text>')
@@ -817,6 +1272,8 @@ def svg(results):
 
 def short_title(p, cfg):
     return {"a": f"{cfg['conns']:,} conns, never read", "b": f"{cfg['scrapers']} × {cfg['pipelined']} /metrics unread",
-            "c": f"{cfg['slowloris']:,} slowloris", "d": "upstream 100 Continue"}.get(p["id"], p["title"])
+            "c": f"{cfg['slowloris']:,} slowloris", "d": "upstream 100 Continue",
+            "e": f"{len(STRANGERS)} × {cfg['stranger_conns']} stranger burst",
+            "f": "pass-through flood"}.get(p["id"], p["title"])
 
 
