@@ -457,6 +457,29 @@ pub struct LogArgs {
     pub verbose: bool,
 }
 
+/// Token identity: the container-credentials endpoint (`AWS_CONTAINER_CREDENTIALS_FULL_URI`,
+/// 169.254.170.23) and the service-account tokens it verifies (iamlet's own).
+#[derive(Debug, Clone, ClapArgs)]
+pub struct TokenArgs {
+    /// The audience a service-account token must carry to get credentials from the container-credentials endpoint (the AWS pod-identity webhook's default)
+    #[arg(
+        long,
+        env = "IAMLET_TOKEN_AUDIENCE",
+        default_value = "pods.eks.amazonaws.com",
+        value_name = "AUDIENCE"
+    )]
+    pub token_audience: String,
+    /// Local mode: a JWKS file holding the keys service-account tokens are signed with (with --token-issuer); re-read when it changes. In a cluster the API server's keys are used
+    #[arg(long, env = "IAMLET_TOKEN_JWKS_FILE", value_name = "PATH")]
+    pub token_jwks_file: Option<PathBuf>,
+    /// Local mode: the issuer (iss) service-account tokens must name, with --token-jwks-file
+    #[arg(long, env = "IAMLET_TOKEN_ISSUER", value_name = "URL")]
+    pub token_issuer: Option<String>,
+    /// Where the API server's service-account keys are kept between runs (0600), so an agent restarted while the API server is unreachable still verifies tokens. Off when not set
+    #[arg(long, env = "IAMLET_TOKEN_KEYS_CACHE", value_name = "PATH")]
+    pub token_keys_cache: Option<PathBuf>,
+}
+
 /// Per-pod AWS IAM credentials for Kubernetes nodes (a kube2iam drop-in).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "iamlet", version, about, max_term_width = 100)]
@@ -471,6 +494,8 @@ pub struct Args {
     pub proxy: ProxyArgs,
     #[command(flatten)]
     pub sts: StsArgs,
+    #[command(flatten)]
+    pub token: TokenArgs,
     #[command(flatten)]
     pub log: LogArgs,
     /// Parse and validate the flags, touch no network, exit 0 (valid) or 64 (invalid)

@@ -29,6 +29,10 @@ pub enum ConfigError {
     #[error("--auto-discover-base-arn cannot be used with --base-role-arn; drop one of them.")]
     DiscoverWithBaseArn,
     #[error(
+        "--token-jwks-file and --token-issuer go together (the keys and the issuer their tokens name); give both or neither."
+    )]
+    TokenKeysWithoutIssuer,
+    #[error(
         "--default-role and --auto-discover-default-role cannot be used together; drop one of them."
     )]
     DiscoverWithDefaultRole,
@@ -164,6 +168,9 @@ impl Config {
         {
             return Err(ConfigError::DiscoverWithDefaultRole);
         }
+        if a.token.token_jwks_file.is_some() != a.token.token_issuer.is_some() {
+            return Err(ConfigError::TokenKeysWithoutIssuer);
+        }
         let (host_ip, redirect) = node_flags(&args)?;
         let metadata = MetadataAddr::parse(&a.node.metadata_addr)?;
         let workers = match a.proxy.workers {
@@ -276,6 +283,11 @@ impl Config {
                 (SessionName::Node, false) => SessionMode::Node,
                 (_, tags) => SessionMode::Pod { tags },
             },
+            tokens: iamlet_resolver::tokens::TokenConfig {
+                jwks_file: a.token.token_jwks_file.clone(),
+                issuer: a.token.token_issuer.clone(),
+                keys_cache: a.token.token_keys_cache.clone(),
+            },
         }
     }
 }
@@ -309,6 +321,8 @@ impl Config {
                 response_timeout: p.upstream_timeout,
             },
             wait_ip: a.iam.backoff_max_elapsed_time,
+            token_audience: a.token.token_audience.clone(),
+            node_name: a.kube.node.clone().filter(|n| !n.is_empty()),
             debug: a.log.debug,
             admin_on_app_port: rt.admin_on_app_port,
             registry: std::sync::Arc::new(rt.registry),

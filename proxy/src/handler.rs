@@ -109,6 +109,10 @@ pub async fn handle(
             b"Bad Request: invalid path\n",
         );
     };
+    // The container-credentials door: service-account tokens, not IMDS (no IMDSv2 token).
+    if path == crate::container::PATH && !w.admin_only {
+        return crate::container::answer(w, peer, method, req.headers, r.out, persist).await;
+    }
     let rt = route(&path);
     let admin_allowed = w.admin_only || w.shared.admin_on_app_port;
     match rt {

@@ -58,6 +58,8 @@ fn kube2iam_handler(r: RouteLabel) -> &'static str {
         RouteLabel::Admin => "healthHandler",
         RouteLabel::Denied => "notFoundHandler",
         RouteLabel::Invalid => "invalidRequestHandler",
+        // kube2iam has no such door; a name of the same style.
+        RouteLabel::Container => "containerCredentialsHandler",
     }
 }
 

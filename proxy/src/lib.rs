@@ -7,6 +7,7 @@
 pub mod args;
 pub mod config;
 pub mod conn;
+pub mod container;
 pub mod conns;
 pub mod doctor;
 pub mod downstream;

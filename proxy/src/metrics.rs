@@ -26,10 +26,12 @@ pub enum RouteLabel {
     Admin,
     Denied,
     Invalid,
+    /// The container-credentials door (`/v1/credentials`, service-account tokens).
+    Container,
 }
 
 impl RouteLabel {
-    pub const ALL: [RouteLabel; 7] = [
+    pub const ALL: [RouteLabel; 8] = [
         RouteLabel::Token,
         RouteLabel::Credentials,
         RouteLabel::RoleList,
@@ -37,6 +39,7 @@ impl RouteLabel {
         RouteLabel::Admin,
         RouteLabel::Denied,
         RouteLabel::Invalid,
+        RouteLabel::Container,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +51,7 @@ impl RouteLabel {
             RouteLabel::Admin => "admin",
             RouteLabel::Denied => "denied",
             RouteLabel::Invalid => "invalid",
+            RouteLabel::Container => "container_credentials",
         }
     }
 }
@@ -123,6 +127,9 @@ pub struct ProxyMetrics {
     latency: Tables<LatencyTable>,
     errors: Family<ErrorLabels, Counter>,
     token_rejections: Family<OutcomeLabels, Counter>,
+    /// The container-credentials door: tokens verified on first sight, and every refusal,
+    /// by outcome (a token answered from a worker's memory is counted by its request only).
+    container: Family<OutcomeLabels, Counter>,
     /// `/metrics` renderings (a flood of scrapes shares one per --metrics-max-age).
     pub metrics_renders: Counter,
 }
@@ -162,6 +169,14 @@ fn add_table<T>(tables: &Tables<T>, t: &Arc<T>) {
 }
 
 impl ProxyMetrics {
+    /// Counts one outcome of the container-credentials door (off the cached path: takes
+    /// the family's lock).
+    pub fn container_outcome(&self, outcome: &'static str) {
+        self.container
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
     /// Registers the families; `workers` is how many workers to expect (a capacity hint:
     /// each worker made by [`ProxyMetrics::worker`] gets cells of its own).
     pub fn register(registry: &mut Registry, workers: usize) -> Self {
@@ -170,6 +185,7 @@ impl ProxyMetrics {
             latency: Arc::new(ArcSwap::from_pointee(Vec::with_capacity(workers + 1))),
             errors: Family::default(),
             token_rejections: Family::default(),
+            container: Family::default(),
             metrics_renders: Counter::default(),
         };
         registry.register_collector(Box::new(LatencyCollector {
@@ -309,6 +325,11 @@ impl Collector for ProxyMetrics {
                 "token_rejections",
                 "IMDSv2 tokens refused, by outcome (missing, invalid, expired)",
                 &self.token_rejections,
+            ),
+            (
+                "container_credentials",
+                "The container-credentials endpoint: service-account tokens verified on first sight (verified) and requests refused, by reason (malformed, unknown_key, algorithm, signature, expired, not_yet_valid, issuer, audience, claims, not_pod_bound, rate_limited, no_keys, host, method, other_node, other_pod, unknown_pod, denied, no_role, sts)",
+                &self.container,
             ),
         ] {
             if !metric.is_empty() {

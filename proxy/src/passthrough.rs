@@ -93,7 +93,7 @@ pub async fn forward(
     for attempt in 0..2 {
         let token = match w.upstream.token().await {
             Ok(t) => t,
-            Err(e) => return fail(w, out, e, persist),
+            Err(e) => return fail(w, out, e, persist, head_only),
         };
         let req = build(w, "GET", path, headers, token.as_deref());
         match w.upstream.exchange(req, false, Some(peer)).await {
@@ -107,13 +107,21 @@ pub async fn forward(
                 w.upstream.recycle(resp.raw);
                 return status;
             }
-            Err(e) => return fail(w, out, e, persist),
+            Err(e) => return fail(w, out, e, persist, head_only),
         }
     }
-    fail(w, out, UpstreamError::Protocol, persist)
+    fail(w, out, UpstreamError::Protocol, persist, head_only)
 }
 
-fn fail(w: &Worker, out: &mut Vec<u8>, e: UpstreamError, persist: Persist) -> u16 {
+/// Answers a failed exchange (`head_only`: to a HEAD, so headers only: a body there would be
+/// read as the start of the connection's next answer).
+fn fail(
+    w: &Worker,
+    out: &mut Vec<u8>,
+    e: UpstreamError,
+    persist: Persist,
+    head_only: bool,
+) -> u16 {
     w.metrics.upstream_error(e.label());
     let (status, code, msg) = match e {
         UpstreamError::Connect => (
@@ -148,7 +156,7 @@ fn fail(w: &Worker, out: &mut Vec<u8>, e: UpstreamError, persist: Persist) -> u1
         respond::JSON,
         &respond::error_json(code, msg),
         persist,
-        false,
+        head_only,
     );
     status.0
 }

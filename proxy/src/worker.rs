@@ -72,6 +72,10 @@ pub struct Shared {
     pub upstream: UpstreamConfig,
     /// How long a request from an unknown IP waits for its pod (`--backoff-max-elapsed-time`).
     pub wait_ip: Duration,
+    /// The audience service-account tokens must carry (`--token-audience`).
+    pub token_audience: String,
+    /// This node (`--node`): a token bound to another node is refused.
+    pub node_name: Option<String>,
     pub debug: bool,
     /// Whether the app port also serves `/metrics` and `/debug/store`.
     pub admin_on_app_port: bool,
@@ -209,6 +213,8 @@ pub struct Worker {
     /// Read and output buffers of closed connections, reused by new ones (a new connection
     /// per request is what SDKs do; this saves two allocations of ~9 and 4 KiB per request).
     bufs: RefCell<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// Service-account tokens this worker verified, and sources' failed verifications.
+    pub tokens: RefCell<crate::container::TokenMemory>,
 }
 
 /// Most idle buffer pairs a worker keeps (~13 KiB each).
@@ -235,6 +241,7 @@ impl Worker {
             pending_out: Cell::new(0),
             ip_waits: Rc::default(),
             bufs: RefCell::new(Vec::new()),
+            tokens: RefCell::default(),
             shared,
         }
     }

@@ -31,7 +31,15 @@ pub(crate) struct Shared {
     /// Denials and credential errors to turn into Kubernetes Events (set at start).
     pub(crate) reports: OnceLock<mpsc::Sender<Report>>,
     pub(crate) started: Instant,
+    /// Service-account token keys (the container-credentials door).
+    pub(crate) keys: Arc<crate::tokens::Keys>,
+    /// UIDs of the pods most recently removed from the index (oldest first): a token of a
+    /// pod that is gone is refused as such, not as one not synced yet.
+    pub(crate) gone: Mutex<std::collections::VecDeque<String>>,
 }
+
+/// Removed pods remembered for [`Handle::pod_gone`].
+const GONE_KEPT: usize = 4096;
 
 impl Shared {
     pub(crate) fn new() -> Arc<Self> {
@@ -42,6 +50,8 @@ impl Shared {
             debug: Mutex::new(DebugInfo::default()),
             reports: OnceLock::new(),
             started: Instant::now(),
+            keys: Arc::default(),
+            gone: Mutex::default(),
         })
     }
 
@@ -51,6 +61,15 @@ impl Shared {
 
     pub(crate) fn mark_ready(&self) {
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// A pod left the index (deleted, or finished).
+    pub(crate) fn pod_gone(&self, uid: &str) {
+        let mut gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+        if gone.len() >= GONE_KEPT {
+            gone.pop_front();
+        }
+        gone.push_back(uid.to_owned());
     }
 
     pub(crate) fn set_debug(&self, info: DebugInfo) {
@@ -79,6 +98,29 @@ impl SnapshotReader {
 impl Handle {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Handle { shared }
+    }
+
+    /// Whether the pod with `uid` was on this node and has left it (deleted or finished),
+    /// as far as the last few thousand removals go. Error path only: takes a lock.
+    pub fn pod_gone(&self, uid: &str) -> bool {
+        let gone = self.shared.gone.lock().unwrap_or_else(|e| e.into_inner());
+        gone.iter().any(|u| u == uid)
+    }
+
+    /// The service-account token keys in use, if any were read yet.
+    pub fn token_keys(&self) -> Option<Arc<crate::tokens::KeySet>> {
+        self.shared.keys.current.load_full()
+    }
+
+    /// A token named a key that is not in the set: asks for the set again (the resolver
+    /// fetches at most once per `tokens::MIN_REFETCH`) and resolves after the next attempt,
+    /// whatever its outcome. Callers bound the wait.
+    pub async fn refetch_token_keys(&self) {
+        let fetched = self.shared.keys.fetched.notified();
+        tokio::pin!(fetched);
+        fetched.as_mut().enable();
+        self.shared.keys.refetch.notify_one();
+        fetched.await;
     }
 
     pub fn reader(&self) -> SnapshotReader {

@@ -18,6 +18,7 @@ pub mod source;
 pub mod standalone;
 mod state;
 pub mod tally;
+pub mod tokens;
 
 pub use creds::manager::CredPolicy;
 pub use creds::{CredAnswer, CredKey, CredSlot};
@@ -74,6 +75,8 @@ pub struct Config {
     pub metadata_addr: String,
     pub sts_timeout: Duration,
     pub sessions: SessionMode,
+    /// Where service-account token keys come from (the container-credentials door).
+    pub tokens: tokens::TokenConfig,
 }
 
 /// A running resolver.
@@ -104,6 +107,7 @@ pub fn start(config: Config, registry: &mut Registry) -> Result<Resolver, StartE
     let metrics = ResolverMetrics::register(registry);
     let watch = metrics::WatchMetrics::register(registry);
     let shared = handle::Shared::new();
+    let key_metrics = tokens::KeyMetrics::register(registry, shared.keys.clone());
     let handle = Handle::new(shared.clone());
     let (tx, rx) = std_mpsc::channel();
     std::thread::Builder::new()
@@ -119,7 +123,7 @@ pub fn start(config: Config, registry: &mut Registry) -> Result<Resolver, StartE
                     return;
                 }
             };
-            rt.block_on(run(config, shared, metrics, watch, tx));
+            rt.block_on(run(config, shared, metrics, watch, key_metrics, tx));
         })
         .map_err(StartError::Thread)?;
     Ok(Resolver {
@@ -133,18 +137,21 @@ async fn run(
     shared: Arc<handle::Shared>,
     metrics: ResolverMetrics,
     watch: metrics::WatchMetrics,
+    key_metrics: tokens::KeyMetrics,
     tx: std_mpsc::Sender<Result<(), StartError>>,
 ) {
     let Config {
         rules,
-        keys,
+        keys: annotation_keys,
         restrictions,
         source,
         creds,
         metadata_addr,
         sts_timeout,
         sessions,
+        tokens: token_config,
     } = config;
+    let keys = shared.keys.clone();
     let sts = match creds::sts::Sts::new(&metadata_addr, sts_timeout).await {
         Ok(s) => s,
         Err(e) => {
@@ -170,11 +177,26 @@ async fn run(
     };
     match source {
         PodSource::File { path, node } => {
+            if let (Some(file), Some(issuer)) = (token_config.jwks_file, token_config.issuer) {
+                tokio::spawn(tokens::from_file(file, issuer, keys));
+            }
             tokio::spawn(events::run(report_rx, None, String::new()));
-            source::file::run(path, node, keys, st, metrics, first).await
+            source::file::run(path, node, annotation_keys, st, metrics, first).await
         }
         PodSource::Kube(opts) => {
-            source::kube::run(opts, keys, st, metrics, watch, report_rx, first).await
+            match source::kube::client(&opts, None).await {
+                Ok(client) => {
+                    tokio::spawn(tokens::from_api_server(
+                        client,
+                        keys,
+                        token_config.keys_cache,
+                        key_metrics,
+                    ));
+                }
+                // The pod watch below meets the same problem and reports it.
+                Err(e) => tracing::debug!(error = %e, "no client for the service-account keys"),
+            }
+            source::kube::run(opts, annotation_keys, st, metrics, watch, report_rx, first).await
         }
     }
 }

@@ -52,6 +52,26 @@ pub fn credentials_document(creds: &Credentials, last_updated: SystemTime) -> By
     Bytes::from(doc)
 }
 
+/// The body of the container-credentials endpoint (what `AWS_CONTAINER_CREDENTIALS_FULL_URI`
+/// points SDKs at): the four members every SDK requires, with a whole-second `Z` expiry
+/// (JS and Rust parse only that form), and the role's account for SDKs that route by it.
+pub fn container_document(creds: &Credentials, account_id: &str) -> Bytes {
+    let doc = format!(
+        "{{\"AccessKeyId\":{},\"SecretAccessKey\":{},\"Token\":{},\"Expiration\":\"{}\",\"AccountId\":{}}}",
+        json_string(&creds.access_key_id),
+        json_string(&creds.secret_access_key),
+        json_string(&creds.session_token),
+        imds_timestamp(creds.expiration),
+        json_string(account_id),
+    );
+    Bytes::from(doc)
+}
+
+/// The account ID in a role ARN (`arn:aws:iam::123456789012:role/x`), empty if none.
+pub fn account_of(arn: &str) -> &str {
+    arn.split(':').nth(4).unwrap_or("")
+}
+
 /// The IMDS-style JSON error body served with a 5xx when no valid credentials exist.
 pub fn error_document(code: &str, message: &str) -> Bytes {
     let doc = format!(
@@ -102,6 +122,23 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&body).unwrap(),
             "{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"2023-11-14T22:13:20Z\",\n  \"Type\" : \"AWS-HMAC\",\n  \"AccessKeyId\" : \"ASIAEXAMPLE\",\n  \"SecretAccessKey\" : \"se/cr+et\",\n  \"Token\" : \"tok\\\"en\",\n  \"Expiration\" : \"2023-11-14T23:13:20Z\"\n}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["Token"], "tok\"en");
+    }
+
+    #[test]
+    fn the_container_document_has_exactly_what_every_sdk_reads() {
+        let creds = Credentials {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: "se/cr+et".into(),
+            session_token: "tok\"en".into(),
+            expiration: at(1_700_003_600, 123_456_789),
+        };
+        let body = container_document(&creds, account_of("arn:aws:iam::210987654321:role/x"));
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            "{\"AccessKeyId\":\"ASIAEXAMPLE\",\"SecretAccessKey\":\"se/cr+et\",\"Token\":\"tok\\\"en\",\"Expiration\":\"2023-11-14T23:13:20Z\",\"AccountId\":\"210987654321\"}"
         );
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["Token"], "tok\"en");

@@ -39,6 +39,8 @@ pub struct Identity {
     /// Why the pod may not have its role (a namespace restriction): answered as 403 with
     /// this text, at once.
     pub denied: Option<Arc<str>>,
+    /// The pod's ServiceAccount (a service-account token must name the same one).
+    pub service_account: Option<Arc<str>>,
     /// When each kind of Kubernetes Event was last reported for this identity (milliseconds
     /// since the resolver started; 0 = never): a lock-free first rate limit.
     pub(crate) reported: [AtomicU64; 2],
@@ -58,8 +60,15 @@ impl Identity {
             pod,
             role,
             denied,
+            service_account: None,
             reported: [AtomicU64::new(0), AtomicU64::new(0)],
         }
+    }
+
+    /// The pod's ServiceAccount, for binding service-account tokens to it.
+    pub fn with_service_account(mut self, sa: Option<&str>) -> Self {
+        self.service_account = sa.map(Arc::from);
+        self
     }
 
     /// Claims the right to report event kind `kind` at `now_ms` if the last report is at

@@ -224,6 +224,7 @@ impl State {
         let Some(pod) = self.index.pod(uid).filter(|p| p.is_mappable()) else {
             if let Some(old) = self.identities.remove(uid) {
                 self.release(&old);
+                self.shared.pod_gone(uid);
             }
             return;
         };
@@ -234,6 +235,8 @@ impl State {
             return;
         }
         let (namespace, name) = (pod.namespace.clone(), pod.name.clone());
+        // A pod's ServiceAccount is immutable: no change to it needs a new identity.
+        let service_account = pod.service_account.clone();
         ips.extend(pod.ips.iter().copied());
         if let Some(old) = self.identities.remove(uid) {
             self.release(&old);
@@ -243,7 +246,8 @@ impl State {
             pod: name.clone(),
         };
         let role = spec.key.map(|k| self.acquire(k, origin));
-        let id = Identity::new(uid.to_owned(), namespace, name, role, spec.denied);
+        let id = Identity::new(uid.to_owned(), namespace, name, role, spec.denied)
+            .with_service_account(service_account.as_deref());
         self.identities.insert(uid.to_owned(), Arc::new(id));
     }
 

@@ -122,6 +122,17 @@ impl RealApiServer {
         );
     }
 
+    /// The PEM private key the API server signs service-account tokens with (made for this
+    /// run), for tests that forge what only a key holder could.
+    pub fn signing_key_pem(&self) -> Vec<u8> {
+        std::fs::read(self.dir.join("pki/sa.key")).expect("the run's signing key")
+    }
+
+    /// The PEM public key tokens verify with.
+    pub fn verifying_key_pem(&self) -> Vec<u8> {
+        std::fs::read(self.dir.join("pki/sa.pub")).expect("the run's public key")
+    }
+
     /// Stops a [`RealApiServer::private`] server.
     pub fn stop(&self) {
         let _ = Command::new(crate::workspace_root().join("tests/kube/stop.sh"))
@@ -395,6 +406,50 @@ impl Scope {
         let req: TokenRequest = serde_json::from_value(json!({
             "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
             "spec": {"expirationSeconds": seconds}
+        }))
+        .unwrap();
+        let r = self
+            .api
+            .block_on(sas.create_token_request(sa, &PostParams::default(), &req))
+            .unwrap_or_else(|e| panic!("token for {ns}/{sa}: {e}"));
+        r.status.map(|s| s.token).unwrap_or_default()
+    }
+
+    /// A token for ServiceAccount `ns/sa` bound to pod `pod` (as a projected volume gets
+    /// it): the `kubernetes.io` claim names the pod (and its node), and the token is valid
+    /// only while the pod exists. `audience`: e.g. the container-credentials audience.
+    pub fn pod_token(&self, ns: &str, sa: &str, pod: &str, audience: &str, seconds: i64) -> String {
+        let pods: Api<Pod> = Api::namespaced(self.api.client(), ns);
+        let uid = self
+            .api
+            .block_on(pods.get(pod))
+            .unwrap_or_else(|e| panic!("pod {ns}/{pod}: {e}"))
+            .metadata
+            .uid
+            .unwrap_or_default();
+        let sas: Api<ServiceAccount> = Api::namespaced(self.api.client(), ns);
+        let req: TokenRequest = serde_json::from_value(json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {
+                "audiences": [audience],
+                "expirationSeconds": seconds,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid}
+            }
+        }))
+        .unwrap();
+        let r = self
+            .api
+            .block_on(sas.create_token_request(sa, &PostParams::default(), &req))
+            .unwrap_or_else(|e| panic!("pod-bound token for {ns}/{pod}: {e}"));
+        r.status.map(|s| s.token).unwrap_or_default()
+    }
+
+    /// A token for `ns/sa` with `audience` and no bound object (not a pod's).
+    pub fn unbound_token(&self, ns: &str, sa: &str, audience: &str) -> String {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.api.client(), ns);
+        let req: TokenRequest = serde_json::from_value(json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": 3600}
         }))
         .unwrap();
         let r = self

@@ -383,3 +383,21 @@ fn head_on_a_pass_through_path_answers_at_once_without_a_body() {
         );
     }
 }
+
+#[test]
+fn a_head_that_fails_upstream_gets_headers_only_and_the_connection_stays_in_step() {
+    let driver = drivers()[0];
+    let moto = Moto::start();
+    // Nobody listens at the upstream: every pass-through fails with 502.
+    let dead: SocketAddr = format!("127.0.0.1:{}", iamlet_e2e::free_port())
+        .parse()
+        .unwrap();
+    let iamlet = agent(driver, &moto, dead, &["--workers=1"]);
+    let mut c = Conn::open(ip(POD), iamlet.addr());
+    let head = c.send(b"HEAD /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(head.status, 502);
+    assert!(head.body.is_empty(), "{}", head.body_str());
+    // The next answer on the same connection is its own, not the 502's body.
+    let list = c.send(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!((list.status, list.body_str().as_str()), (200, "app-role"));
+}

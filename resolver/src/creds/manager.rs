@@ -214,6 +214,7 @@ async fn fetch<S: AssumeRole>(
             );
             let answer = CredAnswer::Ready {
                 body: credentials_document(&creds, wall),
+                container: render::container_document(&creds, render::account_of(&key.role_arn)),
                 expiration: creds.expiration,
                 serve_until: now + serve_for,
                 access_key_id: creds.access_key_id.clone(),

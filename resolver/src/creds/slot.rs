@@ -23,7 +23,8 @@ pub struct CredKey {
 pub struct PodSession {
     /// `<namespace>.<pod>`, sanitised for STS.
     pub name: String,
-    /// `kubernetes-namespace`, `kubernetes-pod-name`, `kubernetes-service-account`.
+    /// `kubernetes-namespace`, `kubernetes-pod-name`, `kubernetes-service-account`,
+    /// `kubernetes-pod-uid`.
     pub tags: Vec<(String, String)>,
 }
 
@@ -40,6 +41,8 @@ pub enum CredAnswer {
     /// Credentials: the exact response body, servable until `serve_until`.
     Ready {
         body: Bytes,
+        /// The same credentials as the container-credentials endpoint answers them.
+        container: Bytes,
         expiration: SystemTime,
         serve_until: Instant,
         access_key_id: String,
@@ -252,6 +255,7 @@ mod tests {
     fn ready(valid_for: Duration) -> Arc<CredAnswer> {
         Arc::new(CredAnswer::Ready {
             body: Bytes::from_static(b"{}"),
+            container: Bytes::from_static(b"{}"),
             expiration: SystemTime::now() + valid_for,
             serve_until: Instant::now() + valid_for,
             access_key_id: "AK".into(),

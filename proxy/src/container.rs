@@ -1,0 +1,499 @@
+//! The container-credentials door: `GET /v1/credentials` with a projected service-account
+//! token in `Authorization`, what `AWS_CONTAINER_CREDENTIALS_FULL_URI` (169.254.170.23) and
+//! `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` make every current AWS SDK send. The token is
+//! verified here, locally, against the API server's published keys (no API server on the
+//! request path); a token seen before is a hash lookup. A verified token is only as good as
+//! its binding: its pod must be the live pod of this node that owns the request's source
+//! address, with the same namespace, name and ServiceAccount. The role is the pod's, from the
+//! same policy engine as the IMDS door.
+//!
+//! Answers: 200 with the credentials as JSON; `{"Code","Message"}` errors — 400 no or
+//! malformed token, 401 a token that does not verify, 403 a valid token that does not belong
+//! here, 405 a method other than GET, and 503 with `Retry-After` for what is transient (the
+//! only status every SDK retries).
+
+use crate::metrics::RouteLabel;
+use crate::respond::{self, Persist, Status};
+use crate::worker::Worker;
+use iamlet_resolver::CredAnswer;
+use jsonwebtoken::{Validation, decode, decode_header};
+use serde::Deserialize;
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The path SDKs are pointed at (the AWS pod-identity webhook's default FULL_URI).
+pub const PATH: &str = "/v1/credentials";
+
+/// Clock skew allowed on `exp`, `nbf` and `iat`.
+const LEEWAY: u64 = 60;
+/// Failed verifications one source may cost a worker per second; past it, tokens from that
+/// source are refused unverified until the second is over.
+const FAILURES_PER_SECOND: u32 = 10;
+/// Verified tokens (and sources' failure counts) a worker remembers; past it, it forgets
+/// them all (they are re-verified on next sight).
+const MAX_REMEMBERED: usize = 4096;
+/// How long a request waits for a key set that names its token's key, after asking for a
+/// fresh one.
+const KEY_WAIT: Duration = Duration::from_secs(2);
+
+const UNAUTHORIZED: Status = Status(401, "Unauthorized");
+
+/// What a pod-bound service-account token says about itself (the `kubernetes.io` claim).
+#[derive(Debug, Clone, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    iat: Option<u64>,
+    exp: u64,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<KubeClaims>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct KubeClaims {
+    namespace: String,
+    serviceaccount: Named,
+    pod: Option<Named>,
+    node: Option<Named>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Named {
+    name: String,
+    uid: String,
+}
+
+/// A token that verified: who it is for, until when.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    namespace: String,
+    service_account: String,
+    pod: Named,
+    node: Option<String>,
+    exp: u64,
+}
+
+/// Per-worker memory of verified tokens (by SHA-256) and of sources' failed verifications.
+#[derive(Debug, Default)]
+pub struct TokenMemory {
+    verified: ahash::AHashMap<[u8; 32], Verified>,
+    failures: ahash::AHashMap<IpAddr, (Instant, u32)>,
+}
+
+/// Why a request gets no credentials: its status, `Code`, `Message`, and whether to say
+/// `Retry-After`.
+struct Refusal {
+    status: Status,
+    code: &'static str,
+    message: String,
+    outcome: &'static str,
+}
+
+fn refuse(
+    status: Status,
+    code: &'static str,
+    outcome: &'static str,
+    message: impl Into<String>,
+) -> Refusal {
+    Refusal {
+        status,
+        code,
+        message: message.into(),
+        outcome,
+    }
+}
+
+fn unauthorized(outcome: &'static str, message: &str) -> Refusal {
+    refuse(UNAUTHORIZED, "InvalidToken", outcome, message)
+}
+
+fn forbidden(outcome: &'static str, message: impl Into<String>) -> Refusal {
+    refuse(respond::FORBIDDEN, "AccessDenied", outcome, message)
+}
+
+fn unavailable(outcome: &'static str, message: &str) -> Refusal {
+    refuse(respond::UNAVAILABLE, "ServiceUnavailable", outcome, message)
+}
+
+/// Whether `host` (the request's `Host`) names the container-credentials address, or the
+/// agent itself on loopback (local mode). Anything else is refused: a page that rebinds a
+/// name of its own to the agent's address must not be able to ask.
+pub fn host_allowed(host: Option<&[u8]>) -> bool {
+    let Some(host) = host.and_then(|h| std::str::from_utf8(h).ok()) else {
+        return false;
+    };
+    let host = host.trim();
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        }),
+    };
+    if name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match name.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4 == std::net::Ipv4Addr::new(169, 254, 170, 23) || v4.is_loopback(),
+        Ok(IpAddr::V6(v6)) => {
+            v6 == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23) || v6.is_loopback()
+        }
+        Err(_) => false,
+    }
+}
+
+/// The token in an `Authorization` value: the raw JWT the SDKs send, or `Bearer <jwt>`.
+fn token_of(value: &[u8]) -> Option<&str> {
+    let v = std::str::from_utf8(value).ok()?.trim();
+    let v = match v.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case("bearer ") => v[7..].trim(),
+        _ => v,
+    };
+    (!v.is_empty() && v.split('.').count() == 3).then_some(v)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Answers one request on the door.
+pub async fn answer(
+    w: &Worker,
+    peer: IpAddr,
+    method: &str,
+    headers: &[httparse::Header<'_>],
+    out: &mut Vec<u8>,
+    persist: Persist,
+) {
+    match credentials(w, peer, method, headers).await {
+        Ok(body) => {
+            w.metrics.request(RouteLabel::Container, 200);
+            respond::write(out, respond::OK, respond::JSON, &body, persist, false);
+        }
+        Err(r) => {
+            w.metrics.request(RouteLabel::Container, r.status.0);
+            w.shared.metrics.container_outcome(r.outcome);
+            let body = serde_json::json!({"Code": r.code, "Message": r.message}).to_string();
+            let retry: &[(&[u8], &[u8])] = if r.status.0 == 503 {
+                &[(b"Retry-After", b"1")]
+            } else {
+                &[]
+            };
+            respond::write_head(out, r.status, respond::JSON, body.len(), persist, retry);
+            out.extend_from_slice(body.as_bytes());
+        }
+    }
+}
+
+fn header<'h>(headers: &'h [httparse::Header<'_>], name: &str) -> Option<&'h [u8]> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+async fn credentials(
+    w: &Worker,
+    peer: IpAddr,
+    method: &str,
+    headers: &[httparse::Header<'_>],
+) -> Result<bytes::Bytes, Refusal> {
+    if !host_allowed(header(headers, "host")) {
+        return Err(forbidden(
+            "host",
+            "the Host header must name 169.254.170.23 (the container credentials address)",
+        ));
+    }
+    if method != "GET" {
+        return Err(refuse(
+            respond::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "method",
+            "only GET is answered here",
+        ));
+    }
+    let Some(token) = header(headers, "authorization").and_then(token_of) else {
+        return Err(refuse(
+            respond::BAD_REQUEST,
+            "InvalidToken",
+            "malformed",
+            "no service-account token in the Authorization header",
+        ));
+    };
+    let claims = verified(w, peer, token).await?;
+    bind(w, peer, &claims).await
+}
+
+/// The token's claims, from this worker's memory or verified now.
+async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Refusal> {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(digest.as_ref());
+    let now = unix_now();
+    if let Some(v) = w.tokens.borrow().verified.get(&hash)
+        && now < v.exp + LEEWAY
+    {
+        return Ok(v.clone());
+    }
+    // A source that keeps sending tokens that fail costs a bounded amount of verification.
+    {
+        let mem = w.tokens.borrow();
+        let t = Instant::now();
+        if let Some((since, n)) = mem.failures.get(&peer)
+            && t.duration_since(*since) < Duration::from_secs(1)
+            && *n >= FAILURES_PER_SECOND
+        {
+            return Err(unauthorized(
+                "rate_limited",
+                "too many tokens that failed verification from this address; retry later",
+            ));
+        }
+        drop(mem);
+    }
+    match verify(w, token, now).await {
+        Ok(v) => {
+            let mut mem = w.tokens.borrow_mut();
+            if mem.verified.len() >= MAX_REMEMBERED {
+                mem.verified.clear();
+            }
+            mem.verified.insert(hash, v.clone());
+            w.shared.metrics.container_outcome("verified");
+            Ok(v)
+        }
+        Err(r) => {
+            if r.status == UNAUTHORIZED || r.status == respond::BAD_REQUEST {
+                let mut mem = w.tokens.borrow_mut();
+                if mem.failures.len() >= MAX_REMEMBERED {
+                    mem.failures.clear();
+                }
+                let t = Instant::now();
+                let e = mem.failures.entry(peer).or_insert((t, 0));
+                if t.duration_since(e.0) >= Duration::from_secs(1) {
+                    *e = (t, 0);
+                }
+                e.1 += 1;
+            }
+            Err(r)
+        }
+    }
+}
+
+/// Verifies the token's signature with the key its `kid` names (with that key's one
+/// algorithm), its issuer, audience and times, and that it is a pod-bound service-account
+/// token whose subject agrees with its `kubernetes.io` claim.
+async fn verify(w: &Worker, token: &str, now: u64) -> Result<Verified, Refusal> {
+    let head = decode_header(token).map_err(|_| {
+        refuse(
+            respond::BAD_REQUEST,
+            "InvalidToken",
+            "malformed",
+            "the token is not a JWT",
+        )
+    })?;
+    let Some(kid) = head.kid else {
+        return Err(unauthorized(
+            "unknown_key",
+            "the token names no signing key (kid)",
+        ));
+    };
+    let handle = &w.shared.handle;
+    let mut keys = handle.token_keys();
+    if keys.as_ref().is_none_or(|k| k.get(&kid).is_none()) {
+        // A key we have not seen: the API server may have rotated; ask for the set again.
+        let _ = monoio::time::timeout(KEY_WAIT, handle.refetch_token_keys()).await;
+        keys = handle.token_keys();
+    }
+    let Some(keys) = keys else {
+        return Err(unavailable(
+            "no_keys",
+            "the service-account signing keys are not known yet; retry shortly",
+        ));
+    };
+    let Some(key) = keys.get(&kid) else {
+        return Err(unauthorized(
+            "unknown_key",
+            "the token's signing key is not one of the API server's",
+        ));
+    };
+    if head.alg != key.alg {
+        return Err(unauthorized(
+            "algorithm",
+            "the token's algorithm is not its key's",
+        ));
+    }
+    let mut v = Validation::new(key.alg);
+    v.leeway = LEEWAY;
+    v.validate_nbf = true;
+    v.set_issuer(&[keys.issuer.as_str()]);
+    v.set_audience(&[w.shared.token_audience.as_str()]);
+    v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    let claims = decode::<Claims>(token, &key.key, &v)
+        .map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::ExpiredSignature => unauthorized("expired", "the token has expired"),
+                K::ImmatureSignature => unauthorized("not_yet_valid", "the token is not valid yet"),
+                K::InvalidIssuer => {
+                    unauthorized("issuer", "the token's issuer is not the cluster's")
+                }
+                K::InvalidAudience => {
+                    unauthorized("audience", "the token's audience is not this endpoint's")
+                }
+                K::InvalidSignature => {
+                    unauthorized("signature", "the token's signature does not verify")
+                }
+                _ => unauthorized(
+                    "claims",
+                    "the token's claims are not a service-account token's",
+                ),
+            }
+        })?
+        .claims;
+    if claims.iat.is_some_and(|iat| iat > now + LEEWAY) {
+        return Err(unauthorized(
+            "not_yet_valid",
+            "the token was issued in the future",
+        ));
+    }
+    let Some(k) = claims.kubernetes else {
+        return Err(unauthorized(
+            "claims",
+            "the token is not a Kubernetes service-account token",
+        ));
+    };
+    if claims.sub
+        != format!(
+            "system:serviceaccount:{}:{}",
+            k.namespace, k.serviceaccount.name
+        )
+    {
+        return Err(unauthorized(
+            "claims",
+            "the token's subject does not match its service account",
+        ));
+    }
+    let Some(pod) = k.pod else {
+        return Err(forbidden(
+            "not_pod_bound",
+            "only a token bound to a pod (a projected service-account token) is accepted",
+        ));
+    };
+    Ok(Verified {
+        namespace: k.namespace,
+        service_account: k.serviceaccount.name,
+        pod,
+        node: k.node.map(|n| n.name),
+        exp: claims.exp,
+    })
+}
+
+/// The credentials of the token's pod, if the request comes from it, on this node.
+async fn bind(w: &Worker, peer: IpAddr, t: &Verified) -> Result<bytes::Bytes, Refusal> {
+    if let (Some(theirs), Some(ours)) = (&t.node, &w.shared.node_name)
+        && theirs != ours
+    {
+        return Err(forbidden(
+            "other_node",
+            "the token is bound to a pod on another node",
+        ));
+    }
+    let Some(id) = w.wait_identity(peer).await else {
+        if w.shared.handle.pod_gone(&t.pod.uid) {
+            return Err(forbidden("pod_gone", "the token's pod is gone"));
+        }
+        return Err(unavailable(
+            "unknown_pod",
+            "no pod of this node is known at this address yet; retry shortly",
+        ));
+    };
+    if id.uid != t.pod.uid {
+        return Err(forbidden(
+            "other_pod",
+            "the token belongs to another pod than the one at this address",
+        ));
+    }
+    if id.namespace != t.namespace
+        || id.pod != t.pod.name
+        || id.service_account.as_deref() != Some(t.service_account.as_str())
+    {
+        return Err(forbidden(
+            "other_pod",
+            "the token's pod does not match the pod at this address",
+        ));
+    }
+    if let Some(reason) = &id.denied {
+        w.shared.handle.report_denied(&id);
+        return Err(forbidden("denied", reason.to_string()));
+    }
+    let Some(role) = id.role.as_ref() else {
+        return Err(forbidden("no_role", "this pod has no role"));
+    };
+    let answer = match role.slot.current(Instant::now()) {
+        Some(a) => a,
+        None => match monoio::time::timeout(w.shared.wait_ip, role.slot.get()).await {
+            Ok(a) => a,
+            Err(_) => {
+                return Err(unavailable(
+                    "sts",
+                    "credentials for this role are still being fetched from STS; retry shortly",
+                ));
+            }
+        },
+    };
+    match &*answer {
+        CredAnswer::Ready { container, .. } => Ok(container.clone()),
+        CredAnswer::Failed { .. } => {
+            w.shared.handle.report_credential_error(&id);
+            Err(unavailable(
+                "sts",
+                "STS refused or failed the role's credentials; retry shortly",
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_link_local_address_or_loopback_may_be_named_by_host() {
+        for ok in [
+            "169.254.170.23",
+            "169.254.170.23:80",
+            "[fd00:ec2::23]",
+            "[fd00:ec2::23]:80",
+            "127.0.0.1:8181",
+            "localhost:8181",
+            "[::1]:8181",
+        ] {
+            assert!(host_allowed(Some(ok.as_bytes())), "{ok}");
+        }
+        for bad in [
+            "169.254.169.254",
+            "evil.example",
+            "169.254.170.23.evil.example",
+            "10.0.0.1:8181",
+            "",
+        ] {
+            assert!(!host_allowed(Some(bad.as_bytes())), "{bad}");
+        }
+        assert!(!host_allowed(None));
+    }
+
+    #[test]
+    fn the_token_is_the_raw_value_or_after_bearer() {
+        assert_eq!(token_of(b"a.b.c"), Some("a.b.c"));
+        assert_eq!(token_of(b"Bearer a.b.c"), Some("a.b.c"));
+        assert_eq!(token_of(b"bearer  a.b.c "), Some("a.b.c"));
+        assert_eq!(token_of(b"Bearer "), None);
+        assert_eq!(token_of(b"a.b"), None);
+        assert_eq!(token_of(b""), None);
+    }
+}

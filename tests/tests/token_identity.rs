@@ -1,0 +1,453 @@
+//! Token identity: the container-credentials door (`GET /v1/credentials` with a service-account
+//! token in `Authorization`), against a real kube-apiserver that issues the tokens (the
+//! TokenRequest API, bound to pod objects) and publishes the keys they verify with. The agent
+//! runs with the shipped ServiceAccount's rights; requests come from the pods' own addresses
+//! on loopback. Every refusal is checked by status and `Code`, and a refused request never
+//! carries credentials.
+
+use iamlet_e2e::apiserver::PodBuilder;
+use iamlet_e2e::realapi::{RealApiServer, Scope};
+use iamlet_e2e::rig::control::{LIST, Rig, real};
+use iamlet_e2e::rig::data::sample;
+use iamlet_e2e::{Response, try_request_from};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::{Value, json};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const AUDIENCE: &str = "pods.eks.amazonaws.com";
+const DOOR: &str = "/v1/credentials";
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// `GET /v1/credentials` from `src` with `Host: 169.254.170.23` and `authorization` (if any).
+fn ask(addr: SocketAddr, src: &str, authorization: Option<&str>) -> Response {
+    ask_as(addr, src, "GET", "169.254.170.23", authorization)
+}
+
+fn ask_as(
+    addr: SocketAddr,
+    src: &str,
+    method: &str,
+    host: &str,
+    authorization: Option<&str>,
+) -> Response {
+    let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+    let raw = format!(
+        "{method} {DOOR} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n{auth}Connection: close\r\n\r\n"
+    );
+    try_request_from(ip(src), addr, raw.as_bytes()).expect("an answer")
+}
+
+fn json_of(r: &Response) -> Value {
+    serde_json::from_slice(&r.body).unwrap_or(Value::Null)
+}
+
+/// Asserts a refusal: `status`, `Code`, no credentials in the body.
+fn refused(r: &Response, status: u16, code: &str, what: &str) {
+    let body = json_of(r);
+    assert_eq!(
+        (r.status, body["Code"].as_str()),
+        (status, Some(code)),
+        "{what}: {}",
+        r.body_str()
+    );
+    assert!(body.get("AccessKeyId").is_none(), "{what}");
+    assert_eq!(r.header("content-type"), Some("application/json"), "{what}");
+    if status == 503 {
+        assert_eq!(r.header("retry-after"), Some("1"), "{what}");
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The `kid` and claims of a real token (its payload, unverified: the test's own token).
+fn parts(token: &str) -> (String, Value) {
+    let head = jsonwebtoken::decode_header(token).unwrap();
+    let payload = token.split('.').nth(1).unwrap();
+    use base64::Engine;
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    (head.kid.unwrap(), serde_json::from_slice(&claims).unwrap())
+}
+
+/// A token signed with the API server's own key (what only a key holder could make), with
+/// `edit` applied to a real token's claims.
+fn forged(api: &RealApiServer, real_token: &str, edit: impl FnOnce(&mut Value)) -> String {
+    let (kid, mut claims) = parts(real_token);
+    edit(&mut claims);
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some(kid);
+    let key = EncodingKey::from_rsa_pem(&api.signing_key_pem()).unwrap();
+    encode(&h, &claims, &key).unwrap()
+}
+
+struct Setup {
+    r: Rig<Scope>,
+    ns: String,
+}
+
+/// A node with pods `app` (127.26.0.1, role app) and `web` (127.26.0.2, role web), each with
+/// a ServiceAccount of its own, and iamlet serving that node.
+fn setup(test: &str, extra: &[&str]) -> Setup {
+    let s = RealApiServer::shared().scope(test);
+    let ns = s.ns("shop");
+    s.set_namespace(&ns, &[]);
+    for (pod, ipaddr, role) in [("app", "127.26.0.1", "app"), ("web", "127.26.0.2", "web")] {
+        s.ensure_service_account(&ns, &format!("{pod}-sa"));
+        s.create_pod(
+            &PodBuilder::running(&ns, pod, &s.node, ipaddr)
+                .role(role)
+                .service_account(&format!("{pod}-sa")),
+        );
+    }
+    let mut args = vec!["--backoff-max-elapsed-time=1s"];
+    args.extend_from_slice(extra);
+    let r = real(s, &args);
+    Setup { r, ns }
+}
+
+#[test]
+fn a_pod_gets_its_roles_credentials_with_its_own_service_account_token() {
+    // One worker: a verified token is remembered per worker.
+    let Setup { r, ns } = setup("door-ok", &["--workers=1"]);
+    let addr = r.iamlet.addr();
+    let token = r.api.pod_token(&ns, "app-sa", "app", AUDIENCE, 3600);
+    let (_, claims) = parts(&token);
+    assert_eq!(claims["kubernetes.io"]["pod"]["name"], "app", "{claims}");
+
+    let t = Instant::now();
+    let resp = iamlet_e2e::wait_until!(
+        Duration::from_secs(10),
+        Some(ask(addr, "127.26.0.1", Some(&token))).filter(|r| r.status == 200),
+        "the pod's credentials through the door"
+    );
+    let doc = json_of(&resp);
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    for k in ["AccessKeyId", "SecretAccessKey", "Token", "Expiration"] {
+        assert!(doc[k].as_str().is_some_and(|v| !v.is_empty()), "{k}: {doc}");
+    }
+    assert_eq!(doc["AccountId"], "123456789012");
+    let exp = doc["Expiration"].as_str().unwrap();
+    assert!(
+        exp.len() == 20 && exp.ends_with('Z') && exp.as_bytes()[10] == b'T',
+        "{exp}"
+    );
+    // The same credentials the pod gets through IMDS: one policy engine, one cache.
+    let imds = r.get("127.26.0.1", &format!("{LIST}app"));
+    assert_eq!(imds.status, 200, "{}", imds.body_str());
+    assert_eq!(json_of(&imds)["AccessKeyId"], doc["AccessKeyId"]);
+    // `Bearer` is accepted too, and the token is not verified again.
+    let verified = sample(
+        addr,
+        "iamlet_container_credentials_total{outcome=\"verified\"}",
+    );
+    let again = ask(addr, "127.26.0.1", Some(&format!("Bearer {token}")));
+    assert_eq!(again.status, 200, "{}", again.body_str());
+    assert_eq!(
+        sample(
+            addr,
+            "iamlet_container_credentials_total{outcome=\"verified\"}"
+        ),
+        verified,
+        "a token seen before is a lookup, not a verification"
+    );
+    println!("first answer through the door within {:?}", t.elapsed());
+}
+
+#[test]
+fn every_attack_on_the_door_is_refused_with_its_reason() {
+    let Setup { r, ns } = setup("door-attacks", &[]);
+    let api = RealApiServer::shared();
+    let addr = r.iamlet.addr();
+    let app = r.api.pod_token(&ns, "app-sa", "app", AUDIENCE, 3600);
+    // The door works for app first (so every refusal below is the check's, not a cold start).
+    iamlet_e2e::wait_until!(
+        Duration::from_secs(10),
+        ask(addr, "127.26.0.1", Some(&app)).status == 200,
+        "the door to answer app"
+    );
+
+    refused(
+        &ask(addr, "127.26.0.1", None),
+        400,
+        "InvalidToken",
+        "no token",
+    );
+    refused(
+        &ask(addr, "127.26.0.1", Some("not-a-jwt")),
+        400,
+        "InvalidToken",
+        "not a JWT",
+    );
+    // alg none: no algorithm to verify with.
+    let (kid, claims) = parts(&app);
+    let b64 = |v: &Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "kid": kid, "typ": "JWT"})),
+        b64(&claims)
+    );
+    let r_none = ask(addr, "127.26.0.1", Some(&none));
+    assert!(
+        matches!(r_none.status, 400 | 401),
+        "alg none: {}",
+        r_none.body_str()
+    );
+    assert!(json_of(&r_none).get("AccessKeyId").is_none());
+    // HS256 with the API server's public key as the secret (the classic confusion).
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = Some(kid.clone());
+    let hs = encode(
+        &h,
+        &claims,
+        &EncodingKey::from_secret(&api.verifying_key_pem()),
+    )
+    .unwrap();
+    refused(
+        &ask(addr, "127.26.0.1", Some(&hs)),
+        401,
+        "InvalidToken",
+        "HS256",
+    );
+    // A key the API server never published.
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some("not-a-published-key".into());
+    let unknown_kid = encode(
+        &h,
+        &claims,
+        &EncodingKey::from_rsa_pem(&api.signing_key_pem()).unwrap(),
+    )
+    .unwrap();
+    refused(
+        &ask(addr, "127.26.0.1", Some(&unknown_kid)),
+        401,
+        "InvalidToken",
+        "unknown kid",
+    );
+    // A bad signature (the signature of another token).
+    let other = r.api.pod_token(&ns, "web-sa", "web", AUDIENCE, 3600);
+    let mut bad_sig: Vec<&str> = app.split('.').collect();
+    bad_sig[2] = other.split('.').nth(2).unwrap();
+    refused(
+        &ask(addr, "127.26.0.1", Some(&bad_sig.join("."))),
+        401,
+        "InvalidToken",
+        "bad signature",
+    );
+    // The API server's own audience, and an unbound token.
+    let api_aud = r.api.pod_token(&ns, "app-sa", "app", &api.issuer, 3600);
+    refused(
+        &ask(addr, "127.26.0.1", Some(&api_aud)),
+        401,
+        "InvalidToken",
+        "the API server's audience",
+    );
+    let unbound = r.api.unbound_token(&ns, "app-sa", AUDIENCE);
+    refused(
+        &ask(addr, "127.26.0.1", Some(&unbound)),
+        403,
+        "AccessDenied",
+        "a token bound to no pod",
+    );
+    // Expired and not yet valid (signed with the real key: only the times are wrong).
+    let expired = forged(api, &app, |c| {
+        c["exp"] = json!(now() - 120);
+        c["iat"] = json!(now() - 3720);
+        c["nbf"] = json!(now() - 3720);
+    });
+    refused(
+        &ask(addr, "127.26.0.1", Some(&expired)),
+        401,
+        "InvalidToken",
+        "expired",
+    );
+    let early = forged(api, &app, |c| {
+        c["nbf"] = json!(now() + 600);
+        c["iat"] = json!(now() + 600);
+    });
+    refused(
+        &ask(addr, "127.26.0.1", Some(&early)),
+        401,
+        "InvalidToken",
+        "not yet valid",
+    );
+    // A subject that disagrees with the kubernetes.io claim.
+    let mixed = forged(api, &app, |c| {
+        c["sub"] = json!(format!("system:serviceaccount:{ns}:web-sa"));
+    });
+    refused(
+        &ask(addr, "127.26.0.1", Some(&mixed)),
+        401,
+        "InvalidToken",
+        "subject and claim disagree",
+    );
+    // Another pod's valid token, from this pod's address.
+    refused(
+        &ask(addr, "127.26.0.1", Some(&other)),
+        403,
+        "AccessDenied",
+        "web's token from app's address",
+    );
+    // A Host that is not the link-local address (DNS rebinding).
+    refused(
+        &ask_as(addr, "127.26.0.1", "GET", "attacker.example", Some(&app)),
+        403,
+        "AccessDenied",
+        "a foreign Host",
+    );
+    refused(
+        &ask_as(addr, "127.26.0.1", "POST", "169.254.170.23", Some(&app)),
+        405,
+        "MethodNotAllowed",
+        "POST",
+    );
+    // 64 KiB of Authorization: refused before any verification.
+    let huge = format!("Bearer {}", "A".repeat(64 * 1024));
+    let r_huge = ask(addr, "127.26.0.1", Some(&huge));
+    assert_eq!(r_huge.status, 431, "{}", r_huge.body_str());
+
+    // A pod on another node: its token names that node.
+    let other_node = format!("{}-other", r.api.node);
+    r.api.create_node(&other_node);
+    r.api.ensure_service_account(&ns, "far-sa");
+    r.api.create_pod(
+        &PodBuilder::running(&ns, "far", &other_node, "127.26.0.9").service_account("far-sa"),
+    );
+    let far = r.api.pod_token(&ns, "far-sa", "far", AUDIENCE, 3600);
+    assert_eq!(parts(&far).1["kubernetes.io"]["node"]["name"], other_node);
+    refused(
+        &ask(addr, "127.26.0.9", Some(&far)),
+        403,
+        "AccessDenied",
+        "a pod of another node",
+    );
+    // A deleted pod's token, from its old address.
+    r.api.ensure_service_account(&ns, "gone-sa");
+    r.api.create_pod(
+        &PodBuilder::running(&ns, "gone", &r.api.node, "127.26.0.3")
+            .role("gone")
+            .service_account("gone-sa"),
+    );
+    let gone = r.api.pod_token(&ns, "gone-sa", "gone", AUDIENCE, 3600);
+    iamlet_e2e::wait_until!(
+        Duration::from_secs(10),
+        ask(addr, "127.26.0.3", Some(&gone)).status == 200,
+        "the pod to be served before it is deleted"
+    );
+    r.api.delete_pod(&ns, "gone");
+    let after = r.eventually("127.26.0.3", LIST, Duration::from_secs(10), |x| {
+        x.status == 404
+    });
+    assert_eq!(after.status, 404);
+    let g = ask(addr, "127.26.0.3", Some(&gone));
+    refused(&g, 403, "AccessDenied", "a deleted pod's token");
+
+    // And the real pod is still served throughout.
+    assert_eq!(ask(addr, "127.26.0.1", Some(&app)).status, 200);
+}
+
+#[test]
+fn a_flood_of_forged_tokens_costs_the_neighbour_nothing() {
+    let Setup { r, ns } = setup("door-flood", &[]);
+    let addr = r.iamlet.addr();
+    let web = r.api.pod_token(&ns, "web-sa", "web", AUDIENCE, 3600);
+    let app = r.api.pod_token(&ns, "app-sa", "app", AUDIENCE, 3600);
+    iamlet_e2e::wait_until!(
+        Duration::from_secs(10),
+        ask(addr, "127.26.0.2", Some(&web)).status == 200,
+        "the neighbour's first credentials"
+    );
+    let pid = r.iamlet.pid();
+    let rss_before = iamlet_e2e::attack::rss_kib(pid);
+    // Forged tokens with the right key id and every claim right but the signature, each
+    // different (so none is remembered), from the attacking pod, on 8 connections at once.
+    let (kid, claims) = parts(&app);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let sent = std::sync::atomic::AtomicUsize::new(0);
+    let mut latencies = Vec::new();
+    let mut failures = Vec::new();
+    let mut max_rss = rss_before;
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let (stop, sent, kid, claims) = (&stop, &sent, &kid, &claims);
+            s.spawn(move || {
+                let key = EncodingKey::from_secret(b"not the key");
+                let mut n = 0u64;
+                let deadline = Instant::now() + Duration::from_secs(12);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+                    n += 1;
+                    let mut c = claims.clone();
+                    c["jti"] = json!(format!("{t}-{n}"));
+                    let mut h = Header::new(Algorithm::HS256);
+                    h.kid = Some(kid.clone());
+                    let hs = encode(&h, &c, &key).unwrap();
+                    // Keep the RS256 header so the signature check itself is what refuses.
+                    let forged_header = {
+                        use base64::Engine;
+                        base64::engine::general_purpose::URL_SAFE_NO_PAD
+                            .encode(json!({"alg": "RS256", "kid": kid, "typ": "JWT"}).to_string())
+                    };
+                    let mut p: Vec<String> = hs.split('.').map(str::to_owned).collect();
+                    p[0] = forged_header;
+                    let token = p.join(".");
+                    let _ = ask(addr, "127.26.0.1", Some(&token));
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+        // The neighbour: 50 requests a second for 10 s, each on a new connection.
+        let start = Instant::now();
+        for n in 0..500u32 {
+            let due = start + Duration::from_millis(20) * n;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let t = Instant::now();
+            let resp = ask(addr, "127.26.0.2", Some(&web));
+            if resp.status == 200 {
+                latencies.push(t.elapsed());
+            } else {
+                failures.push(format!("{} {}", resp.status, resp.body_str()));
+            }
+            if n % 25 == 0 {
+                max_rss = max_rss.max(iamlet_e2e::attack::rss_kib(pid));
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    latencies.sort();
+    let p99 = latencies[(latencies.len() * 99).div_ceil(100).saturating_sub(1)];
+    println!(
+        "{} forged tokens; neighbour {} answered, {} failed, p99 {p99:?}; RSS {rss_before} -> {max_rss} KiB; rate-limited {}",
+        sent.load(std::sync::atomic::Ordering::Relaxed),
+        latencies.len(),
+        failures.len(),
+        sample(
+            addr,
+            "iamlet_container_credentials_total{outcome=\"rate_limited\"}"
+        )
+    );
+    assert!(
+        failures.is_empty(),
+        "{:?}",
+        &failures[..failures.len().min(5)]
+    );
+    assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
+    assert!(
+        max_rss < iamlet_e2e::attack::RSS_LIMIT_KIB,
+        "RSS {max_rss} KiB"
+    );
+    assert!(sent.load(std::sync::atomic::Ordering::Relaxed) > 500);
+}
