@@ -79,9 +79,9 @@ pub struct KubeArgs {
     /// Queries the k8s api server to find the source of truth when the pod cache contains multiple pods with the same IP (superseded: owners are decided by phase and age)
     #[arg(long, env = "IAMLET_RESOLVE_DUPLICATE_CACHE_IPS", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub resolve_duplicate_cache_ips: bool,
-    /// Read pods (and namespaces) from this file instead of the API server: the output of
-    /// `kubectl get pods,namespaces -A -o yaml` (YAML or JSON, List or multi-document),
-    /// re-read when it changes
+    /// Read pods (and namespaces and ServiceAccounts) from this file instead of the API
+    /// server: the output of `kubectl get pods,namespaces,serviceaccounts -A -o yaml` (YAML or
+    /// JSON, List or multi-document), re-read when it changes
     #[arg(long, env = "IAMLET_PODS_FROM", value_name = "FILE")]
     pub pods_from: Option<PathBuf>,
 }
@@ -111,6 +111,14 @@ pub struct IamArgs {
         value_name = "KEY"
     )]
     pub iam_external_id: String,
+    /// ServiceAccount annotation key holding the IAM role (a full ARN, used as is) of pods without the --iam-role-key annotation (EKS's IRSA annotation by default); the pod's annotation wins. Empty: ServiceAccounts are not read
+    #[arg(
+        long,
+        env = "IAMLET_SERVICE_ACCOUNT_ROLE_KEY",
+        default_value = "eks.amazonaws.com/role-arn",
+        value_name = "KEY"
+    )]
+    pub service_account_role_key: String,
     /// TTL for the assume role session (sessions last twice this; refreshed when less is left)
     #[arg(long, env = "IAMLET_IAM_ROLE_SESSION_TTL", default_value = "15m", value_parser = parse_go_duration, value_name = "DURATION")]
     pub iam_role_session_ttl: Duration,
@@ -404,7 +412,7 @@ pub struct StsArgs {
     /// Session naming: one shared session per role on the node, or one per pod
     #[arg(long, env = "IAMLET_SESSION_NAME", value_enum, default_value = "node")]
     pub session_name: SessionName,
-    /// Add kubernetes-namespace, kubernetes-pod-name and kubernetes-service-account session tags (needs sts:TagSession; implies per-pod sessions)
+    /// Add kubernetes-namespace, kubernetes-pod-name, kubernetes-service-account and kubernetes-pod-uid session tags (EKS Pod Identity's names; needs sts:TagSession; implies per-pod sessions)
     #[arg(long, env = "IAMLET_SESSION_TAGS", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub session_tags: bool,
     /// Most AssumeRole calls per second from this node
@@ -522,6 +530,15 @@ pub(crate) mod tests {
         assert!(!a.node.iptables);
         assert_eq!(a.iam.iam_role_key, "iam.amazonaws.com/role");
         assert_eq!(a.iam.iam_external_id, "iam.amazonaws.com/external-id");
+        assert_eq!(a.iam.service_account_role_key, "eks.amazonaws.com/role-arn");
+        assert_eq!(
+            parse(&["--service-account-role-key="])
+                .unwrap()
+                .iam
+                .service_account_role_key,
+            "",
+            "empty turns ServiceAccount roles off"
+        );
         assert_eq!(a.iam.namespace_key, "iam.amazonaws.com/allowed-roles");
         assert_eq!(a.iam.namespace_restriction_format, RestrictionFormat::Glob);
         assert_eq!(a.iam.iam_role_session_ttl, Duration::from_secs(900));

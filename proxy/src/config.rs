@@ -259,6 +259,7 @@ impl Config {
             keys: AnnotationKeys {
                 role: a.iam.iam_role_key.clone(),
                 external_id: a.iam.iam_external_id.clone(),
+                service_account_role: a.iam.service_account_role_key.trim().to_owned(),
             },
             restrictions: a.iam.namespace_restrictions.then(|| {
                 iamlet_resolver::NamespaceRestrictions {
@@ -491,7 +492,12 @@ pub fn log_filter(level: &str, verbose: bool) -> Result<String, ConfigError> {
     } else {
         lvl
     };
-    Ok(format!("warn,iamlet={lvl},iamlet_resolver={lvl}"))
+    // kube-runtime's watcher warns on every refused (403) list, each retry: the resolver says
+    // it itself, once per refusal streak where that is the point (ServiceAccounts), and per
+    // failure for pods and namespaces.
+    Ok(format!(
+        "warn,kube_runtime::watcher=error,iamlet={lvl},iamlet_resolver={lvl}"
+    ))
 }
 
 #[cfg(test)]
@@ -628,15 +634,15 @@ mod tests {
     fn logrus_levels_map_to_tracing() {
         assert_eq!(
             log_filter("warning", false).unwrap(),
-            "warn,iamlet=warn,iamlet_resolver=warn"
+            "warn,kube_runtime::watcher=error,iamlet=warn,iamlet_resolver=warn"
         );
         assert_eq!(
             log_filter("info", true).unwrap(),
-            "warn,iamlet=debug,iamlet_resolver=debug"
+            "warn,kube_runtime::watcher=error,iamlet=debug,iamlet_resolver=debug"
         );
         assert_eq!(
             log_filter("FATAL", false).unwrap(),
-            "warn,iamlet=error,iamlet_resolver=error"
+            "warn,kube_runtime::watcher=error,iamlet=error,iamlet_resolver=error"
         );
     }
 }

@@ -1,8 +1,10 @@
 //! Kubernetes Events on pods: `IamRoleDenied` when a namespace restriction refuses a pod's
-//! request, `IamCredentialError` when a pod is answered with an STS failure. The workers
-//! report through [`crate::Handle`] (a bounded channel, never blocking); this task, on the
-//! resolver thread, rate-limits to one Event per pod and reason per [`EVERY`], logs each
-//! one, and creates it through the events.k8s.io API when a Kubernetes client exists.
+//! request, `IamCredentialError` when a pod is answered with an STS failure,
+//! `IamRoleConflict` when a pod's role annotation overrides its ServiceAccount's different
+//! role. The workers report through [`crate::Handle`], the resolver's state directly (a
+//! bounded channel, never blocking); this task, on the resolver thread, rate-limits to one
+//! Event per pod and reason per [`EVERY`], logs each one, and creates it through the
+//! events.k8s.io API when a Kubernetes client exists.
 
 use crate::creds::CredAnswer;
 use crate::snapshot::Identity;
@@ -18,11 +20,13 @@ pub const EVERY: Duration = Duration::from_secs(60);
 /// Reports queued between the workers and this task; more are dropped.
 pub(crate) const QUEUE: usize = 1024;
 
-/// The kinds of report (the index is the slot in `Identity::reported`).
+/// The kinds of report (for the workers' two, the index is the slot in
+/// `Identity::reported`; the resolver reports conflicts itself, without that slot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum ReportKind {
     Denied = 0,
     CredentialError = 1,
+    Conflict = 2,
 }
 
 impl ReportKind {
@@ -30,6 +34,16 @@ impl ReportKind {
         match self {
             ReportKind::Denied => "IamRoleDenied",
             ReportKind::CredentialError => "IamCredentialError",
+            ReportKind::Conflict => "IamRoleConflict",
+        }
+    }
+
+    /// The events.k8s.io `action` (what iamlet was doing).
+    fn action(self) -> &'static str {
+        match self {
+            ReportKind::Denied => "ServeCredentials",
+            ReportKind::CredentialError => "AssumeRole",
+            ReportKind::Conflict => "ResolveRole",
         }
     }
 }
@@ -38,6 +52,8 @@ impl ReportKind {
 pub(crate) struct Report {
     pub(crate) kind: ReportKind,
     pub(crate) identity: Arc<Identity>,
+    /// The note, when the reporter wrote it (a conflict names both roles).
+    pub(crate) detail: Option<String>,
 }
 
 /// One Event per (pod UID, kind) per `every`; forgets entries older than that.
@@ -102,6 +118,10 @@ pub(crate) fn note(report: &Report) -> String {
                 .unwrap_or_else(|| "unknown error".into());
             format!("AssumeRole of {arn} failed: {why}")
         }
+        ReportKind::Conflict => report
+            .detail
+            .clone()
+            .unwrap_or_else(|| "the pod's role annotation overrides its ServiceAccount's".into()),
     };
     // events.k8s.io limits the note to 1 kB.
     let mut end = text.len().min(1000);
@@ -141,10 +161,7 @@ pub(crate) async fn run(
             type_: EventType::Warning,
             reason: reason.into(),
             note: Some(note),
-            action: match report.kind {
-                ReportKind::Denied => "ServeCredentials".into(),
-                ReportKind::CredentialError => "AssumeRole".into(),
-            },
+            action: report.kind.action().into(),
             secondary: None,
         };
         let reference = ObjectReference {
@@ -188,6 +205,7 @@ mod tests {
         let n = note(&Report {
             kind: ReportKind::Denied,
             identity: Arc::new(id),
+            detail: None,
         });
         assert!(n.len() <= 1000 && n.starts_with('é'));
     }

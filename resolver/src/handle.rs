@@ -176,6 +176,7 @@ impl Handle {
             let _ = tx.try_send(Report {
                 kind,
                 identity: identity.clone(),
+                detail: None,
             });
         }
     }

@@ -1,8 +1,9 @@
-//! The pod index: a pure state machine of the node's pods and namespaces (`apply`, `delete`,
-//! `reset`), the rule that picks one owner per IP, and the set of changes since the last
-//! publish so a snapshot can be rebuilt incrementally. No IO.
+//! The pod index: a pure state machine of the node's pods, namespaces and role-carrying
+//! ServiceAccounts (`apply`, `delete`, `reset`), the rule that picks one owner per IP, and
+//! the set of changes since the last publish so a snapshot can be rebuilt incrementally.
+//! No IO.
 
-use crate::pod::{NamespaceInfo, Phase, PodInfo};
+use crate::pod::{NamespaceInfo, Phase, PodInfo, ServiceAccountInfo};
 use ahash::{AHashMap, AHashSet};
 use std::net::IpAddr;
 
@@ -15,11 +16,16 @@ pub struct Changes {
     pub ips: AHashSet<IpAddr>,
     /// Namespaces added, updated or removed.
     pub namespaces: AHashSet<String>,
+    /// ServiceAccounts (namespace, name) whose role annotation appeared, changed or went.
+    pub service_accounts: AHashSet<(String, String)>,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.pods.is_empty() && self.ips.is_empty() && self.namespaces.is_empty()
+        self.pods.is_empty()
+            && self.ips.is_empty()
+            && self.namespaces.is_empty()
+            && self.service_accounts.is_empty()
     }
 }
 
@@ -31,6 +37,9 @@ pub struct PodIndex {
     /// Mappable pods claiming each IP (almost always exactly one).
     claims: AHashMap<IpAddr, Vec<String>>,
     namespaces: AHashMap<String, NamespaceInfo>,
+    /// ServiceAccounts with a role annotation, by namespace then name (looked up by `&str`
+    /// without building a key). Those without one are not kept: the answer is the same.
+    service_accounts: AHashMap<String, AHashMap<String, ServiceAccountInfo>>,
     changes: Changes,
 }
 
@@ -136,6 +145,79 @@ impl PodIndex {
         for ns in nss {
             self.apply_namespace(ns);
         }
+    }
+
+    /// Adds, replaces or (without a role annotation) forgets a ServiceAccount; records a
+    /// change only when its role changed.
+    pub fn apply_service_account(&mut self, sa: ServiceAccountInfo) {
+        if sa.role.is_none() {
+            self.delete_service_account(&sa.namespace, &sa.name);
+            return;
+        }
+        let in_ns = self
+            .service_accounts
+            .entry(sa.namespace.clone())
+            .or_default();
+        if in_ns.get(&sa.name) == Some(&sa) {
+            return;
+        }
+        let role_changed = in_ns.get(&sa.name).map(|o| &o.role) != Some(&sa.role);
+        if role_changed {
+            (self.changes.service_accounts).insert((sa.namespace.clone(), sa.name.clone()));
+        }
+        in_ns.insert(sa.name.clone(), sa);
+    }
+
+    pub fn delete_service_account(&mut self, namespace: &str, name: &str) {
+        let Some(in_ns) = self.service_accounts.get_mut(namespace) else {
+            return;
+        };
+        if in_ns.remove(name).is_some() {
+            (self.changes.service_accounts).insert((namespace.to_owned(), name.to_owned()));
+        }
+        if in_ns.is_empty() {
+            self.service_accounts.remove(namespace);
+        }
+    }
+
+    /// Replaces every ServiceAccount (a relist), recording only real differences.
+    pub fn reset_service_accounts(&mut self, sas: impl IntoIterator<Item = ServiceAccountInfo>) {
+        let sas: Vec<ServiceAccountInfo> = sas.into_iter().filter(|s| s.role.is_some()).collect();
+        let keep: AHashSet<(&str, &str)> = sas
+            .iter()
+            .map(|s| (s.namespace.as_str(), s.name.as_str()))
+            .collect();
+        let gone: Vec<(String, String)> = self
+            .service_accounts
+            .iter()
+            .flat_map(|(ns, m)| m.keys().map(move |n| (ns, n)))
+            .filter(|(ns, n)| !keep.contains(&(ns.as_str(), n.as_str())))
+            .map(|(ns, n)| (ns.clone(), n.clone()))
+            .collect();
+        drop(keep);
+        for (ns, n) in gone {
+            self.delete_service_account(&ns, &n);
+        }
+        for sa in sas {
+            self.apply_service_account(sa);
+        }
+    }
+
+    /// A ServiceAccount that carries a role annotation.
+    pub fn service_account(&self, namespace: &str, name: &str) -> Option<&ServiceAccountInfo> {
+        self.service_accounts.get(namespace)?.get(name)
+    }
+
+    /// The role annotation of `pod`'s ServiceAccount, if it has one.
+    pub fn service_account_role(&self, pod: &PodInfo) -> Option<&str> {
+        self.service_account(&pod.namespace, pod.service_account_name())?
+            .role
+            .as_deref()
+    }
+
+    /// Number of ServiceAccounts kept (those with a role annotation).
+    pub fn service_accounts_len(&self) -> usize {
+        self.service_accounts.values().map(|m| m.len()).sum()
     }
 
     pub fn namespace(&self, name: &str) -> Option<&NamespaceInfo> {

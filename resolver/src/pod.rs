@@ -1,7 +1,9 @@
-//! The slice of a Pod (and Namespace) that identity needs, and how to read it from the API
-//! objects or from a `kubectl get pods,namespaces -o yaml` file.
+//! The slice of a Pod (and Namespace, and ServiceAccount) that identity needs, and how to
+//! read it from the API objects or from a `kubectl get pods,namespaces,serviceaccounts -o
+//! yaml` file.
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -20,16 +22,32 @@ pub enum Phase {
 /// Which annotation keys carry identity.
 #[derive(Debug, Clone)]
 pub struct AnnotationKeys {
+    /// On the pod (`--iam-role-key`).
     pub role: String,
+    /// On the pod (`--iam-external-id`).
     pub external_id: String,
+    /// On the pod's ServiceAccount (`--service-account-role-key`): a full role ARN, used when
+    /// the pod has no `role` annotation. Empty: ServiceAccounts are not read at all.
+    pub service_account_role: String,
 }
+
+/// The ServiceAccount annotation EKS (IRSA, the pod-identity webhook) reads.
+pub const EKS_ROLE_ARN: &str = "eks.amazonaws.com/role-arn";
 
 impl Default for AnnotationKeys {
     fn default() -> Self {
         AnnotationKeys {
             role: "iam.amazonaws.com/role".into(),
             external_id: "iam.amazonaws.com/external-id".into(),
+            service_account_role: EKS_ROLE_ARN.into(),
         }
+    }
+}
+
+impl AnnotationKeys {
+    /// Whether ServiceAccounts carry roles (and so are watched or read from the pods file).
+    pub fn service_accounts(&self) -> bool {
+        !self.service_account_role.is_empty()
     }
 }
 
@@ -104,6 +122,12 @@ impl PodInfo {
     pub fn is_mappable(&self) -> bool {
         !self.host_network && self.phase != Phase::Terminal && !self.ips.is_empty()
     }
+
+    /// The ServiceAccount the pod runs as: `spec.serviceAccountName`, else `default` (what
+    /// the API server's admission fills in; a hand-written pods file may leave it out).
+    pub fn service_account_name(&self) -> &str {
+        self.service_account.as_deref().unwrap_or("default")
+    }
 }
 
 fn push_unique(ips: &mut Vec<IpAddr>, ip: IpAddr) {
@@ -128,20 +152,63 @@ impl NamespaceInfo {
     }
 }
 
+/// What the index keeps of a ServiceAccount: only those with a role annotation are kept at
+/// all (a cluster has many ServiceAccounts, few with a role).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccountInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// The `--service-account-role-key` annotation, trimmed, when set and not empty.
+    pub role: Option<String>,
+}
+
+impl ServiceAccountInfo {
+    /// Extracts the role annotation; `None` for objects without a name.
+    pub fn from_service_account(
+        sa: &ServiceAccount,
+        keys: &AnnotationKeys,
+    ) -> Option<ServiceAccountInfo> {
+        Self::from_meta(&sa.metadata, keys)
+    }
+
+    /// As [`ServiceAccountInfo::from_service_account`], from the metadata alone (all the
+    /// watcher asks for).
+    pub fn from_meta(meta: &ObjectMeta, keys: &AnnotationKeys) -> Option<ServiceAccountInfo> {
+        let name = meta.name.clone()?;
+        let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+        let role = (keys.service_accounts())
+            .then(|| meta.annotations.as_ref()?.get(&keys.service_account_role))
+            .flatten()
+            .map(|r| r.trim())
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned);
+        Some(ServiceAccountInfo {
+            uid: meta
+                .uid
+                .clone()
+                .unwrap_or_else(|| format!("{namespace}/{name}")),
+            namespace,
+            name,
+            role,
+        })
+    }
+}
+
 /// Errors reading a pods file.
 #[derive(Debug, Error)]
 pub enum PodsFileError {
     #[error("cannot read pods file {path}: {error}; check --pods-from")]
     Read { path: String, error: std::io::Error },
     #[error(
-        "pods file {path} is not a Pod, Namespace or List in YAML or JSON ({error}); produce it with `kubectl get pods,namespaces -A -o yaml`"
+        "pods file {path} is not a Pod, Namespace, ServiceAccount or List in YAML or JSON ({error}); produce it with `kubectl get pods,namespaces,serviceaccounts -A -o yaml`"
     )]
     Parse {
         path: String,
         error: serde_yaml::Error,
     },
     #[error(
-        "pods file {path} is not a Pod, Namespace or List in JSON ({error}); produce it with `kubectl get pods,namespaces -A -o json`"
+        "pods file {path} is not a Pod, Namespace, ServiceAccount or List in JSON ({error}); produce it with `kubectl get pods,namespaces,serviceaccounts -A -o json`"
     )]
     ParseJson {
         path: String,
@@ -154,6 +221,7 @@ pub enum PodsFileError {
 pub struct PodsFile {
     pub pods: Vec<Pod>,
     pub namespaces: Vec<Namespace>,
+    pub service_accounts: Vec<ServiceAccount>,
 }
 
 /// Where [`read_pods_file`] hands each object as soon as it is decoded, so a reader can keep
@@ -161,6 +229,8 @@ pub struct PodsFile {
 pub trait PodSink {
     fn pod(&mut self, pod: Pod);
     fn namespace(&mut self, ns: Namespace);
+    /// ServiceAccounts are dropped unless the sink wants them.
+    fn service_account(&mut self, _sa: ServiceAccount) {}
 }
 
 impl PodSink for PodsFile {
@@ -169,6 +239,9 @@ impl PodSink for PodsFile {
     }
     fn namespace(&mut self, ns: Namespace) {
         self.namespaces.push(ns);
+    }
+    fn service_account(&mut self, sa: ServiceAccount) {
+        self.service_accounts.push(sa);
     }
 }
 
@@ -243,6 +316,11 @@ fn parse_json(text: &str, out: &mut dyn PodSink) -> Result<(), serde_json::Error
                 metadata: field(o.metadata)?.unwrap_or_default(),
                 ..Namespace::default()
             }),
+            // Only the metadata: the annotations are what identity reads.
+            "ServiceAccount" => out.service_account(ServiceAccount {
+                metadata: field(o.metadata)?.unwrap_or_default(),
+                ..ServiceAccount::default()
+            }),
             k if k == "List" || k.ends_with("List") => {
                 for item in o.items {
                     collect_json(item, out)?;
@@ -263,6 +341,7 @@ fn collect(value: serde_yaml::Value, out: &mut dyn PodSink) -> Result<(), serde_
     match kind.kind.as_str() {
         "Pod" => out.pod(serde_yaml::from_value(value)?),
         "Namespace" => out.namespace(serde_yaml::from_value(value)?),
+        "ServiceAccount" => out.service_account(serde_yaml::from_value(value)?),
         k if k == "List" || k.ends_with("List") => {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
                 for item in items.iter().cloned() {
@@ -307,6 +386,18 @@ items:
     annotations:
       iam.amazonaws.com/allowed-roles: '["web-*"]'
 - apiVersion: v1
+  kind: ServiceAccount
+  metadata:
+    name: web-sa
+    namespace: shop
+    uid: sa-1
+    annotations:
+      eks.amazonaws.com/role-arn: " arn:aws:iam::123456789012:role/web-sa "
+  secrets: [{name: web-sa-token}]
+- apiVersion: v1
+  kind: ServiceAccount
+  metadata: {name: default, namespace: shop}
+- apiVersion: v1
   kind: Service
   metadata: {name: ignored}
 "#;
@@ -340,6 +431,48 @@ items:
     }
 
     #[test]
+    fn service_accounts_yield_their_role_annotation_trimmed() {
+        let f = parse_pods_file("x", LIST).unwrap();
+        let keys = AnnotationKeys::default();
+        let sas: Vec<ServiceAccountInfo> = f
+            .service_accounts
+            .iter()
+            .filter_map(|sa| ServiceAccountInfo::from_service_account(sa, &keys))
+            .collect();
+        assert_eq!(
+            sas,
+            [
+                ServiceAccountInfo {
+                    namespace: "shop".into(),
+                    name: "web-sa".into(),
+                    uid: "sa-1".into(),
+                    role: Some("arn:aws:iam::123456789012:role/web-sa".into()),
+                },
+                ServiceAccountInfo {
+                    namespace: "shop".into(),
+                    name: "default".into(),
+                    uid: "shop/default".into(),
+                    role: None,
+                },
+            ]
+        );
+        // An empty key turns ServiceAccount roles off: the annotation is not read.
+        let off = AnnotationKeys {
+            service_account_role: String::new(),
+            ..AnnotationKeys::default()
+        };
+        assert!(!off.service_accounts());
+        let sa = ServiceAccountInfo::from_service_account(&f.service_accounts[0], &off).unwrap();
+        assert_eq!(sa.role, None);
+        // A pod without serviceAccountName runs as `default`.
+        let p = PodInfo::from_pod(&f.pods[0], &keys).unwrap();
+        assert_eq!(p.service_account_name(), "web-sa");
+        let bare = parse_pods_file("x", "kind: Pod\nmetadata: {name: a}\n").unwrap();
+        let p = PodInfo::from_pod(&bare.pods[0], &keys).unwrap();
+        assert_eq!(p.service_account_name(), "default");
+    }
+
+    #[test]
     fn multi_document_yaml_and_json_are_accepted() {
         let multi = "kind: Pod\nmetadata: {name: a}\nstatus: {podIP: 10.0.0.1}\n---\n---\nkind: Pod\nmetadata: {name: b}\n";
         assert_eq!(parse_pods_file("x", multi).unwrap().pods.len(), 2);
@@ -364,6 +497,14 @@ items:
                 .collect()
         };
         assert_eq!(info(&j), info(&y));
+        let sas = |f: &PodsFile| -> Vec<ServiceAccountInfo> {
+            f.service_accounts
+                .iter()
+                .filter_map(|sa| ServiceAccountInfo::from_service_account(sa, &keys))
+                .collect()
+        };
+        assert_eq!(sas(&j).len(), 2);
+        assert_eq!(sas(&j), sas(&y));
         assert_eq!(
             j.namespaces
                 .iter()

@@ -1,6 +1,8 @@
 //! Role rules: which IAM role ARN a pod gets, and how the role is named back to it.
 //!
-//! Pure functions of configuration and annotations, kube2iam-compatible.
+//! Pure functions of configuration and annotations, kube2iam-compatible. [`RoleRules::pod_role`]
+//! is the one place a pod's role is decided, whichever door (IMDS or the container
+//! credentials endpoint) asks.
 
 use thiserror::Error;
 
@@ -11,6 +13,28 @@ pub enum RoleConfigError {
         "--base-role-arn {0:?} is not a role ARN prefix; expected arn:aws:iam::<12-digit account>:role/ (optionally with a path), e.g. arn:aws:iam::123456789012:role/"
     )]
     InvalidBaseArn(String),
+}
+
+/// Where a pod's role came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleSource {
+    /// The pod's `--iam-role-key` annotation.
+    Pod,
+    /// Its ServiceAccount's `--service-account-role-key` annotation.
+    ServiceAccount,
+    /// `--default-role`.
+    Default,
+}
+
+/// The role a pod gets ([`RoleRules::pod_role`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRole {
+    /// Full role ARN.
+    pub arn: String,
+    pub source: RoleSource,
+    /// The ServiceAccount's role, when the pod's annotation named a different one and won
+    /// (reported as an `IamRoleConflict` Event).
+    pub overridden: Option<String>,
 }
 
 /// How annotations map to role ARNs.
@@ -76,6 +100,37 @@ impl RoleRules {
         match annotation.map(str::trim).filter(|a| !a.is_empty()) {
             Some(a) => Some(self.role_arn(a)),
             None => self.default_role.clone(),
+        }
+    }
+
+    /// The role a pod gets: its own annotation (a bare name joined to the base ARN, `arn:…`
+    /// as is), else its ServiceAccount's annotation (a full ARN, always used as is: EKS's
+    /// annotation has no base ARN), else the default role. The pod annotation wins; when the
+    /// ServiceAccount names a different role, that role is returned in `overridden`.
+    pub fn pod_role(&self, pod: Option<&str>, service_account: Option<&str>) -> Option<PodRole> {
+        fn present(v: Option<&str>) -> Option<&str> {
+            v.map(str::trim).filter(|v| !v.is_empty())
+        }
+        let sa = present(service_account);
+        match (present(pod), sa) {
+            (Some(p), _) => {
+                let arn = self.role_arn(p);
+                Some(PodRole {
+                    overridden: sa.filter(|s| *s != arn).map(str::to_owned),
+                    arn,
+                    source: RoleSource::Pod,
+                })
+            }
+            (None, Some(s)) => Some(PodRole {
+                arn: s.to_owned(),
+                source: RoleSource::ServiceAccount,
+                overridden: None,
+            }),
+            (None, None) => Some(PodRole {
+                arn: self.default_role.clone()?,
+                source: RoleSource::Default,
+                overridden: None,
+            }),
         }
     }
 
@@ -183,6 +238,57 @@ mod tests {
         assert_eq!(r.resolve(Some("  ")), Some(format!("{BASE}fallback")));
         let none = RoleRules::new(Some(BASE), None).unwrap();
         assert_eq!(none.resolve(None), None);
+    }
+
+    #[test]
+    fn the_pod_annotation_wins_then_the_service_account_then_the_default() {
+        let r = RoleRules::new(Some(BASE), Some("fallback")).unwrap();
+        let sa = "arn:aws:iam::210987654321:role/from-sa";
+        let role = |pod, sa| r.pod_role(pod, sa).unwrap();
+        // Pod annotation only, both, the ServiceAccount only, neither.
+        assert_eq!(
+            role(Some("app"), None),
+            PodRole {
+                arn: format!("{BASE}app"),
+                source: RoleSource::Pod,
+                overridden: None
+            }
+        );
+        assert_eq!(
+            role(Some("app"), Some(sa)),
+            PodRole {
+                arn: format!("{BASE}app"),
+                source: RoleSource::Pod,
+                overridden: Some(sa.into())
+            }
+        );
+        assert_eq!(
+            role(Some(" "), Some(sa)),
+            PodRole {
+                arn: sa.into(),
+                source: RoleSource::ServiceAccount,
+                overridden: None
+            },
+            "an empty pod annotation is no annotation"
+        );
+        assert_eq!(
+            role(None, Some("  ")),
+            PodRole {
+                arn: format!("{BASE}fallback"),
+                source: RoleSource::Default,
+                overridden: None
+            }
+        );
+        // Both naming the same role is no conflict, whichever way the pod spells it.
+        let same = format!("{BASE}app");
+        assert_eq!(role(Some("app"), Some(&same)).overridden, None);
+        assert_eq!(role(Some(&same), Some(&same)).overridden, None);
+        // The base ARN is never joined to the ServiceAccount's value: it is used as is.
+        assert_eq!(role(None, Some("bare")).arn, "bare");
+        // No default role: a pod with neither annotation has no role.
+        let none = RoleRules::new(Some(BASE), None).unwrap();
+        assert_eq!(none.pod_role(None, None), None);
+        assert_eq!(none.pod_role(None, Some(sa)).unwrap().arn, sa);
     }
 
     #[test]

@@ -1,17 +1,19 @@
-//! Turns the pod index into snapshots, incrementally: only the pods, namespaces and IPs that
-//! changed since the last publish are looked at, only the snapshot shards holding changed
-//! IPs are copied, and nothing is published when no IP's identity changed. Resolves roles
-//! and namespace restrictions, and keeps one credential slot per key for live pods
-//! (prefetching new ones).
+//! Turns the pod index into snapshots, incrementally: only the pods, namespaces,
+//! ServiceAccounts and IPs that changed since the last publish are looked at, only the
+//! snapshot shards holding changed IPs are copied, and nothing is published when no IP's
+//! identity changed. Resolves roles (pod annotation, else ServiceAccount annotation, else the
+//! default role: [`State::pod_role`]) and namespace restrictions, and keeps one credential
+//! slot per key for live pods (prefetching new ones).
 
 use crate::creds::sts::sanitize_session;
 use crate::creds::{CredKey, CredSlot, Origin, PodSession};
+use crate::events::{Report, ReportKind};
 use crate::handle::{DebugInfo, Shared};
 use crate::index::PodIndex;
 use crate::metrics::ResolverMetrics;
 use crate::pod::PodInfo;
 use crate::restrict::{self, AllowedRoles, NamespaceRestrictions};
-use crate::roles::RoleRules;
+use crate::roles::{PodRole, RoleRules};
 use crate::snapshot::{Identity, RoleEntry, SHARDS, Shard, Snapshot, shard_of};
 use ahash::{AHashMap, AHashSet};
 use bytes::Bytes;
@@ -24,6 +26,9 @@ use tokio::sync::mpsc;
 struct Spec {
     key: Option<CredKey>,
     denied: Option<Arc<str>>,
+    /// When the pod's own annotation overrode its ServiceAccount's different role: the
+    /// `IamRoleConflict` Event's note.
+    conflict: Option<String>,
 }
 
 impl Spec {
@@ -71,7 +76,8 @@ pub enum SessionMode {
     Pod { tags: bool },
 }
 
-/// A per-pod session: `<namespace>.<pod>` and, with `--session-tags`, the Kubernetes tags.
+/// A per-pod session: `<namespace>.<pod>` and, with `--session-tags`, the Kubernetes tags
+/// (EKS Pod Identity's names, so ABAC policies written for it carry over).
 fn pod_session(pod: &PodInfo, tags: bool) -> PodSession {
     let tags = if tags {
         let mut t = vec![
@@ -81,6 +87,7 @@ fn pod_session(pod: &PodInfo, tags: bool) -> PodSession {
         if let Some(sa) = &pod.service_account {
             t.push(("kubernetes-service-account".to_owned(), sa.clone()));
         }
+        t.push(("kubernetes-pod-uid".to_owned(), pod.uid.clone()));
         t
     } else {
         Vec::new()
@@ -137,6 +144,24 @@ impl State {
     pub(crate) fn publish(&mut self) {
         let changes = self.index.take_changes();
         let mut pods = changes.pods;
+        if !changes.service_accounts.is_empty() {
+            // The pods running as a ServiceAccount whose role changed (the index keeps no
+            // reverse map: a role annotation changes rarely, a pod often).
+            let mut by_ns: AHashMap<&str, AHashSet<&str>> = AHashMap::new();
+            for (ns, name) in &changes.service_accounts {
+                by_ns.entry(ns).or_default().insert(name);
+            }
+            pods.extend(
+                self.index
+                    .pods()
+                    .filter(|p| {
+                        by_ns
+                            .get(p.namespace.as_str())
+                            .is_some_and(|names| names.contains(p.service_account_name()))
+                    })
+                    .map(|p| p.uid.clone()),
+            );
+        }
         if !changes.namespaces.is_empty() && self.restrictions.is_some() {
             self.reparse_namespaces(&changes.namespaces);
             pods.extend(
@@ -189,13 +214,32 @@ impl State {
         }
     }
 
+    /// The role `pod` gets, from its annotation, its ServiceAccount's (looked up in the
+    /// index) or the default role: the one rule every door resolves through.
+    pub(crate) fn pod_role(&self, pod: &PodInfo) -> Option<PodRole> {
+        let sa = self.index.service_account_role(pod);
+        self.rules.pod_role(pod.role.as_deref(), sa)
+    }
+
+    /// The identity `pod` should have: its role (whatever its source) through the namespace
+    /// restrictions, keyed with the pod's external ID and session.
     fn spec(&self, pod: &PodInfo) -> Spec {
-        let Some(arn) = self.rules.resolve(pod.role.as_deref()) else {
+        let Some(PodRole {
+            arn, overridden, ..
+        }) = self.pod_role(pod)
+        else {
             return Spec {
                 key: None,
                 denied: None,
+                conflict: None,
             };
         };
+        let conflict = overridden.map(|sa_role| {
+            format!(
+                "the pod's role annotation names {arn}, its ServiceAccount {} names {sa_role}: the pod's annotation wins",
+                pod.service_account_name()
+            )
+        });
         let denied = self.restrictions.as_ref().and_then(|r| {
             let allowed = self.allowed.get(&pod.namespace).map(|a| &**a);
             restrict::check(&self.rules, r, &arn, &pod.namespace, allowed)
@@ -204,6 +248,7 @@ impl State {
             Some(reason) => Spec {
                 key: None,
                 denied: Some(Arc::from(reason)),
+                conflict,
             },
             None => Spec {
                 key: Some(CredKey {
@@ -215,6 +260,7 @@ impl State {
                     },
                 }),
                 denied: None,
+                conflict,
             },
         }
     }
@@ -232,6 +278,9 @@ impl State {
         if let Some(old) = self.identities.get(uid)
             && spec.matches(pod, old)
         {
+            if let Some(note) = spec.conflict {
+                self.report_conflict(old.clone(), note);
+            }
             return;
         }
         let (namespace, name) = (pod.namespace.clone(), pod.name.clone());
@@ -246,9 +295,29 @@ impl State {
             pod: name.clone(),
         };
         let role = spec.key.map(|k| self.acquire(k, origin));
-        let id = Identity::new(uid.to_owned(), namespace, name, role, spec.denied)
-            .with_service_account(service_account.as_deref());
-        self.identities.insert(uid.to_owned(), Arc::new(id));
+        let id = Arc::new(
+            Identity::new(uid.to_owned(), namespace, name, role, spec.denied)
+                .with_service_account(service_account.as_deref()),
+        );
+        if let Some(note) = spec.conflict {
+            self.report_conflict(id.clone(), note);
+        }
+        self.identities.insert(uid.to_owned(), id);
+    }
+
+    /// The pod's annotation overrode its ServiceAccount's different role: an
+    /// `IamRoleConflict` Event (the event task allows one per pod a minute, so a pod updated
+    /// often reports it no more often than that).
+    fn report_conflict(&self, identity: Arc<Identity>, note: String) {
+        let Some(tx) = self.shared.reports.get() else {
+            return;
+        };
+        // A full queue drops the report, as the workers' reports are dropped: advisory.
+        let _ = tx.try_send(Report {
+            kind: ReportKind::Conflict,
+            identity,
+            detail: Some(note),
+        });
     }
 
     /// Points `ip` at its owner's identity; true if that changed the snapshot.

@@ -556,6 +556,7 @@ fn per_pod_sessions_are_named_and_tagged() {
             ("kubernetes-namespace".to_owned(), "team".to_owned()),
             ("kubernetes-pod-name".to_owned(), "web".to_owned()),
             ("kubernetes-service-account".to_owned(), "sa-web".to_owned()),
+            ("kubernetes-pod-uid".to_owned(), "uid-web".to_owned()),
         ]
     );
 }

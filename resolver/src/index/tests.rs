@@ -278,3 +278,76 @@ fn namespace_changes_are_recorded_only_when_different() {
     assert!(idx.namespace("b").is_none());
     assert_eq!(idx.namespace("a").unwrap().annotations["k"], "2");
 }
+
+fn sa(ns: &str, name: &str, role: Option<&str>) -> ServiceAccountInfo {
+    ServiceAccountInfo {
+        namespace: ns.into(),
+        name: name.into(),
+        uid: format!("sa-{ns}-{name}"),
+        role: role.map(Into::into),
+    }
+}
+
+#[test]
+fn service_account_changes_are_recorded_only_when_the_role_changes() {
+    let mut idx = PodIndex::default();
+    idx.reset_service_accounts([sa("ns", "web", Some("arn:r1")), sa("ns", "plain", None)]);
+    let ch = idx.take_changes();
+    assert_eq!(
+        ch.service_accounts.into_iter().collect::<Vec<_>>(),
+        [("ns".to_string(), "web".to_string())],
+        "one without a role is not kept, so it changes nothing"
+    );
+    assert_eq!(idx.service_accounts_len(), 1);
+    assert!(idx.service_account("ns", "plain").is_none());
+
+    // The same role again, from a relist or a recreated ServiceAccount: no change.
+    idx.apply_service_account(sa("ns", "web", Some("arn:r1")));
+    let mut recreated = sa("ns", "web", Some("arn:r1"));
+    recreated.uid = "sa-new".into();
+    idx.apply_service_account(recreated);
+    assert_eq!(idx.service_account("ns", "web").unwrap().uid, "sa-new");
+    idx.reset_service_accounts([sa("ns", "web", Some("arn:r1"))]);
+    assert!(idx.take_changes().is_empty());
+
+    // A new role, the annotation removed, a delete of what is not there.
+    idx.apply_service_account(sa("ns", "web", Some("arn:r2")));
+    assert_eq!(idx.take_changes().service_accounts.len(), 1);
+    idx.apply_service_account(sa("ns", "web", None));
+    assert_eq!(idx.take_changes().service_accounts.len(), 1);
+    assert!(idx.service_account("ns", "web").is_none());
+    idx.delete_service_account("ns", "web");
+    idx.delete_service_account("nowhere", "web");
+    assert!(idx.take_changes().is_empty());
+
+    // A relist without one that had a role records its removal.
+    idx.apply_service_account(sa("a", "x", Some("arn:x")));
+    idx.apply_service_account(sa("b", "y", Some("arn:y")));
+    idx.take_changes();
+    idx.reset_service_accounts([sa("b", "y", Some("arn:y"))]);
+    let ch = idx.take_changes();
+    assert_eq!(
+        ch.service_accounts.into_iter().collect::<Vec<_>>(),
+        [("a".to_string(), "x".to_string())]
+    );
+    assert_eq!(idx.service_accounts_len(), 1);
+}
+
+#[test]
+fn a_pod_finds_its_service_accounts_role_by_namespace_and_name() {
+    let mut idx = PodIndex::default();
+    idx.apply_service_account(sa("ns", "web", Some("arn:web")));
+    idx.apply_service_account(sa("ns", "default", Some("arn:default-sa")));
+    idx.apply_service_account(sa("other", "web", Some("arn:other-web")));
+    let mut p = running("a", "10.0.0.1", 1);
+    p.service_account = Some("web".into());
+    assert_eq!(idx.service_account_role(&p), Some("arn:web"));
+    p.namespace = "other".into();
+    assert_eq!(idx.service_account_role(&p), Some("arn:other-web"));
+    p.namespace = "third".into();
+    assert_eq!(idx.service_account_role(&p), None);
+    // No serviceAccountName: the namespace's `default`.
+    p.namespace = "ns".into();
+    p.service_account = None;
+    assert_eq!(idx.service_account_role(&p), Some("arn:default-sa"));
+}

@@ -1,9 +1,11 @@
-//! Local mode: pods (and namespaces) from a file, re-read when it changes (in place or by
-//! rename).
+//! Local mode: pods (and namespaces and ServiceAccounts) from a file, re-read when it
+//! changes (in place or by rename).
 
 use crate::StartError;
 use crate::metrics::ResolverMetrics;
-use crate::pod::{AnnotationKeys, NamespaceInfo, PodInfo, PodSink, read_pods_file};
+use crate::pod::{
+    AnnotationKeys, NamespaceInfo, PodInfo, PodSink, ServiceAccountInfo, read_pods_file,
+};
 use crate::state::State;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -59,6 +61,7 @@ fn load(
         on_node: usize,
         pods: Vec<PodInfo>,
         namespaces: Vec<NamespaceInfo>,
+        service_accounts: Vec<ServiceAccountInfo>,
     }
     impl PodSink for Infos<'_> {
         fn pod(&mut self, pod: k8s_openapi::api::core::v1::Pod) {
@@ -70,6 +73,14 @@ fn load(
         fn namespace(&mut self, ns: k8s_openapi::api::core::v1::Namespace) {
             self.namespaces.extend(NamespaceInfo::from_namespace(&ns));
         }
+        fn service_account(&mut self, sa: k8s_openapi::api::core::v1::ServiceAccount) {
+            // Only those with a role: the rest change nothing (and with the key empty,
+            // none has one).
+            self.service_accounts.extend(
+                ServiceAccountInfo::from_service_account(&sa, self.keys)
+                    .filter(|s| s.role.is_some()),
+            );
+        }
     }
     let mut infos = Infos {
         node,
@@ -77,11 +88,13 @@ fn load(
         on_node: 0,
         pods: Vec::new(),
         namespaces: Vec::new(),
+        service_accounts: Vec::new(),
     };
     read_pods_file(&display, &text, &mut infos)?;
     drop(text);
     state.index.reset(infos.pods);
     state.index.reset_namespaces(infos.namespaces);
+    state.index.reset_service_accounts(infos.service_accounts);
     state.publish();
     Ok(infos.on_node)
 }

@@ -1,8 +1,18 @@
 //! Cluster mode: kube-runtime watchers feeding the index — pods (this node's, with a
-//! `spec.nodeName` field selector, when `--node` is given) and, with namespace
-//! restrictions, namespaces. Each initial list (and each relist after a `410 Expired` or a
+//! `spec.nodeName` field selector, when `--node` is given), with namespace restrictions,
+//! namespaces, and, unless `--service-account-role-key` is empty, ServiceAccounts (all
+//! namespaces, metadata only). Each initial list (and each relist after a `410 Expired` or a
 //! broken stream) is buffered and applied at once at `InitDone`; the first publish happens
 //! only when every watcher has listed, and marks readiness.
+//!
+//! ServiceAccounts are the one exception to that wait: a cluster upgraded from kube2iam may
+//! not grant `serviceaccounts` yet. When their list or watch is refused (403, or 404 from an
+//! API server that does not serve them) the agent says once what to grant, counts it
+//! (`iamlet_watch_errors_total{resource="serviceaccounts",kind="forbidden"}`), publishes
+//! without ServiceAccount roles, and keeps retrying with the usual backoff, so rights granted
+//! later take effect without a restart. When they are readable, the first publish waits for
+//! their list like the others, so no pod briefly gets the default role instead of its
+//! ServiceAccount's after a start.
 //!
 //! Lists are consistent reads (`ListSemantic::MostRecent`, kube-runtime 5's default, set
 //! explicitly): `ListSemantic::Any` (`resourceVersion=0`) may be served from a lagging API
@@ -11,10 +21,11 @@
 
 use crate::StartError;
 use crate::metrics::{ResolverMetrics, WatchMetrics};
-use crate::pod::{AnnotationKeys, NamespaceInfo, PodInfo};
+use crate::pod::{AnnotationKeys, NamespaceInfo, PodInfo, ServiceAccountInfo};
 use crate::state::State;
 use futures_util::stream::{self, BoxStream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event, ListSemantic};
@@ -130,14 +141,31 @@ impl Backoff for WatchBackoff {
     }
 }
 
-/// One item from either watcher (boxed: a Pod is much larger than a Namespace).
+/// One item from any watcher (boxed: a Pod is much larger than a Namespace).
 enum Item {
     Pod(Box<watcher::Result<Event<Pod>>>),
     Namespace(Box<watcher::Result<Event<Namespace>>>),
+    ServiceAccount(Box<watcher::Result<Event<PartialObjectMeta<ServiceAccount>>>>),
+}
+
+/// The HTTP status of an error the API server answered (not a transport failure).
+fn api_status(e: &watcher::Error) -> Option<u16> {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.code),
+        watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
+    }
 }
 
 /// Bounded metric label for a watcher error.
 fn error_kind(e: &watcher::Error) -> &'static str {
+    match api_status(e) {
+        Some(403) => return "forbidden",
+        Some(404) => return "not_found",
+        _ => {}
+    }
     match e {
         watcher::Error::InitialListFailed(_) => "list_failed",
         watcher::Error::WatchStartFailed(_) => "watch_start_failed",
@@ -196,18 +224,31 @@ pub(crate) async fn run(
     let restricted = state.restrictions().is_some();
     let namespaces: BoxStream<'static, Item> = if restricted {
         let cfg = watcher::Config::default().list_semantic(ListSemantic::MostRecent);
-        watcher::watcher(Api::<Namespace>::all(client), cfg)
+        watcher::watcher(Api::<Namespace>::all(client.clone()), cfg)
             .backoff(WatchBackoff::new())
             .map(|e| Item::Namespace(Box::new(e)))
             .boxed()
     } else {
         stream::pending().boxed()
     };
-    let mut events = stream::select(pods, namespaces);
+    let sa_roles = keys.service_accounts();
+    let service_accounts: BoxStream<'static, Item> = if sa_roles {
+        // Metadata only: the annotations are all identity reads of a ServiceAccount.
+        let cfg = watcher::Config::default().list_semantic(ListSemantic::MostRecent);
+        watcher::watcher(Api::<PartialObjectMeta<ServiceAccount>>::all(client), cfg)
+            .backoff(WatchBackoff::new())
+            .map(|e| Item::ServiceAccount(Box::new(e)))
+            .boxed()
+    } else {
+        stream::pending().boxed()
+    };
+    let mut events = stream::select(stream::select(pods, namespaces), service_accounts);
 
     let mut first = Some(first);
     let mut pod_list: Relist<PodInfo> = Relist::default();
     let mut ns_list: Relist<NamespaceInfo> = Relist::default();
+    let mut sa_list: Relist<ServiceAccountInfo> = Relist::default();
+    let mut sa_refused = Refused::default();
     let node = opts.node.as_deref().unwrap_or("<all>");
     while let Some(item) = events.next().await {
         let changed = match item {
@@ -225,14 +266,80 @@ pub(crate) async fn run(
                     false
                 }
             },
+            Item::ServiceAccount(ev) => match *ev {
+                Ok(ev) => {
+                    let done = matches!(ev, Event::InitDone);
+                    let changed = on_service_account(ev, &keys, &mut state, &mut sa_list, &watch);
+                    if done {
+                        sa_refused.allowed();
+                    }
+                    changed
+                }
+                Err(e) => {
+                    if !sa_refused.refused(&e, &keys) {
+                        failed(&metrics, &watch, "serviceaccounts", &e);
+                    } else {
+                        metrics.source_error();
+                        watch.error("serviceaccounts", error_kind(&e));
+                    }
+                    false
+                }
+            },
         };
-        let synced = pod_list.synced && (ns_list.synced || !restricted);
-        if changed && synced {
+        // Refused ServiceAccounts do not hold back the first publish (see the module doc).
+        let sa_synced = !sa_roles || sa_list.synced || sa_refused.now;
+        let synced = pod_list.synced && (ns_list.synced || !restricted) && sa_synced;
+        if synced && (changed || first.is_some()) {
             state.publish();
             if let Some(f) = first.take() {
                 f(Ok(()));
             }
         }
+    }
+}
+
+/// Whether the ServiceAccount watch is refused (RBAC not granted yet), and whether that was
+/// said: once per refusal streak, so a retry every 30 s does not repeat it.
+#[derive(Debug, Default)]
+struct Refused {
+    /// The last list or watch attempt was refused.
+    now: bool,
+    /// The warning for this streak was logged.
+    warned: bool,
+}
+
+impl Refused {
+    /// True when `e` is a refusal (403, or 404: not served), which it then reports.
+    fn refused(&mut self, e: &watcher::Error, keys: &AnnotationKeys) -> bool {
+        let status = match api_status(e) {
+            Some(s @ (403 | 404)) => s,
+            _ => return false,
+        };
+        self.now = true;
+        if !std::mem::replace(&mut self.warned, true) {
+            let why = if status == 403 {
+                "may not list and watch serviceaccounts (403)"
+            } else {
+                "finds no serviceaccounts resource on the API server (404)"
+            };
+            tracing::warn!(
+                error = %e,
+                "iamlet {why}, so pods get roles from their {} annotation and --default-role only, not from their ServiceAccount's {} annotation: grant get, list and watch on serviceaccounts in iamlet's ClusterRole (deploy/manifests/iamlet.yaml) and they are used without a restart (retrying with backoff), or set --service-account-role-key= to stop reading ServiceAccounts",
+                keys.role,
+                keys.service_account_role,
+            );
+        } else {
+            tracing::debug!(error = %e, "serviceaccounts still refused; retrying");
+        }
+        true
+    }
+
+    /// A full list was applied.
+    fn allowed(&mut self) {
+        if self.warned {
+            tracing::info!("serviceaccounts are readable now: ServiceAccount roles are in use");
+        }
+        *self = Refused::default();
     }
 }
 
@@ -301,6 +408,57 @@ fn on_pod(
     }
 }
 
+/// Applies a ServiceAccount event; true when the index may have changed.
+fn on_service_account(
+    ev: Event<PartialObjectMeta<ServiceAccount>>,
+    keys: &AnnotationKeys,
+    state: &mut State,
+    list: &mut Relist<ServiceAccountInfo>,
+    metrics: &WatchMetrics,
+) -> bool {
+    let info =
+        |sa: &PartialObjectMeta<ServiceAccount>| ServiceAccountInfo::from_meta(&sa.metadata, keys);
+    match ev {
+        Event::Init => {
+            list.buffer.clear();
+            if list.lists > 0 {
+                metrics.relisted("serviceaccounts");
+            }
+            false
+        }
+        Event::InitApply(sa) => {
+            // Only those with a role are kept: most of a cluster's ServiceAccounts have none.
+            list.buffer.extend(info(&sa).filter(|s| s.role.is_some()));
+            false
+        }
+        Event::InitDone => {
+            let n = list.buffer.len();
+            state.index.reset_service_accounts(list.buffer.drain(..));
+            list.buffer.shrink_to(64);
+            list.synced = true;
+            list.lists += 1;
+            tracing::info!(with_role = n, "serviceaccount list synced");
+            true
+        }
+        Event::Apply(sa) => match info(&sa) {
+            Some(info) => {
+                state.index.apply_service_account(info);
+                true
+            }
+            None => false,
+        },
+        Event::Delete(sa) => match info(&sa) {
+            Some(info) => {
+                state
+                    .index
+                    .delete_service_account(&info.namespace, &info.name);
+                true
+            }
+            None => false,
+        },
+    }
+}
+
 /// Applies a namespace event; true when the index may have changed.
 fn on_namespace(
     ev: Event<Namespace>,
@@ -348,6 +506,32 @@ fn on_namespace(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn api_error(code: u16) -> watcher::Error {
+        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            ..Default::default()
+        })))
+    }
+
+    #[test]
+    fn refusals_are_their_own_error_kinds_and_are_said_once_per_streak() {
+        assert_eq!(error_kind(&api_error(403)), "forbidden");
+        assert_eq!(error_kind(&api_error(404)), "not_found");
+        assert_eq!(error_kind(&api_error(500)), "list_failed");
+        let keys = AnnotationKeys::default();
+        let mut r = Refused::default();
+        assert!(
+            !r.refused(&api_error(500), &keys),
+            "a 500 is an ordinary failure"
+        );
+        assert!(!r.now);
+        assert!(r.refused(&api_error(403), &keys));
+        assert!(r.now && r.warned);
+        assert!(r.refused(&api_error(403), &keys));
+        r.allowed();
+        assert!(!r.now && !r.warned, "a later refusal is said again");
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_up_to_the_cap_and_resets() {

@@ -2,7 +2,7 @@
 //! slots are shared and prefetched once, nothing is republished without a change.
 
 use super::*;
-use crate::pod::{NamespaceInfo, Phase, PodInfo};
+use crate::pod::{NamespaceInfo, Phase, PodInfo, ServiceAccountInfo};
 use crate::restrict::RestrictionFormat;
 use prometheus_client::registry::Registry;
 
@@ -22,6 +22,21 @@ fn pod(uid: &str, ip: &str, role: Option<&str>, ext: Option<&str>) -> PodInfo {
         external_id: ext.map(Into::into),
         service_account: None,
     }
+}
+
+fn sa(ns: &str, name: &str, role: Option<&str>) -> ServiceAccountInfo {
+    ServiceAccountInfo {
+        namespace: ns.into(),
+        name: name.into(),
+        uid: format!("sa-{name}"),
+        role: role.map(Into::into),
+    }
+}
+
+/// `p` running as ServiceAccount `name`.
+fn as_sa(mut p: PodInfo, name: &str) -> PodInfo {
+    p.service_account = Some(name.into());
+    p
 }
 
 fn namespace(name: &str, allowed: Option<&str>) -> NamespaceInfo {
@@ -294,6 +309,7 @@ fn incremental_publishes_equal_a_full_rebuild_under_random_churn() {
                 let role = ["app", "web-1", "web-2", "admin"][rng.below(4) as usize];
                 let mut p = pod(&uid, &ip, (rng.below(5) > 0).then_some(role), None);
                 p.namespace = format!("ns{}", rng.below(3));
+                p.service_account = (rng.below(4) > 0).then(|| format!("sa{}", rng.below(2)));
                 p.phase = phases[rng.below(4) as usize];
                 p.created = rng.below(5) as i64;
                 p.terminating = rng.below(6) == 0;
@@ -315,7 +331,23 @@ fn incremental_publishes_equal_a_full_rebuild_under_random_churn() {
                 st.index
                     .apply_namespace(namespace(&format!("ns{}", rng.below(3)), allowed));
             }
-            _ => st.index.delete_namespace(&format!("ns{}", rng.below(3))),
+            9 if rng.below(2) == 0 => st.index.delete_namespace(&format!("ns{}", rng.below(3))),
+            _ => {
+                // A ServiceAccount's role appears, changes or goes (`default` is one too).
+                let name = ["sa0", "sa1", "default"][rng.below(3) as usize];
+                let role = [
+                    None,
+                    Some(format!("{BASE}web-sa")),
+                    Some(format!("{BASE}app")),
+                    Some("arn:aws:iam::210987654321:role/cross".to_owned()),
+                ][rng.below(4) as usize]
+                    .clone();
+                st.index.apply_service_account(sa(
+                    &format!("ns{}", rng.below(3)),
+                    name,
+                    role.as_deref(),
+                ));
+            }
         }
         if rng.below(3) == 0 || step % 97 == 0 {
             st.publish();
@@ -334,4 +366,207 @@ fn incremental_publishes_equal_a_full_rebuild_under_random_churn() {
         }
     }
     drain(&mut rx);
+}
+
+/// A state whose reports (Events) are kept in the returned receiver.
+fn with_reports(shared: &Shared) -> mpsc::Receiver<Report> {
+    let (tx, rx) = mpsc::channel(16);
+    shared.reports.set(tx).unwrap();
+    rx
+}
+
+fn reports(rx: &mut mpsc::Receiver<Report>) -> Vec<(ReportKind, String, String)> {
+    let mut out = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        out.push((r.kind, r.identity.pod.clone(), r.detail.unwrap_or_default()));
+    }
+    out
+}
+
+const SA_ROLE: &str = "arn:aws:iam::123456789012:role/from-sa";
+
+#[test]
+fn a_pod_without_an_annotation_gets_its_service_accounts_role_as_is() {
+    let (mut st, mut rx, shared) = state_with(Some("fallback"), None);
+    let cross = "arn:aws:iam::210987654321:role/cross-sa";
+    st.index.reset_service_accounts([
+        sa("ns", "web", Some(SA_ROLE)),
+        sa("ns", "cross", Some(cross)),
+        sa("ns", "plain", None),
+    ]);
+    st.index
+        .apply(as_sa(pod("a", "10.0.0.1", None, Some("ext-1")), "web"));
+    st.index
+        .apply(as_sa(pod("b", "10.0.0.2", None, None), "cross"));
+    st.index
+        .apply(as_sa(pod("c", "10.0.0.3", None, None), "plain"));
+    st.publish();
+    let a = at(&shared, "10.0.0.1").unwrap();
+    let role = a.role.as_ref().unwrap();
+    assert_eq!(role.arn, SA_ROLE);
+    assert_eq!(&role.listing[..], b"from-sa", "listed below the base ARN");
+    assert_eq!(
+        role.slot.key().external_id.as_deref(),
+        Some("ext-1"),
+        "the pod's external ID applies whatever the role's source"
+    );
+    let b = at(&shared, "10.0.0.2").unwrap();
+    assert_eq!(b.role.as_ref().unwrap().arn, cross);
+    assert_eq!(&b.role.as_ref().unwrap().listing[..], cross.as_bytes());
+    let c = at(&shared, "10.0.0.3").unwrap();
+    assert_eq!(c.role.as_ref().unwrap().arn, format!("{BASE}fallback"));
+    assert_eq!(drain(&mut rx), 3, "every role prefetched");
+}
+
+#[test]
+fn the_pod_annotation_wins_and_a_different_service_account_role_is_reported() {
+    let (mut st, _rx, shared) = state();
+    let mut events = with_reports(&shared);
+    st.index
+        .apply_service_account(sa("ns", "web", Some(SA_ROLE)));
+    st.index
+        .apply(as_sa(pod("own", "10.0.0.1", Some("app"), None), "web"));
+    // The same role both ways is no conflict.
+    st.index
+        .apply(as_sa(pod("same", "10.0.0.2", Some(SA_ROLE), None), "web"));
+    st.publish();
+    assert_eq!(
+        at(&shared, "10.0.0.1").unwrap().role.as_ref().unwrap().arn,
+        format!("{BASE}app")
+    );
+    assert_eq!(
+        at(&shared, "10.0.0.2").unwrap().role.as_ref().unwrap().arn,
+        SA_ROLE
+    );
+    assert_eq!(
+        reports(&mut events),
+        [(
+            ReportKind::Conflict,
+            "own".to_owned(),
+            format!(
+                "the pod's role annotation names {BASE}app, its ServiceAccount web names {SA_ROLE}: the pod's annotation wins"
+            )
+        )]
+    );
+    // Reported again when the pod changes (the event task rate-limits it to one a minute).
+    let mut again = as_sa(pod("own", "10.0.0.1", Some("app"), None), "web");
+    again.terminating = true;
+    st.index.apply(again);
+    st.publish();
+    assert_eq!(reports(&mut events).len(), 1);
+    // Nothing is reported for pods whose annotation agrees or is absent.
+    st.index
+        .apply(as_sa(pod("sa-only", "10.0.0.3", None, None), "web"));
+    st.publish();
+    assert!(reports(&mut events).is_empty());
+}
+
+#[test]
+fn a_service_account_annotation_change_refreshes_its_pods_and_only_them() {
+    let (mut st, mut rx, shared) = state_with(Some("fallback"), None);
+    st.index
+        .apply_service_account(sa("ns", "web", Some(SA_ROLE)));
+    st.index
+        .apply(as_sa(pod("a", "10.0.0.1", None, None), "web"));
+    st.index
+        .apply(as_sa(pod("b", "10.0.0.2", None, None), "web"));
+    st.index
+        .apply(as_sa(pod("other", "10.0.0.3", None, None), "other"));
+    let mut elsewhere = as_sa(pod("elsewhere", "10.0.0.4", None, None), "web");
+    elsewhere.namespace = "ns2".into();
+    st.index.apply(elsewhere);
+    st.publish();
+    assert_eq!(drain(&mut rx), 2, "the SA's role and the default role");
+    let other_before = at(&shared, "10.0.0.3").unwrap();
+    let elsewhere_before = at(&shared, "10.0.0.4").unwrap();
+
+    let next = "arn:aws:iam::123456789012:role/next";
+    st.index.apply_service_account(sa("ns", "web", Some(next)));
+    st.publish();
+    for ip in ["10.0.0.1", "10.0.0.2"] {
+        assert_eq!(at(&shared, ip).unwrap().role.as_ref().unwrap().arn, next);
+    }
+    assert_eq!(drain(&mut rx), 1, "the new role is prefetched once");
+    assert!(
+        !st.roles.keys().any(|k| k.role_arn == SA_ROLE),
+        "the old role's slot is dropped with its last pod"
+    );
+    // Pods of another ServiceAccount, or of one with the same name elsewhere, keep their
+    // identity (the same Arc: not rebuilt).
+    assert!(Arc::ptr_eq(
+        &other_before,
+        &at(&shared, "10.0.0.3").unwrap()
+    ));
+    assert!(Arc::ptr_eq(
+        &elsewhere_before,
+        &at(&shared, "10.0.0.4").unwrap()
+    ));
+
+    // Deleted: back to the default role; a relist that brings it back: its role again.
+    st.index.delete_service_account("ns", "web");
+    st.publish();
+    assert_eq!(
+        at(&shared, "10.0.0.1").unwrap().role.as_ref().unwrap().arn,
+        format!("{BASE}fallback")
+    );
+    st.index
+        .reset_service_accounts([sa("ns", "web", Some(SA_ROLE))]);
+    st.publish();
+    assert_eq!(
+        at(&shared, "10.0.0.2").unwrap().role.as_ref().unwrap().arn,
+        SA_ROLE
+    );
+    // Without a default role, a pod whose ServiceAccount lost its role has none.
+    let (mut st, _rx, shared) = state();
+    st.index
+        .apply_service_account(sa("ns", "web", Some(SA_ROLE)));
+    st.index
+        .apply(as_sa(pod("a", "10.0.0.1", None, None), "web"));
+    st.publish();
+    assert!(at(&shared, "10.0.0.1").unwrap().role.is_some());
+    st.index.apply_service_account(sa("ns", "web", None));
+    st.publish();
+    assert!(at(&shared, "10.0.0.1").unwrap().role.is_none());
+}
+
+#[test]
+fn namespace_restrictions_apply_to_a_service_account_role() {
+    let restr = NamespaceRestrictions::default();
+    let (mut st, mut rx, shared) = state_with(Some("fallback"), Some(restr));
+    st.index
+        .reset_namespaces([namespace("ns", Some(r#"["web-*"]"#))]);
+    st.index
+        .apply_service_account(sa("ns", "web", Some(SA_ROLE)));
+    st.index
+        .apply(as_sa(pod("a", "10.0.0.1", None, None), "web"));
+    st.publish();
+    let a = at(&shared, "10.0.0.1").unwrap();
+    assert!(a.role.is_none());
+    assert_eq!(
+        a.denied.as_deref(),
+        Some(
+            "role arn:aws:iam::123456789012:role/from-sa is not allowed in namespace ns by its iam.amazonaws.com/allowed-roles annotation"
+        )
+    );
+    assert_eq!(drain(&mut rx), 0, "a denied role is never fetched");
+    // Allowed once the namespace lists it; denied again when the SA names another role.
+    st.index
+        .apply_namespace(namespace("ns", Some(r#"["web-*", "from-sa"]"#)));
+    st.publish();
+    assert_eq!(
+        at(&shared, "10.0.0.1").unwrap().role.as_ref().unwrap().arn,
+        SA_ROLE
+    );
+    st.index.apply_service_account(sa(
+        "ns",
+        "web",
+        Some("arn:aws:iam::123456789012:role/admin"),
+    ));
+    st.publish();
+    assert!(at(&shared, "10.0.0.1").unwrap().denied.is_some());
+    // The default role bypasses restrictions, whether the SA names it or nothing does.
+    st.index
+        .apply_service_account(sa("ns", "web", Some(&format!("{BASE}fallback"))));
+    st.publish();
+    assert!(at(&shared, "10.0.0.1").unwrap().denied.is_none());
 }
