@@ -110,6 +110,7 @@ def test_rbac():
              for g in rule["apiGroups"] for r in rule["resources"]}
     assert rules[("", "pods")] >= {"get", "list", "watch"}
     assert rules[("", "namespaces")] >= {"get", "list", "watch"}
+    assert rules[("", "serviceaccounts")] >= {"get", "list", "watch"}
     assert rules[("events.k8s.io", "events")] >= {"create", "patch"}
     assert rules[("", "events")] >= {"create", "patch"}
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
