@@ -290,6 +290,30 @@ impl Scope {
         }
     }
 
+    /// Creates ServiceAccount `ns/name` (and its namespace) when missing, then merges
+    /// `annotations` into its own: `Some(value)` sets a key, `None` removes it.
+    pub fn annotate_service_account(
+        &self,
+        ns: &str,
+        name: &str,
+        annotations: &[(&str, Option<&str>)],
+    ) {
+        let nss: Api<Namespace> = Api::all(self.api.client());
+        if self.api.block_on(nss.get_opt(ns)).ok().flatten().is_none() {
+            self.set_namespace(ns, &[]);
+        }
+        self.ensure_service_account(ns, name);
+        let ann: BTreeMap<&str, Option<&str>> = annotations.iter().copied().collect();
+        let sas: Api<ServiceAccount> = Api::namespaced(self.api.client(), ns);
+        self.api
+            .block_on(sas.patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": ann}})),
+            ))
+            .unwrap_or_else(|e| panic!("annotate service account {ns}/{name}: {e}"));
+    }
+
     /// Creates the pod (its namespace and ServiceAccount first, when missing), then sets its
     /// phase and IPs through the `status` subresource, as a kubelet would. Returns its UID.
     pub fn create_pod(&self, p: &PodBuilder) -> String {

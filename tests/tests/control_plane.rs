@@ -302,3 +302,88 @@ fn an_sts_failure_is_reported_as_an_event_the_server_accepts() {
         "{note}"
     );
 }
+
+/// The annotation EKS (IRSA) reads on a ServiceAccount.
+const SA_KEY: &str = "eks.amazonaws.com/role-arn";
+
+fn events_with_reason(
+    r: &iamlet_e2e::rig::control::Rig<iamlet_e2e::realapi::Scope>,
+    ns: &str,
+    pod: &str,
+    reason: &str,
+) -> Vec<serde_json::Value> {
+    r.api
+        .events_for(ns, pod)
+        .into_iter()
+        .filter(|e| e["reason"] == reason)
+        .collect()
+}
+
+#[test]
+fn a_service_accounts_role_reaches_its_pods_follows_its_changes_and_loses_to_the_pods_own() {
+    let s = RealApiServer::shared().scope("service-accounts");
+    let ns = s.ns("shop");
+    let sa_role = format!("{BASE}sa-role");
+    s.annotate_service_account(&ns, "reader", &[(SA_KEY, Some(&sa_role))]);
+    s.create_pod(
+        &PodBuilder::running(&ns, "plain", &s.node, "127.28.0.1").service_account("reader"),
+    );
+    s.create_pod(
+        &PodBuilder::running(&ns, "own", &s.node, "127.28.0.2")
+            .service_account("reader")
+            .role("app"),
+    );
+    let r = real(
+        s,
+        &["--default-role=fallback", "--backoff-max-elapsed-time=2s"],
+    );
+
+    // The first publish waited for the ServiceAccount list: the SA's role from the first
+    // answer on, never the default role first.
+    let first = r.get("127.28.0.1", LIST);
+    assert_eq!((first.status, first.body_str().as_str()), (200, "sa-role"));
+    let creds = r.get("127.28.0.1", &format!("{LIST}sa-role"));
+    assert_eq!(creds.status, 200, "{}", creds.body_str());
+    assert_eq!(r.store()["rolesByIP"]["127.28.0.1"], sa_role);
+
+    // The pod's own annotation wins; the conflict is an Event on the pod, accepted by the
+    // real server and found as `kubectl get events --field-selector involvedObject.name=own`.
+    assert_eq!(r.get("127.28.0.2", LIST).body_str(), "app");
+    let found = wait_until!(
+        Duration::from_secs(10),
+        Some(events_with_reason(&r, &ns, "own", "IamRoleConflict")).filter(|e| !e.is_empty()),
+        "own's IamRoleConflict Event"
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    let ev = &found[0];
+    assert_eq!(ev["type"], "Warning");
+    assert_eq!(ev["involvedObject"]["kind"], "Pod");
+    let note = ev["message"].as_str().unwrap();
+    assert!(
+        note.contains(&format!("{BASE}app")) && note.contains(&sa_role),
+        "{note}"
+    );
+    assert!(
+        events_with_reason(&r, &ns, "plain", "IamRoleConflict").is_empty(),
+        "no conflict for a pod without its own annotation"
+    );
+
+    // The ServiceAccount's annotation changes: its pod follows, without a restart, and
+    // never goes back.
+    r.api
+        .annotate_service_account(&ns, "reader", &[(SA_KEY, Some(&format!("{BASE}next")))]);
+    let next = r.eventually("127.28.0.1", LIST, Duration::from_secs(10), |x| {
+        x.body_str() == "next"
+    });
+    assert_eq!((next.status, next.body_str().as_str()), (200, "next"));
+    assert_eq!(r.get("127.28.0.1", &format!("{LIST}sa-role")).status, 403);
+    assert_eq!(r.get("127.28.0.2", LIST).body_str(), "app");
+
+    // The annotation removed: the default role.
+    r.api
+        .annotate_service_account(&ns, "reader", &[(SA_KEY, None)]);
+    let back = r.eventually("127.28.0.1", LIST, Duration::from_secs(10), |x| {
+        x.body_str() == "fallback"
+    });
+    assert_eq!(back.body_str(), "fallback");
+}
