@@ -208,6 +208,9 @@ pub struct NodeArgs {
     /// Remove the iptables rule on exit (fail-open: pods reach the node's role while iamlet is down); by default it stays (fail-closed)
     #[arg(long, env = "IAMLET_IPTABLES_REMOVE_ON_EXIT", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub iptables_remove_on_exit: bool,
+    /// With --iptables, also redirect the container-credentials address 169.254.170.23 (fd00:ec2::23 with --ipv6) to iamlet, for pods using service-account tokens; false leaves it alone (e.g. where EKS's own agent serves it)
+    #[arg(long, env = "IAMLET_CONTAINER_CREDENTIALS", num_args = 0..=1, require_equals = true, default_value = "true", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    pub container_credentials: bool,
     /// iptables backend: the one the host uses (auto), or nft / legacy
     #[arg(
         long,

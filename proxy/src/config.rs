@@ -452,6 +452,7 @@ fn node_flags(a: &Args) -> Result<(Option<IpAddr>, Option<RedirectConfig>), Conf
             ipv6: n.ipv6,
             remove_on_exit: n.iptables_remove_on_exit,
             verify_interval: n.iptables_verify_interval,
+            container_credentials: n.container_credentials,
         }),
         _ => None,
     };

@@ -37,6 +37,13 @@ impl Moto {
     /// Starts moto and waits (at most 30 s) until `GET /moto-api/` answers. Panics with the
     /// server's log if it exits or never answers.
     pub fn start() -> Moto {
+        Moto::start_on("127.0.0.1")
+    }
+
+    /// As [`Moto::start`], listening on `host` (`0.0.0.0`: every address of the network
+    /// namespace it starts in, which only a test's own namespace may do, so pods there reach
+    /// it through their veth); checked and addressed on 127.0.0.1 still.
+    pub fn start_on(host: &str) -> Moto {
         let exe = Moto::find_executable()
             .expect("moto_server not found: run .ci/run or `pip install 'moto[server]'`");
         // A free port can be taken by a parallel test before moto binds it: try a few.
@@ -46,7 +53,7 @@ impl Moto {
             let log = std::fs::File::create(dir.path().join("moto.log")).expect("create moto.log");
             let port = free_port();
             let child = Command::new(&exe)
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-H", host, "-p", &port.to_string()])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("dup log"))
                 .stderr(log)

@@ -122,6 +122,16 @@ impl RealApiServer {
         );
     }
 
+    /// The API server's published signing keys (`/openid/v1/jwks`), as an agent without
+    /// access to it would be given them (`--token-jwks-file`).
+    pub fn jwks(&self) -> String {
+        let req = http::Request::get("/openid/v1/jwks")
+            .body(Vec::new())
+            .expect("request");
+        self.block_on(self.client.request_text(req))
+            .expect("GET /openid/v1/jwks")
+    }
+
     /// The PEM private key the API server signs service-account tokens with (made for this
     /// run), for tests that forge what only a key holder could.
     pub fn signing_key_pem(&self) -> Vec<u8> {
@@ -466,6 +476,38 @@ impl Scope {
             .block_on(sas.create_token_request(sa, &PostParams::default(), &req))
             .unwrap_or_else(|e| panic!("pod-bound token for {ns}/{pod}: {e}"));
         r.status.map(|s| s.token).unwrap_or_default()
+    }
+
+    /// Namespace `ns`'s pods and ServiceAccounts as `kubectl get pods,serviceaccounts -n NS
+    /// -o json` prints them: a `List` of the server's own objects (their UIDs included), for
+    /// an agent in local mode (`--pods-from`).
+    pub fn objects_list_json(&self, ns: &str) -> String {
+        let pods: Api<Pod> = Api::namespaced(self.api.client(), ns);
+        let sas: Api<ServiceAccount> = Api::namespaced(self.api.client(), ns);
+        let mut items: Vec<Value> = Vec::new();
+        for p in self
+            .api
+            .block_on(pods.list(&ListParams::default()))
+            .expect("list pods")
+            .items
+        {
+            let mut v = serde_json::to_value(p).unwrap();
+            v["kind"] = json!("Pod");
+            v["apiVersion"] = json!("v1");
+            items.push(v);
+        }
+        for sa in self
+            .api
+            .block_on(sas.list(&ListParams::default()))
+            .expect("list service accounts")
+            .items
+        {
+            let mut v = serde_json::to_value(sa).unwrap();
+            v["kind"] = json!("ServiceAccount");
+            v["apiVersion"] = json!("v1");
+            items.push(v);
+        }
+        json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
     }
 
     /// A token for `ns/sa` with `audience` and no bound object (not a pod's).

@@ -398,6 +398,7 @@ fn a_head_that_fails_upstream_gets_headers_only_and_the_connection_stays_in_step
     assert_eq!(head.status, 502);
     assert!(head.body.is_empty(), "{}", head.body_str());
     // The next answer on the same connection is its own, not the 502's body.
-    let list = c.send(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: x\r\n\r\n");
+    let list =
+        c.send(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!((list.status, list.body_str().as_str()), (200, "app-role"));
 }

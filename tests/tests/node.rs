@@ -231,28 +231,47 @@ impl Node {
         self.ns.exec_ok(&format!("{tool}-save"), &[])
     }
 
-    /// (jumps to IAMLET anywhere, rules in IAMLET) as `{tool}-save` shows them.
+    /// (jumps to IAMLET anywhere, rules in IAMLET) for the metadata address, as
+    /// `{tool}-save` shows them (the container-credentials address's are [`Node::count_container`]).
     fn count(&self, tool: &str) -> (usize, Vec<String>) {
+        self.count_for(tool, false)
+    }
+
+    /// As [`Node::count`], for the container-credentials address (169.254.170.23, fd00:ec2::23).
+    fn count_container(&self, tool: &str) -> (usize, Vec<String>) {
+        self.count_for(tool, true)
+    }
+
+    fn count_for(&self, tool: &str, container: bool) -> (usize, Vec<String>) {
         let save = self.save(tool);
+        let ours = |l: &&str| {
+            let c = l.contains("-d 169.254.170.23/32") || l.contains("-d fd00:ec2::23/128");
+            c == container
+        };
         let jumps = save
             .lines()
             .filter(|l| l.starts_with("-A ") && l.ends_with("-j IAMLET"))
+            .filter(ours)
             .count();
         let rules = save
             .lines()
             .filter(|l| l.starts_with("-A IAMLET "))
+            .filter(ours)
             .map(str::to_owned)
             .collect();
         (jumps, rules)
     }
 
-    /// True when the first rule of nat PREROUTING jumps to IAMLET (nft backend).
+    /// True when the first rule of nat PREROUTING is the metadata address's jump to IAMLET.
     fn jump_on_top(&self, tool: &str) -> bool {
         let out = self.ns.exec(tool, &["-w", "-t", "nat", "-S", "PREROUTING"]);
         out.stdout
             .lines()
             .find(|l| l.starts_with("-A PREROUTING"))
-            .is_some_and(|l| l.ends_with("-j IAMLET"))
+            .is_some_and(|l| {
+                l.ends_with("-j IAMLET")
+                    && (l.contains("-d 169.254.169.254/32") || l.contains("-d fd00:ec2::254/128"))
+            })
     }
 
     /// GET on iamlet's admin paths from inside the node: (status, body), (0, "") on error.
@@ -435,6 +454,9 @@ fn kill_9_leaves_the_rule_restart_keeps_one_set_cleanup_removes_everything() {
         assert_eq!(jumps, 1, "{flags:?}");
         let want = if flags[0].contains(',') { 2 } else { 1 };
         assert_eq!(rules.len(), want, "{flags:?}: {rules:?}");
+        // The container-credentials address: one jump and the same rules, once.
+        let (jumps, rules) = node.count_container("iptables-nft");
+        assert_eq!((jumps, rules.len()), (1, want), "{flags:?}: {rules:?}");
         assert!(node.jump_on_top("iptables-nft"));
         assert_eq!(seen(node.pod("cali1")), Seen::Iamlet(pod_role.clone()));
     }
@@ -512,11 +534,14 @@ fn a_deleted_moved_or_emptied_rule_is_restored_within_the_verify_interval() {
         node.ns.exec_ok("iptables-nft", args);
         wait_until!(
             RESTORE_WITHIN,
-            node.jump_on_top("iptables-nft") && node.count("iptables-nft").1.len() == 1,
+            node.jump_on_top("iptables-nft")
+                && node.count("iptables-nft").1.len() == 1
+                && node.count_container("iptables-nft").1.len() == 1,
             "the rules restored after {args:?}:\n{}",
             node.save("iptables-nft")
         );
         assert_eq!(node.count("iptables-nft").0, 1);
+        assert_eq!(node.count_container("iptables-nft").0, 1);
         assert_eq!(seen(node.pod("cali1")), want);
         let metrics = node.admin("/metrics").1;
         let line = format!(
@@ -1176,4 +1201,154 @@ fn fault_injection_an_api_server_that_refuses_the_agent_at_boot_never_opens_the_
     );
     assert_eq!(node.admin("/ready").0, 200);
     println!("{asked} requests during {refused_for:?} of refusals: none reached the node's role");
+}
+
+#[test]
+fn unmodified_sdks_in_a_pod_get_its_role_through_the_container_credentials_address() {
+    require_netns!(
+        "unmodified_sdks_in_a_pod_get_its_role_through_the_container_credentials_address"
+    );
+    use iamlet_e2e::apiserver::PodBuilder;
+    use iamlet_e2e::realapi::RealApiServer;
+    let mut node = Node::builder(&["cali1"]).no_imds().build();
+    // STS on every address of the node, so that SDKs in the pod reach it too.
+    node.moto = Some(node.ns.run(|| Moto::start_on("0.0.0.0")));
+    let (pod_name, pod_ip, pod_node_ip) = {
+        let p = node.pod("cali1");
+        (p.name.clone(), p.ip, p.node_ip)
+    };
+    // The pod as an object of the real API server (which issues its token, bound to it),
+    // with the netns pod's address; the agent in the node namespace reads the server's own
+    // objects and published keys from files (it cannot reach the server on the host's
+    // loopback).
+    let api = RealApiServer::shared();
+    let scope = api.scope("sdk-container");
+    let ns = scope.ns("shop");
+    scope.set_namespace(&ns, &[]);
+    scope.ensure_service_account(&ns, "cali1-sa");
+    scope.create_pod(
+        &PodBuilder::running(&ns, &pod_name, &scope.node, &pod_ip.to_string())
+            .role(&role_of("cali1"))
+            .service_account("cali1-sa"),
+    );
+    node.pods_yaml = scope.objects_list_json(&ns);
+    let dir = std::env::temp_dir().join(format!("iamlet-sdk-door-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let jwks = dir.join("jwks.json");
+    std::fs::write(&jwks, api.jwks()).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(
+        &token_file,
+        scope.pod_token(&ns, "cali1-sa", &pod_name, "pods.eks.amazonaws.com", 3600),
+    )
+    .unwrap();
+    let jwks_flag = format!("--token-jwks-file={}", jwks.display());
+    let issuer_flag = format!("--token-issuer={}", api.issuer);
+    let node_flag = format!("--node={}", scope.node);
+    node.start(&[&jwks_flag, &issuer_flag, &node_flag]);
+    let (jumps, rules) = node.count_container("iptables-nft");
+    assert_eq!((jumps, rules.len()), (1, 1), "{rules:?}");
+
+    let sts = node
+        .moto
+        .as_ref()
+        .unwrap()
+        .endpoint()
+        .replace("127.0.0.1", &pod_node_ip.to_string());
+    let token_path = token_file.display().to_string();
+    // Exactly the two variables a pod gets, plus a region and where STS is; no IMDS at all.
+    let env: Vec<(&str, String)> = vec![
+        (
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "http://169.254.170.23/v1/credentials".into(),
+        ),
+        ("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", token_path),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_DEFAULT_REGION", "us-east-1".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_CONFIG_FILE", "/nonexistent".into()),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
+        ("AWS_ENDPOINT_URL_STS", sts),
+    ];
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let want = format!(
+        "arn:aws:sts::123456789012:assumed-role/{}/",
+        role_of("cali1")
+    );
+    let pod = node.pod("cali1");
+    let run = |mut cmd: Command| -> Output {
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", std::env::temp_dir());
+        cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        pod.ns
+            .run(move || run_bounded(cmd, Duration::from_secs(90)))
+    };
+    let mut arns: Vec<(&str, String)> = Vec::new();
+
+    // boto3: the container provider, then STS from inside the pod.
+    let script = r#"
+import json, boto3
+s = boto3.session.Session()
+c = s.get_credentials()
+assert c.method == "container-role", c.method
+print(s.client("sts").get_caller_identity()["Arn"])
+"#;
+    let out = pod.ns.run(|| run_python(script, &env_ref, true));
+    assert!(
+        out.success(),
+        "boto3: {out:?}\n{}",
+        node.iamlet.as_ref().unwrap().log()
+    );
+    arns.push(("boto3", out.stdout.trim().to_owned()));
+    // The AWS CLI.
+    let mut cli = Command::new(iamlet_e2e::workspace_root().join(".venv/bin/aws"));
+    cli.args([
+        "sts",
+        "get-caller-identity",
+        "--query",
+        "Arn",
+        "--output",
+        "text",
+    ]);
+    let out = run(cli);
+    assert!(out.success(), "aws cli: {out:?}");
+    arns.push(("aws cli", out.stdout.trim().to_owned()));
+    // aws-sdk-js v3, its default chain.
+    let js = iamlet_e2e::workspace_root().join("tests/js");
+    assert!(
+        js.join("node_modules/@aws-sdk/client-sts").is_dir() || !iamlet_e2e::is_ci(),
+        "tests/js/node_modules is missing in CI"
+    );
+    if js.join("node_modules/@aws-sdk/client-sts").is_dir() {
+        let mut node_js = Command::new("node");
+        node_js.arg("default-chain.mjs").current_dir(&js);
+        let out = run(node_js);
+        assert!(out.success(), "aws-sdk-js v3: {out:?}");
+        arns.push(("aws-sdk-js v3", out.stdout.trim().to_owned()));
+    } else {
+        eprintln!("SKIPPED aws-sdk-js v3: run tests/install-python-tools.sh");
+    }
+    // aws-sdk-go-v2, built from the Go module proxy.
+    let go = Command::new(iamlet_e2e::workspace_root().join("tests/sdk-go/build.sh"))
+        .output()
+        .expect("tests/sdk-go/build.sh");
+    assert!(
+        go.status.success(),
+        "{}",
+        String::from_utf8_lossy(&go.stderr)
+    );
+    let out = run(Command::new(String::from_utf8_lossy(&go.stdout).trim()));
+    assert!(out.success(), "aws-sdk-go-v2: {out:?}");
+    arns.push(("aws-sdk-go-v2", out.stdout.trim().to_owned()));
+    // aws-sdk-rust, its default chain, in a process of its own.
+    let out = run(Command::new(env!("CARGO_BIN_EXE_rust_sdk_caller")));
+    assert!(out.success(), "aws-sdk-rust: {out:?}");
+    arns.push(("aws-sdk-rust", out.stdout.trim().to_owned()));
+
+    for (who, arn) in &arns {
+        assert!(arn.starts_with(&want), "{who} got {arn:?}, wanted {want}…");
+    }
+    println!("{arns:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -172,6 +172,8 @@ fn flush_conntrack() {
     for (addr, fam) in [
         (IpAddr::V4(METADATA_V4), None),
         (IpAddr::V6(METADATA_V6), Some("ipv6")),
+        (IpAddr::V4(super::CONTAINER_V4), None),
+        (IpAddr::V6(super::CONTAINER_V6), Some("ipv6")),
     ] {
         let a = addr.to_string();
         let mut args = vec!["-D", "-p", "tcp", "--orig-dst", &a];

@@ -28,6 +28,10 @@ use std::time::Duration;
 pub const METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// The IPv6 one (Nitro instances).
 pub const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+/// The container-credentials address pods' SDKs use with `AWS_CONTAINER_CREDENTIALS_FULL_URI`.
+pub const CONTAINER_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
+/// Its IPv6 form.
+pub const CONTAINER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
 
 /// `--iptables` and its flags, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +49,8 @@ pub struct RedirectConfig {
     pub ipv6: bool,
     pub remove_on_exit: bool,
     pub verify_interval: Duration,
+    /// `--container-credentials`: also redirect 169.254.170.23 (fd00:ec2::23 with `--ipv6`).
+    pub container_credentials: bool,
 }
 
 /// Before binding, with `--iptables`: resolves the interfaces and picks the backend (touches

@@ -337,6 +337,9 @@ pub fn desired(node: &RedirectConfig, ifaces: Vec<IfaceMatch>) -> Vec<Desired> {
     let mut v = vec![Desired {
         family: Family::V4,
         metadata: IpAddr::V4(METADATA_V4),
+        container: node
+            .container_credentials
+            .then_some(IpAddr::V4(super::CONTAINER_V4)),
         ifaces: ifaces.clone(),
         to: To::Dnat(SocketAddr::from((node.host_ip, node.app_port))),
     }];
@@ -348,6 +351,9 @@ pub fn desired(node: &RedirectConfig, ifaces: Vec<IfaceMatch>) -> Vec<Desired> {
         v.push(Desired {
             family: Family::V6,
             metadata: IpAddr::V6(METADATA_V6),
+            container: node
+                .container_credentials
+                .then_some(IpAddr::V6(super::CONTAINER_V6)),
             ifaces,
             to,
         });

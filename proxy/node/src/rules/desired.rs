@@ -9,50 +9,70 @@ pub struct Desired {
     pub family: Family,
     /// The address pods send metadata requests to (169.254.169.254, fd00:ec2::254).
     pub metadata: IpAddr,
-    /// One DNAT rule per entry.
+    /// The container-credentials address (169.254.170.23, fd00:ec2::23), redirected beside
+    /// the metadata address when set.
+    pub container: Option<IpAddr>,
+    /// One DNAT rule per entry (per address).
     pub ifaces: Vec<IfaceMatch>,
     pub to: To,
 }
 
 impl Desired {
-    fn dest(&self) -> String {
-        format!("{}/{}", self.metadata, self.family.host_prefix())
+    fn dest(&self, addr: IpAddr) -> String {
+        format!("{addr}/{}", self.family.host_prefix())
     }
 
-    /// The jump's arguments after `-A PREROUTING`: only metadata traffic enters the chain.
-    pub fn jump_spec(&self) -> Vec<String> {
-        let mut v = vec!["-d".to_owned(), self.dest()];
-        v.extend(tcp_dport());
-        v.extend(comment(&jump_comment(self.metadata)));
-        v.extend(["-j".to_owned(), CHAIN.to_owned()]);
+    /// The redirected addresses with their jump and rule comments, metadata first.
+    fn addresses(&self) -> Vec<(IpAddr, String, &'static str)> {
+        let mut v = vec![(self.metadata, jump_comment(self.metadata), rule_comment())];
+        if let Some(c) = self.container {
+            v.push((c, container_jump_comment(c), container_rule_comment()));
+        }
         v
     }
 
-    /// Each DNAT rule's arguments after `-A IAMLET`, in order.
+    /// The jumps' arguments after `-A PREROUTING`, in order (one per address): only traffic
+    /// to the redirected addresses enters the chain.
+    pub fn jump_specs(&self) -> Vec<Vec<String>> {
+        self.addresses()
+            .into_iter()
+            .map(|(addr, text, _)| {
+                let mut v = vec!["-d".to_owned(), self.dest(addr)];
+                v.extend(tcp_dport());
+                v.extend(comment(&text));
+                v.extend(["-j".to_owned(), CHAIN.to_owned()]);
+                v
+            })
+            .collect()
+    }
+
+    /// Each DNAT rule's arguments after `-A IAMLET`, in order: every interface for the
+    /// metadata address, then every interface for the container-credentials address.
     pub fn rule_specs(&self) -> Vec<Vec<String>> {
-        self.ifaces
-            .iter()
-            .map(|i| {
-                let mut v = vec!["-d".to_owned(), self.dest()];
+        let mut out = Vec::new();
+        for (addr, _, text) in self.addresses() {
+            for i in &self.ifaces {
+                let mut v = vec!["-d".to_owned(), self.dest(addr)];
                 if i.negated {
                     v.push("!".to_owned());
                 }
                 v.extend(["-i".to_owned(), i.name.clone()]);
                 v.extend(tcp_dport());
-                v.extend(comment(rule_comment()));
+                v.extend(comment(text));
                 match self.to {
-                    To::Dnat(addr) => {
+                    To::Dnat(to) => {
                         v.extend(["-j", "DNAT", "--to-destination"].map(str::to_owned));
-                        v.push(addr.to_string());
+                        v.push(to.to_string());
                     }
                     To::Redirect(port) => {
                         v.extend(["-j", "REDIRECT", "--to-ports"].map(str::to_owned));
                         v.push(port.to_string());
                     }
                 }
-                v
-            })
-            .collect()
+                out.push(v);
+            }
+        }
+        out
     }
 
     /// What is wrong with `view` (the nat table, or at least PREROUTING and IAMLET); empty
@@ -64,15 +84,22 @@ impl Desired {
         }
         let pre: Vec<&Rule> = view.chain_rules("PREROUTING").collect();
         let jumps = pre.iter().filter(|r| r.target() == Some(CHAIN)).count();
-        let want_jump = Rule::from_spec("PREROUTING", self.jump_spec()).meaning();
-        match pre.first() {
-            _ if jumps == 0 => problems.push(Problem::NoJump),
-            Some(first) if first.target() == Some(CHAIN) && first.meaning() == want_jump => {}
-            Some(first) if first.target() == Some(CHAIN) => problems.push(Problem::JumpDiffers),
-            _ => problems.push(Problem::JumpNotFirst),
+        let want_jumps: Vec<Meaning> = self
+            .jump_specs()
+            .into_iter()
+            .map(|s| Rule::from_spec("PREROUTING", s).meaning())
+            .collect();
+        // The wanted jumps are the first rules of PREROUTING, in order.
+        let head: Vec<&&Rule> = pre.iter().take(want_jumps.len()).collect();
+        if jumps == 0 {
+            problems.push(Problem::NoJump);
+        } else if head.len() < want_jumps.len() || head.iter().any(|r| r.target() != Some(CHAIN)) {
+            problems.push(Problem::JumpNotFirst);
+        } else if head.iter().map(|r| r.meaning()).collect::<Vec<_>>() != want_jumps {
+            problems.push(Problem::JumpDiffers);
         }
-        if jumps > 1 {
-            problems.push(Problem::ExtraJumps(jumps - 1));
+        if jumps > want_jumps.len() {
+            problems.push(Problem::ExtraJumps(jumps - want_jumps.len()));
         }
         if view.chains.contains(CHAIN) {
             let have: Vec<Meaning> = view.chain_rules(CHAIN).map(Rule::meaning).collect();
@@ -91,18 +118,18 @@ impl Desired {
         problems
     }
 
-    /// `iptables-restore --noflush` input that leaves exactly one jump (at the top of
-    /// PREROUTING) and exactly the desired rules in the chain, whatever `view` holds.
+    /// `iptables-restore --noflush` input that leaves exactly the desired jumps (one per
+    /// address, at the top of PREROUTING) and exactly the desired rules in the chain,
+    /// whatever `view` holds.
     /// Declaring the chain creates it, or flushes it when it exists.
     pub fn restore_script(&self, view: &NatView) -> String {
         let mut s = format!("*nat\n:{CHAIN} - [0:0]\n");
         for r in view.rules.iter().filter(|r| r.target() == Some(CHAIN)) {
             s.push_str(&r.delete_line());
         }
-        s.push_str(&format!(
-            "-I PREROUTING 1 {}\n",
-            quote_all(&self.jump_spec())
-        ));
+        for (i, jump) in self.jump_specs().iter().enumerate() {
+            s.push_str(&format!("-I PREROUTING {} {}\n", i + 1, quote_all(jump)));
+        }
         for spec in self.rule_specs() {
             s.push_str(&format!("-A {CHAIN} {}\n", quote_all(&spec)));
         }

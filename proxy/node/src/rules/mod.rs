@@ -33,6 +33,17 @@ fn rule_comment() -> &'static str {
     "iamlet: pod metadata requests to the node agent"
 }
 
+/// Comment on the jump for the container-credentials address.
+fn container_jump_comment(addr: IpAddr) -> String {
+    format!(
+        "iamlet: pod container-credentials requests to {addr} go to the IAMLET chain; remove with iamlet cleanup"
+    )
+}
+
+fn container_rule_comment() -> &'static str {
+    "iamlet: pod container-credentials requests to the node agent"
+}
+
 /// IPv4 (`iptables`) or IPv6 (`ip6tables`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Family {

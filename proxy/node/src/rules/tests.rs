@@ -5,6 +5,7 @@ fn v4(ifaces: &[&str]) -> Desired {
     Desired {
         family: Family::V4,
         metadata: IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
+        container: None,
         ifaces: ifaces.iter().map(|i| IfaceMatch::parse(i)).collect(),
         to: To::Dnat("10.0.0.1:8181".parse().unwrap()),
     }
@@ -170,6 +171,7 @@ fn ipv6_rules_use_128_and_brackets_or_redirect() {
     let d = Desired {
         family: Family::V6,
         metadata: IpAddr::V6("fd00:ec2::254".parse::<Ipv6Addr>().unwrap()),
+        container: None,
         ifaces: vec![IfaceMatch::parse("eni+")],
         to: To::Dnat("[fd00::1]:8181".parse().unwrap()),
     };
@@ -244,4 +246,85 @@ fn iface_matching() {
     for (pat, name, want) in cases {
         assert_eq!(IfaceMatch::parse(pat).matches(name), want, "{pat} {name}");
     }
+}
+
+#[test]
+fn the_container_credentials_address_gets_a_jump_and_rules_of_its_own() {
+    let d = Desired {
+        container: Some(IpAddr::V4(Ipv4Addr::new(169, 254, 170, 23))),
+        ..v4(&["cali+", "!eth0"])
+    };
+    let jumps: Vec<String> = d.jump_specs().iter().map(|j| j.join(" ")).collect();
+    assert_eq!(jumps.len(), 2);
+    assert!(
+        jumps[0].starts_with("-d 169.254.169.254/32 -p tcp"),
+        "{}",
+        jumps[0]
+    );
+    assert!(
+        jumps[1].starts_with("-d 169.254.170.23/32 -p tcp"),
+        "{}",
+        jumps[1]
+    );
+    assert!(jumps[1].contains("container-credentials requests to 169.254.170.23"));
+    let rules: Vec<String> = d.rule_specs().iter().map(|r| r.join(" ")).collect();
+    assert_eq!(rules.len(), 4, "two interfaces for each of two addresses");
+    assert!(
+        rules[2].starts_with("-d 169.254.170.23/32 -i cali+ -p tcp"),
+        "{}",
+        rules[2]
+    );
+    assert!(
+        rules[3].starts_with("-d 169.254.170.23/32 ! -i eth0 -p tcp"),
+        "{}",
+        rules[3]
+    );
+    assert!(rules[3].ends_with("-j DNAT --to-destination 10.0.0.1:8181"));
+
+    // The restore input installs both jumps at the top, in order, and checks clean after.
+    let empty =
+        NatView::parse("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j KUBE-SERVICES\nCOMMIT\n");
+    let script = d.restore_script(&empty);
+    assert!(
+        script.contains("-I PREROUTING 1 -d 169.254.169.254/32"),
+        "{script}"
+    );
+    assert!(
+        script.contains("-I PREROUTING 2 -d 169.254.170.23/32"),
+        "{script}"
+    );
+    let mut table = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n:IAMLET - [0:0]\n");
+    for j in d.jump_specs() {
+        table.push_str(&format!("-A PREROUTING {}\n", quote_all(&j)));
+    }
+    table.push_str("-A PREROUTING -j KUBE-SERVICES\n");
+    for r in d.rule_specs() {
+        table.push_str(&format!("-A IAMLET {}\n", quote_all(&r)));
+    }
+    table.push_str("COMMIT\n");
+    assert_eq!(d.check(&NatView::parse(&table)), vec![]);
+    // Only the metadata jump (an iamlet without the container address): the second jump
+    // is missing, and so are the chain's container rules.
+    let only_metadata = v4(&["cali+", "!eth0"]);
+    let mut old = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n:IAMLET - [0:0]\n");
+    for j in only_metadata.jump_specs() {
+        old.push_str(&format!("-A PREROUTING {}\n", quote_all(&j)));
+    }
+    old.push_str("-A PREROUTING -j KUBE-SERVICES\n");
+    for r in only_metadata.rule_specs() {
+        old.push_str(&format!("-A IAMLET {}\n", quote_all(&r)));
+    }
+    old.push_str("COMMIT\n");
+    let problems = d.check(&NatView::parse(&old));
+    assert!(problems.contains(&Problem::JumpNotFirst), "{problems:?}");
+    assert!(
+        problems.contains(&Problem::RulesDiffer { have: 2, want: 4 }),
+        "{problems:?}"
+    );
+    // And the other way round: an iamlet without it sees an extra jump.
+    assert!(
+        only_metadata
+            .check(&NatView::parse(&table))
+            .contains(&Problem::ExtraJumps(1))
+    );
 }
