@@ -415,9 +415,12 @@ pub struct StsArgs {
     /// Session naming: one shared session per role on the node, or one per pod
     #[arg(long, env = "IAMLET_SESSION_NAME", value_enum, default_value = "node")]
     pub session_name: SessionName,
-    /// Add kubernetes-namespace, kubernetes-pod-name, kubernetes-service-account and kubernetes-pod-uid session tags (EKS Pod Identity's names; needs sts:TagSession; implies per-pod sessions)
+    /// Add kubernetes-namespace, kubernetes-pod-name, kubernetes-service-account, kubernetes-pod-uid (and eks-cluster-name with --cluster-name) session tags (EKS Pod Identity's names; needs sts:TagSession; implies per-pod sessions)
     #[arg(long, env = "IAMLET_SESSION_TAGS", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub session_tags: bool,
+    /// The cluster's name, added as the eks-cluster-name session tag with --session-tags (as EKS Pod Identity tags sessions)
+    #[arg(long, env = "IAMLET_CLUSTER_NAME", value_name = "NAME")]
+    pub cluster_name: Option<String>,
     /// Most AssumeRole calls per second from this node
     #[arg(
         long,

@@ -284,6 +284,7 @@ impl Config {
                 (SessionName::Node, false) => SessionMode::Node,
                 (_, tags) => SessionMode::Pod { tags },
             },
+            cluster_name: a.sts.cluster_name.clone().filter(|c| !c.is_empty()),
             tokens: iamlet_resolver::tokens::TokenConfig {
                 jwks_file: a.token.token_jwks_file.clone(),
                 issuer: a.token.token_issuer.clone(),

@@ -63,9 +63,10 @@ struct Named {
     uid: String,
 }
 
-/// A token that verified: who it is for, until when.
+/// A token that verified: who it is for, until when, and the key that signed it.
 #[derive(Debug, Clone)]
 pub struct Verified {
+    kid: String,
     namespace: String,
     service_account: String,
     pod: Named,
@@ -155,6 +156,11 @@ fn token_of(value: &[u8]) -> Option<&str> {
     (!v.is_empty() && v.split('.').count() == 3).then_some(v)
 }
 
+/// The first 8 bytes of a digest in hex: enough to tell tokens apart in logs.
+fn hex_prefix(hash: &[u8; 32]) -> String {
+    hash[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -236,8 +242,11 @@ async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Ref
     let mut hash = [0u8; 32];
     hash.copy_from_slice(digest.as_ref());
     let now = unix_now();
+    // Remembered only while its key is still published: a retired key's tokens are
+    // verified again (and refused).
     if let Some(v) = w.tokens.borrow().verified.get(&hash)
         && now < v.exp + LEEWAY
+        && w.shared.handle.has_token_key(&v.kid)
     {
         return Ok(v.clone());
     }
@@ -264,6 +273,17 @@ async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Ref
             }
             mem.verified.insert(hash, v.clone());
             w.shared.metrics.container_outcome("verified");
+            // The audit trail of this door: which pod's token, once per token and worker
+            // (named by a hash prefix: the token itself is a credential).
+            tracing::info!(
+                door = "container",
+                namespace = %v.namespace,
+                pod = %v.pod.name,
+                service_account = %v.service_account,
+                token_sha256 = %hex_prefix(&hash),
+                expires = v.exp,
+                "service-account token verified"
+            );
             Ok(v)
         }
         Err(r) => {
@@ -385,6 +405,7 @@ async fn verify(w: &Worker, token: &str, now: u64) -> Result<Verified, Refusal> 
         ));
     };
     Ok(Verified {
+        kid,
         namespace: k.namespace,
         service_account: k.serviceaccount.name,
         pod,

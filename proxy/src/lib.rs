@@ -7,8 +7,8 @@
 pub mod args;
 pub mod config;
 pub mod conn;
-pub mod container;
 pub mod conns;
+pub mod container;
 pub mod doctor;
 pub mod downstream;
 pub mod duration;

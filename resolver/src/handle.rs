@@ -107,6 +107,17 @@ impl Handle {
         gone.iter().any(|u| u == uid)
     }
 
+    /// Whether the key set in use holds `kid` (no reference count taken: the door asks on
+    /// every request it answers from memory).
+    pub fn has_token_key(&self, kid: &str) -> bool {
+        self.shared
+            .keys
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|k| k.get(kid).is_some())
+    }
+
     /// The service-account token keys in use, if any were read yet.
     pub fn token_keys(&self) -> Option<Arc<crate::tokens::KeySet>> {
         self.shared.keys.current.load_full()

@@ -77,6 +77,8 @@ pub struct Config {
     pub sessions: SessionMode,
     /// Where service-account token keys come from (the container-credentials door).
     pub tokens: tokens::TokenConfig,
+    /// `--cluster-name` (a session tag with `--session-tags`).
+    pub cluster_name: Option<String>,
 }
 
 /// A running resolver.
@@ -150,6 +152,7 @@ async fn run(
         sts_timeout,
         sessions,
         tokens: token_config,
+        cluster_name,
     } = config;
     let keys = shared.keys.clone();
     let sts = match creds::sts::Sts::new(&metadata_addr, sts_timeout).await {
@@ -171,6 +174,7 @@ async fn run(
     let _ = shared.reports.set(report_tx);
     let st = state::State::new(rules, req_tx, shared, metrics.clone())
         .with_sessions(sessions)
+        .with_cluster_name(cluster_name)
         .with_restrictions(restrictions);
     let first = move |r| {
         let _ = tx.send(r);

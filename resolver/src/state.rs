@@ -64,6 +64,8 @@ pub(crate) struct State {
     metrics: ResolverMetrics,
     /// Node-wide or per-pod AssumeRole sessions.
     session: SessionMode,
+    /// `--cluster-name`, tagged as `eks-cluster-name` with `--session-tags`.
+    cluster_name: Option<String>,
 }
 
 /// How AssumeRole sessions map to pods.
@@ -78,7 +80,7 @@ pub enum SessionMode {
 
 /// A per-pod session: `<namespace>.<pod>` and, with `--session-tags`, the Kubernetes tags
 /// (EKS Pod Identity's names, so ABAC policies written for it carry over).
-fn pod_session(pod: &PodInfo, tags: bool) -> PodSession {
+fn pod_session(pod: &PodInfo, tags: bool, cluster: Option<&str>) -> PodSession {
     let tags = if tags {
         let mut t = vec![
             ("kubernetes-namespace".to_owned(), pod.namespace.clone()),
@@ -88,6 +90,9 @@ fn pod_session(pod: &PodInfo, tags: bool) -> PodSession {
             t.push(("kubernetes-service-account".to_owned(), sa.clone()));
         }
         t.push(("kubernetes-pod-uid".to_owned(), pod.uid.clone()));
+        if let Some(c) = cluster {
+            t.push(("eks-cluster-name".to_owned(), c.to_owned()));
+        }
         t
     } else {
         Vec::new()
@@ -101,6 +106,11 @@ fn pod_session(pod: &PodInfo, tags: bool) -> PodSession {
 impl State {
     pub(crate) fn with_sessions(mut self, session: SessionMode) -> Self {
         self.session = session;
+        self
+    }
+
+    pub(crate) fn with_cluster_name(mut self, cluster: Option<String>) -> Self {
+        self.cluster_name = cluster;
         self
     }
 
@@ -127,6 +137,7 @@ impl State {
             shared,
             metrics,
             session: SessionMode::Node,
+            cluster_name: None,
         }
     }
 
@@ -256,7 +267,9 @@ impl State {
                     external_id: pod.external_id.clone(),
                     session: match self.session {
                         SessionMode::Node => None,
-                        SessionMode::Pod { tags } => Some(pod_session(pod, tags)),
+                        SessionMode::Pod { tags } => {
+                            Some(pod_session(pod, tags, self.cluster_name.as_deref()))
+                        }
                     },
                 }),
                 denied: None,

@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 pub const REFRESH_EVERY: Duration = Duration::from_secs(300);
 /// The least time between two fetches asked for by unknown `kid`s: forged tokens naming
 /// random keys must not turn into a stream of requests to the API server.
-pub const MIN_REFETCH: Duration = Duration::from_secs(10);
+pub const MIN_REFETCH: Duration = Duration::from_secs(5);
 
 /// A key a token may be signed with.
 pub struct VerifyKey {

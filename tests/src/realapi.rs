@@ -626,3 +626,66 @@ impl RealApiServer {
         .unwrap_or_else(|e| panic!("apply {gvk:?} {name}: {e}"));
     }
 }
+
+impl RealApiServer {
+    /// Deletes a ClusterRoleBinding (e.g. one of the server's defaults).
+    pub fn delete_cluster_role_binding(&self, name: &str) {
+        let api: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(self.client());
+        self.block_on(api.delete(name, &DeleteParams::default()))
+            .unwrap_or_else(|e| panic!("delete ClusterRoleBinding {name}: {e}"));
+    }
+}
+
+/// Signing-key rotation, as a cluster operator does it: publish the new key beside the old,
+/// then sign with the new one, then retire the old one (each step a kube-apiserver restart
+/// with the changed flags, same etcd and port).
+impl RealApiServer {
+    /// Makes a second signing key (once) and restarts the server with `signing` ("sa" or
+    /// "sa2") as the signing key and `published` as the verifying keys.
+    pub fn set_signing_keys(&self, signing: &str, published: &[&str]) {
+        let pki = self.dir.join("pki");
+        if !pki.join("sa2.key").exists() {
+            let ok = Command::new("openssl")
+                .args(["genrsa", "-out"])
+                .arg(pki.join("sa2.key"))
+                .arg("2048")
+                .output()
+                .expect("openssl genrsa")
+                .status
+                .success()
+                && Command::new("openssl")
+                    .args(["rsa", "-pubout", "-in"])
+                    .arg(pki.join("sa2.key"))
+                    .arg("-out")
+                    .arg(pki.join("sa2.pub"))
+                    .output()
+                    .expect("openssl rsa")
+                    .status
+                    .success();
+            assert!(ok, "cannot make a second signing key");
+        }
+        let script = self.dir.join("apiserver.sh");
+        let text = std::fs::read_to_string(&script).expect("apiserver.sh");
+        let p = pki.display().to_string();
+        // Every --service-account-key-file / --service-account-signing-key-file pair is
+        // replaced by the wanted ones.
+        let mut words: Vec<String> = Vec::new();
+        let mut it = text.split(' ').peekable();
+        while let Some(w) = it.next() {
+            if w == "--service-account-key-file" || w == "--service-account-signing-key-file" {
+                it.next();
+                continue;
+            }
+            words.push(w.to_owned());
+        }
+        let mut text = words.join(" ");
+        let mut keys = format!(" --service-account-signing-key-file {p}/{signing}.key");
+        for k in published {
+            keys.push_str(&format!(" --service-account-key-file {p}/{k}.pub"));
+        }
+        let at = text.find(" --authorization-mode").expect("the flags");
+        text.insert_str(at, &keys);
+        std::fs::write(&script, text).expect("rewrite apiserver.sh");
+        self.restart();
+    }
+}

@@ -537,7 +537,7 @@ fn per_pod_sessions_are_named_and_tagged() {
             pod("web", a, "app-role", ""),
             pod("worker", b, "app-role", ""),
         ]),
-        &["--session-tags"],
+        &["--session-tags", "--cluster-name=prod-1"],
     );
     let (ra, rb) = (rig.creds(a, "app-role"), rig.creds(b, "app-role"));
     assert_eq!((ra.status, rb.status), (200, 200));
@@ -557,6 +557,7 @@ fn per_pod_sessions_are_named_and_tagged() {
             ("kubernetes-pod-name".to_owned(), "web".to_owned()),
             ("kubernetes-service-account".to_owned(), "sa-web".to_owned()),
             ("kubernetes-pod-uid".to_owned(), "uid-web".to_owned()),
+            ("eks-cluster-name".to_owned(), "prod-1".to_owned()),
         ]
     );
 }

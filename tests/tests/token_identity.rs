@@ -451,3 +451,162 @@ fn a_flood_of_forged_tokens_costs_the_neighbour_nothing() {
     );
     assert!(sent.load(std::sync::atomic::Ordering::Relaxed) > 500);
 }
+
+#[test]
+fn signing_keys_rotate_with_no_failed_request_and_the_kept_keys_outlive_a_restart() {
+    // A server of this test's own: it is restarted with other signing keys.
+    let api = RealApiServer::private(&[]);
+    let s = api.scope("rotation");
+    let ns = s.ns("shop");
+    s.set_namespace(&ns, &[]);
+    s.ensure_service_account(&ns, "app-sa");
+    s.create_pod(
+        &PodBuilder::running(&ns, "app", &s.node, "127.27.0.1")
+            .role("app")
+            .service_account("app-sa"),
+    );
+    let dir = std::env::temp_dir().join(format!("iamlet-rotation-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache = dir.join("service-account-keys.json");
+    let cache_flag = format!("--token-keys-cache={}", cache.display());
+    let r = real(s, &["--backoff-max-elapsed-time=1s", &cache_flag]);
+    let addr = r.iamlet.addr();
+    let t1 = r.api.pod_token(&ns, "app-sa", "app", AUDIENCE, 3600);
+    iamlet_e2e::wait_until!(
+        Duration::from_secs(10),
+        ask(addr, "127.27.0.1", Some(&t1)).status == 200,
+        "the first token's credentials"
+    );
+
+    // From now on the pod asks every 50 ms with its current token; none may fail.
+    let current = std::sync::Mutex::new(t1.clone());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (failures, asked) = std::thread::scope(|sc| {
+        let asker = sc.spawn(|| {
+            let (mut failures, mut asked) = (Vec::new(), 0u32);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+                let token = current.lock().unwrap().clone();
+                let resp = ask(addr, "127.27.0.1", Some(&token));
+                asked += 1;
+                if resp.status != 200 {
+                    failures.push(format!("{} {}", resp.status, resp.body_str()));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (failures, asked)
+        });
+        // 1. The new key is published beside the old one (still signing with the old).
+        api.set_signing_keys("sa", &["sa", "sa2"]);
+        // The agent fetches again at once for an unknown key only when its set is older
+        // than the refetch bound (5 s): wait for that, on its own metric.
+        iamlet_e2e::wait_until!(
+            Duration::from_secs(20),
+            sample(addr, "iamlet_token_keys_age_seconds") >= 5.0,
+            "the key set to be older than the refetch bound"
+        );
+        // 2. Tokens are signed with the new key: a kid the agent has not seen yet.
+        api.set_signing_keys("sa2", &["sa", "sa2"]);
+        let t2 = r.api.pod_token(&ns, "app-sa", "app", AUDIENCE, 3600);
+        assert_ne!(parts(&t1).0, parts(&t2).0, "a new key id");
+        *current.lock().unwrap() = t2.clone();
+        let first = ask(addr, "127.27.0.1", Some(&t2));
+        assert_eq!(first.status, 200, "{}", first.body_str());
+        // 3. The old key is retired.
+        api.set_signing_keys("sa2", &["sa2"]);
+        iamlet_e2e::wait_until!(
+            Duration::from_secs(10),
+            ask(addr, "127.27.0.1", Some(&t2)).status == 200,
+            "the new token after the old key's retirement"
+        );
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        asker.join().unwrap()
+    });
+    println!(
+        "{asked} requests across the rotation, {} failed",
+        failures.len()
+    );
+    assert!(asked >= 20, "{asked}");
+    assert!(failures.is_empty(), "{failures:?}");
+
+    // The keys the agent fetched were kept, 0600, both of them.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let kept: Value = serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+    assert_eq!(kept["issuer"], api.issuer.as_str());
+    assert!(
+        !kept["jwks"]["keys"].as_array().unwrap().is_empty(),
+        "{kept}"
+    );
+
+    // A restart while the keys cannot be fetched: the agent may no longer read the issuer's
+    // documents (the default binding that lets every ServiceAccount read them is gone), and a
+    // new process verifies with the kept set.
+    let t2 = current_token(&r, &ns);
+    let node_flag = format!("--node={}", r.api.node);
+    // The agent's own token from before was signed with the retired key: a new one, as
+    // kubelet would project it.
+    let agent_token = api
+        .scope("rotation-agent")
+        .token("kube-system", "iamlet", 3600);
+    let kubeconfig = format!(
+        "--kubeconfig={}",
+        r.api.kubeconfig_for(&agent_token, &dir).display()
+    );
+    api.delete_cluster_role_binding("system:service-account-issuer-discovery");
+    let Setup2 {
+        iamlet,
+        _moto,
+        _imds,
+    } = restart_agent(&[
+        &kubeconfig,
+        &node_flag,
+        &cache_flag,
+        "--base-role-arn=arn:aws:iam::123456789012:role/",
+        "--backoff-max-elapsed-time=1s",
+    ]);
+    drop(r);
+    let addr = iamlet.addr();
+    iamlet_e2e::wait_until!(
+        Duration::from_secs(10),
+        sample(addr, "iamlet_token_key_fetches_total{outcome=\"failed\"}") >= 1.0,
+        "the new agent's key fetch to be refused"
+    );
+    let resp = ask(addr, "127.27.0.1", Some(&t2));
+    assert_eq!(resp.status, 200, "{}\n{}", resp.body_str(), iamlet.log());
+    assert!(
+        iamlet
+            .log()
+            .contains("service-account keys loaded from the last run"),
+        "{}",
+        iamlet.log()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    api.stop();
+}
+
+fn current_token(r: &Rig<Scope>, ns: &str) -> String {
+    r.api.pod_token(ns, "app-sa", "app", AUDIENCE, 3600)
+}
+
+struct Setup2 {
+    iamlet: iamlet_e2e::Iamlet,
+    _moto: iamlet_e2e::Moto,
+    _imds: iamlet_e2e::FakeImds,
+}
+
+/// A new agent process with `args` (moto and a fake IMDS of its own).
+fn restart_agent(args: &[&str]) -> Setup2 {
+    let moto = iamlet_e2e::Moto::start();
+    let imds = iamlet_e2e::FakeImds::start();
+    let mut b = iamlet_e2e::Iamlet::builder().sts(&moto).imds(&imds);
+    for a in args {
+        b = b.arg(*a);
+    }
+    Setup2 {
+        iamlet: b.start(),
+        _moto: moto,
+        _imds: imds,
+    }
+}
