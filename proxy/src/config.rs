@@ -286,6 +286,7 @@ impl Config {
             },
             cluster_name: a.sts.cluster_name.clone().filter(|c| !c.is_empty()),
             tokens: iamlet_resolver::tokens::TokenConfig {
+                review_audience: a.token.token_review.then(|| a.token.token_audience.clone()),
                 jwks_file: a.token.token_jwks_file.clone(),
                 issuer: a.token.token_issuer.clone(),
                 keys_cache: a.token.token_keys_cache.clone(),

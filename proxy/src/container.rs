@@ -67,6 +67,9 @@ struct Named {
 #[derive(Debug, Clone)]
 pub struct Verified {
     kid: String,
+    /// Vouched for by the API server's TokenReview (its key was not known here): remembered
+    /// for at most [`REVIEWED_FOR`], whatever the key set says.
+    reviewed: bool,
     namespace: String,
     service_account: String,
     pod: Named,
@@ -246,7 +249,7 @@ async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Ref
     // verified again (and refused).
     if let Some(v) = w.tokens.borrow().verified.get(&hash)
         && now < v.exp + LEEWAY
-        && w.shared.handle.has_token_key(&v.kid)
+        && (v.reviewed || w.shared.handle.has_token_key(&v.kid))
     {
         return Ok(v.clone());
     }
@@ -304,6 +307,50 @@ async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Ref
     }
 }
 
+/// How long a token the API server vouched for is remembered (at most; less when the token
+/// expires sooner).
+const REVIEWED_FOR: u64 = 60;
+/// Bound on waiting for a TokenReview.
+const REVIEW_WAIT: Duration = Duration::from_secs(5);
+
+/// `--token-review`: the API server's TokenReview decides about a token signed with a key
+/// not known here; a token it authenticates as bound to a pod is then bound like any other.
+async fn review(w: &Worker, token: &str, kid: String, now: u64) -> Result<Verified, Refusal> {
+    let reviewed = monoio::time::timeout(REVIEW_WAIT, w.shared.handle.review_token(token))
+        .await
+        .ok()
+        .flatten();
+    let Some(r) = reviewed else {
+        return Err(unauthorized(
+            "unknown_key",
+            "the token's signing key is unknown and the API server did not vouch for it",
+        ));
+    };
+    // The token's own expiry (not verified here: the review was) only shortens the memory.
+    let mut v = Validation::new(jsonwebtoken::Algorithm::RS256);
+    v.insecure_disable_signature_validation();
+    v.validate_exp = false;
+    v.validate_aud = false;
+    v.required_spec_claims = Default::default();
+    let claimed_exp =
+        decode::<serde_json::Value>(token, &jsonwebtoken::DecodingKey::from_secret(&[]), &v)
+            .ok()
+            .and_then(|d| d.claims["exp"].as_u64());
+    let exp = claimed_exp.map_or(now + REVIEWED_FOR, |e| e.min(now + REVIEWED_FOR));
+    Ok(Verified {
+        kid,
+        reviewed: true,
+        namespace: r.namespace,
+        service_account: r.service_account,
+        pod: Named {
+            name: r.pod_name,
+            uid: r.pod_uid,
+        },
+        node: r.node,
+        exp,
+    })
+}
+
 /// Verifies the token's signature with the key its `kid` names (with that key's one
 /// algorithm), its issuer, audience and times, and that it is a pod-bound service-account
 /// token whose subject agrees with its `kubernetes.io` claim.
@@ -329,13 +376,18 @@ async fn verify(w: &Worker, token: &str, now: u64) -> Result<Verified, Refusal> 
         let _ = monoio::time::timeout(KEY_WAIT, handle.refetch_token_keys()).await;
         keys = handle.token_keys();
     }
-    let Some(keys) = keys else {
-        return Err(unavailable(
-            "no_keys",
-            "the service-account signing keys are not known yet; retry shortly",
-        ));
-    };
-    let Some(key) = keys.get(&kid) else {
+    let key = keys.as_ref().and_then(|k| k.get(&kid).map(|key| (k, key)));
+    let Some((keys, key)) = key else {
+        // Still unknown after a refetch: the API server itself may vouch for it.
+        if handle.reviews_tokens() {
+            return review(w, token, kid, now).await;
+        }
+        if keys.is_none() {
+            return Err(unavailable(
+                "no_keys",
+                "the service-account signing keys are not known yet; retry shortly",
+            ));
+        }
         return Err(unauthorized(
             "unknown_key",
             "the token's signing key is not one of the API server's",
@@ -406,6 +458,7 @@ async fn verify(w: &Worker, token: &str, now: u64) -> Result<Verified, Refusal> 
     };
     Ok(Verified {
         kid,
+        reviewed: false,
         namespace: k.namespace,
         service_account: k.serviceaccount.name,
         pod,

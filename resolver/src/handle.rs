@@ -118,6 +118,25 @@ impl Handle {
             .is_some_and(|k| k.get(kid).is_some())
     }
 
+    /// With `--token-review`: the API server's word on a token whose key is not known here
+    /// (`None`: not a pod-bound token it authenticates, reviews off, the queue full, or the
+    /// review failed). Callers bound the wait.
+    pub async fn review_token(&self, token: &str) -> Option<crate::tokens::Reviewed> {
+        let tx = self.shared.keys.reviews.get()?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.try_send(crate::tokens::Review {
+            token: token.to_owned(),
+            reply,
+        })
+        .ok()?;
+        answer.await.ok().flatten()
+    }
+
+    /// Whether TokenReview is on (`--token-review`).
+    pub fn reviews_tokens(&self) -> bool {
+        self.shared.keys.reviews.get().is_some()
+    }
+
     /// The service-account token keys in use, if any were read yet.
     pub fn token_keys(&self) -> Option<Arc<crate::tokens::KeySet>> {
         self.shared.keys.current.load_full()

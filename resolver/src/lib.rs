@@ -190,6 +190,11 @@ async fn run(
         PodSource::Kube(opts) => {
             match source::kube::client(&opts, None).await {
                 Ok(client) => {
+                    if let Some(audience) = token_config.review_audience {
+                        let (tx, rx) = tokio::sync::mpsc::channel(tokens::REVIEW_QUEUE);
+                        let _ = keys.reviews.set(tx);
+                        tokio::spawn(tokens::serve_reviews(client.clone(), audience, rx));
+                    }
                     tokio::spawn(tokens::from_api_server(
                         client,
                         keys,

@@ -167,6 +167,9 @@ impl KeyMetrics {
 /// Where the key set comes from.
 #[derive(Debug, Clone, Default)]
 pub struct TokenConfig {
+    /// `--token-review`: ask the API server (TokenReview) about a token whose key is not in
+    /// the set, with this audience.
+    pub review_audience: Option<String>,
     /// Local mode: a JWKS file and the issuer its tokens name.
     pub jwks_file: Option<PathBuf>,
     pub issuer: Option<String>,
@@ -182,6 +185,90 @@ pub(crate) struct Keys {
     pub(crate) refetch: Notify,
     /// Notified after every attempt to fetch (whatever its outcome), for waiting workers.
     pub(crate) fetched: Notify,
+    /// With `--token-review`: where workers send tokens whose key is unknown even after a
+    /// refetch, for the API server to say whose they are.
+    pub(crate) reviews: std::sync::OnceLock<tokio::sync::mpsc::Sender<Review>>,
+}
+
+/// What the API server's TokenReview said of a token: the pod it is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reviewed {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: String,
+    pub pod_uid: String,
+    pub node: Option<String>,
+}
+
+/// One token to review and where the answer goes (`None`: not authenticated, not bound to
+/// a pod, or the review failed).
+#[derive(Debug)]
+pub(crate) struct Review {
+    pub(crate) token: String,
+    pub(crate) reply: tokio::sync::oneshot::Sender<Option<Reviewed>>,
+}
+
+/// Reviews queued at once; more are refused (answered as unreviewed) rather than queued.
+pub(crate) const REVIEW_QUEUE: usize = 64;
+
+/// Serves reviews with the agent's kube client: `TokenReview` with `audience`, the pod read
+/// from the authenticated user's `extra` (what the API server puts there for pod-bound
+/// tokens). One at a time: a flood of unknown keys costs the API server one request each,
+/// bounded by the queue and by the workers' failure budget per source.
+pub(crate) async fn serve_reviews(
+    client: kube::Client,
+    audience: String,
+    mut rx: tokio::sync::mpsc::Receiver<Review>,
+) {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let api: kube::Api<TokenReview> = kube::Api::all(client);
+    while let Some(Review { token, reply }) = rx.recv().await {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token),
+                audiences: Some(vec![audience.clone()]),
+            },
+            ..Default::default()
+        };
+        let answer = match tokio::time::timeout(
+            Duration::from_secs(5),
+            api.create(&kube::api::PostParams::default(), &review),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r.status.and_then(reviewed),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "TokenReview failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("TokenReview timed out");
+                None
+            }
+        };
+        let _ = reply.send(answer);
+    }
+}
+
+/// The pod a reviewed token is bound to, from `status.user`: the username names the
+/// ServiceAccount, `extra` the pod (and node).
+fn reviewed(status: k8s_openapi::api::authentication::v1::TokenReviewStatus) -> Option<Reviewed> {
+    if status.authenticated != Some(true) {
+        return None;
+    }
+    let user = status.user?;
+    let name = user.username?;
+    let rest = name.strip_prefix("system:serviceaccount:")?;
+    let (namespace, service_account) = rest.split_once(':')?;
+    let extra = user.extra.unwrap_or_default();
+    let one = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
+    Some(Reviewed {
+        namespace: namespace.to_owned(),
+        service_account: service_account.to_owned(),
+        pod_name: one("authentication.kubernetes.io/pod-name")?,
+        pod_uid: one("authentication.kubernetes.io/pod-uid")?,
+        node: one("authentication.kubernetes.io/node-name"),
+    })
 }
 
 /// What the persisted copy of the last good set holds.
@@ -356,6 +443,46 @@ mod tests {
             KeySet::from_jwks("i", b"not json", SystemTime::now()),
             Err(KeySetError::Json(_))
         ));
+    }
+
+    #[test]
+    fn a_review_names_the_pod_only_for_an_authenticated_pod_bound_token() {
+        use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
+        let status = |authenticated: bool, extra: &[(&str, &str)]| TokenReviewStatus {
+            authenticated: Some(authenticated),
+            user: Some(UserInfo {
+                username: Some("system:serviceaccount:shop:app-sa".into()),
+                extra: Some(
+                    extra
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let pod = [
+            ("authentication.kubernetes.io/pod-name", "app"),
+            ("authentication.kubernetes.io/pod-uid", "u-1"),
+            ("authentication.kubernetes.io/node-name", "node-a"),
+        ];
+        assert_eq!(
+            reviewed(status(true, &pod)),
+            Some(Reviewed {
+                namespace: "shop".into(),
+                service_account: "app-sa".into(),
+                pod_name: "app".into(),
+                pod_uid: "u-1".into(),
+                node: Some("node-a".into()),
+            })
+        );
+        assert_eq!(reviewed(status(false, &pod)), None);
+        assert_eq!(
+            reviewed(status(true, &pod[..0])),
+            None,
+            "not bound to a pod"
+        );
     }
 
     #[test]

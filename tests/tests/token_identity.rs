@@ -610,3 +610,79 @@ fn restart_agent(args: &[&str]) -> Setup2 {
         _imds: imds,
     }
 }
+
+#[test]
+fn with_token_review_the_api_server_vouches_for_a_token_whose_key_is_unknown() {
+    // A server of this test's own: its default discovery binding is removed, so the agent
+    // can never fetch the keys, and its role is given TokenReview.
+    let api = RealApiServer::private(&[]);
+    api.delete_cluster_role_binding("system:service-account-issuer-discovery");
+    // The shipped role without its own read of the issuer's documents.
+    let _ = api.shipped_identity();
+    let no_discovery = |role: &mut Value| {
+        if let Some(rules) = role["rules"].as_array_mut() {
+            rules.retain(|r| r.get("nonResourceURLs").is_none());
+        }
+    };
+    for obj in iamlet_e2e::realapi::shipped_rbac(Some(&no_discovery)) {
+        if obj["kind"] == "ClusterRole" {
+            api.apply_object(&obj);
+        }
+    }
+    let s = api.scope("review");
+    api.apply_object(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "iamlet-token-review"},
+        "rules": [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]
+    }));
+    api.apply_object(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "iamlet-token-review"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "iamlet-token-review"},
+        "subjects": [{"kind": "ServiceAccount", "name": "iamlet", "namespace": "kube-system"}]
+    }));
+    let ns = s.ns("shop");
+    s.set_namespace(&ns, &[]);
+    for (pod, ipaddr) in [("app", "127.28.0.1"), ("web", "127.28.0.2")] {
+        s.ensure_service_account(&ns, &format!("{pod}-sa"));
+        s.create_pod(
+            &PodBuilder::running(&ns, pod, &s.node, ipaddr)
+                .role(pod)
+                .service_account(&format!("{pod}-sa")),
+        );
+    }
+    let r = real(s, &["--backoff-max-elapsed-time=1s", "--token-review"]);
+    let addr = r.iamlet.addr();
+    let app = r.api.pod_token(&ns, "app-sa", "app", AUDIENCE, 3600);
+    let web = r.api.pod_token(&ns, "web-sa", "web", AUDIENCE, 3600);
+    let ok = iamlet_e2e::wait_until!(
+        Duration::from_secs(10),
+        Some(ask(addr, "127.28.0.1", Some(&app))).filter(|x| x.status == 200),
+        "the API server's word for app's token"
+    );
+    assert!(json_of(&ok)["AccessKeyId"].as_str().is_some());
+    assert!(
+        sample(addr, "iamlet_token_key_fetches_total{outcome=\"failed\"}") >= 1.0,
+        "the keys were never fetched: the review answered"
+    );
+    // The binding still holds for a reviewed token: web's from app's address.
+    refused(
+        &ask(addr, "127.28.0.1", Some(&web)),
+        403,
+        "AccessDenied",
+        "another pod's reviewed token",
+    );
+    // A token the API server does not vouch for (signed with a key of nobody's).
+    let forged = forged(api, &app, |c| c["jti"] = json!("x"));
+    let mut parts3: Vec<&str> = forged.split('.').collect();
+    let other = r.api.pod_token(&ns, "web-sa", "web", "someone-else", 3600);
+    parts3[2] = other.split('.').nth(2).unwrap();
+    refused(
+        &ask(addr, "127.28.0.1", Some(&parts3.join("."))),
+        401,
+        "InvalidToken",
+        "a token the API server does not authenticate",
+    );
+    drop(r);
+    api.stop();
+}
