@@ -1,7 +1,7 @@
 //! One-shot, blocking checks of what the control plane depends on, for `iamlet doctor`: the
-//! API server with the RBAC the watchers need, and AssumeRole with the agent's own
-//! credentials. They build the same clients the resolver runs with, so a check passes exactly
-//! when the agent would work.
+//! API server with the RBAC the watchers and the Event recorder need, and AssumeRole with the
+//! agent's own credentials. They build the same clients the resolver runs with, so a check
+//! passes exactly when the agent would work.
 
 use crate::creds::CredKey;
 use crate::creds::sts::{Sts, StsError, StsSetupError};
@@ -31,22 +31,67 @@ pub enum KubeProbeError {
     Unreachable(String),
 }
 
-/// The API server answered the pod list; `denied` lists the verbs (`list pods`, …) that RBAC
-/// refuses the agent.
+/// The API server answered the pod list. `denied` lists what RBAC refuses the pod and
+/// namespace watchers (`watch pods`, …: without them the agent cannot follow the node's
+/// pods); `denied_service_accounts` what it refuses the ServiceAccount watcher (pods are
+/// served, but get no role from their ServiceAccount's annotation); `denied_events` what it
+/// refuses the Event recorder (`create events.events.k8s.io`: denials and STS failures are
+/// only logged); `allowed` what it grants. Each is named as `kubectl auth can-i` takes it:
+/// `VERB RESOURCE[.GROUP]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubeAccess {
     pub denied: Vec<String>,
+    pub denied_service_accounts: Vec<String>,
+    pub denied_events: Vec<String>,
+    pub allowed: Vec<String>,
+}
+
+/// What the agent asks of the API server, as (API group, resource, verb): the watchers list
+/// and watch pods, namespaces with `--namespace-restrictions`, and ServiceAccounts unless
+/// `--service-account-role-key` is empty (metadata only, the same verbs); the Event recorder
+/// (kube-runtime's `Recorder`, events.k8s.io/v1) creates an Event, and patches it when the
+/// same report recurs (its series). Nothing else the ClusterRole grants is used: no `get`,
+/// no core/v1 events.
+pub const WATCHED: [(&str, &str, &str); 2] = [("", "pods", "list"), ("", "pods", "watch")];
+pub const WATCHED_NAMESPACES: [(&str, &str, &str); 2] =
+    [("", "namespaces", "list"), ("", "namespaces", "watch")];
+pub const WATCHED_SERVICE_ACCOUNTS: [(&str, &str, &str); 2] = [
+    ("", "serviceaccounts", "list"),
+    ("", "serviceaccounts", "watch"),
+];
+pub const EVENTS: [(&str, &str, &str); 2] = [
+    ("events.k8s.io", "events", "create"),
+    ("events.k8s.io", "events", "patch"),
+];
+
+/// Which watchers the agent runs besides the pods'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Watched {
+    /// `--namespace-restrictions`.
+    pub namespaces: bool,
+    /// `--service-account-role-key` is not empty.
+    pub service_accounts: bool,
+}
+
+/// `VERB RESOURCE[.GROUP]`, as `kubectl auth can-i` takes it.
+fn name(group: &str, resource: &str, verb: &str) -> String {
+    if group.is_empty() {
+        format!("{verb} {resource}")
+    } else {
+        format!("{verb} {resource}.{group}")
+    }
 }
 
 /// Lists one pod (of `opts.node`'s, if set) and asks SelfSubjectAccessReview for every verb
-/// the watchers use (namespaces too with `namespaces`).
-pub fn kubernetes(opts: &KubeOptions, namespaces: bool) -> Result<KubeAccess, KubeProbeError> {
+/// the agent uses ([`WATCHED`], [`WATCHED_NAMESPACES`] and [`WATCHED_SERVICE_ACCOUNTS`] as
+/// `watched` says, [`EVENTS`]), in every namespace (a ClusterRole's grant).
+pub fn kubernetes(opts: &KubeOptions, watched: Watched) -> Result<KubeAccess, KubeProbeError> {
     runtime()
         .map_err(KubeProbeError::Runtime)?
-        .block_on(kube_access(opts, namespaces))
+        .block_on(kube_access(opts, watched))
 }
 
-async fn kube_access(opts: &KubeOptions, namespaces: bool) -> Result<KubeAccess, KubeProbeError> {
+async fn kube_access(opts: &KubeOptions, watched: Watched) -> Result<KubeAccess, KubeProbeError> {
     use k8s_openapi::api::authorization::v1::{
         ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
     };
@@ -68,15 +113,25 @@ async fn kube_access(opts: &KubeOptions, namespaces: bool) -> Result<KubeAccess,
             other => KubeProbeError::Unreachable(other.to_string()),
         });
     }
-    let mut needed = vec![("pods", "list"), ("pods", "watch")];
-    if namespaces {
-        needed.extend([("namespaces", "list"), ("namespaces", "watch")]);
+    let mut needed: Vec<(&str, &str, &str)> = WATCHED.to_vec();
+    if watched.namespaces {
+        needed.extend(WATCHED_NAMESPACES);
     }
-    let mut denied = Vec::new();
-    for (resource, verb) in needed {
+    if watched.service_accounts {
+        needed.extend(WATCHED_SERVICE_ACCOUNTS);
+    }
+    needed.extend(EVENTS);
+    let mut access = KubeAccess {
+        denied: Vec::new(),
+        denied_service_accounts: Vec::new(),
+        denied_events: Vec::new(),
+        allowed: Vec::new(),
+    };
+    for (group, resource, verb) in needed {
         let review = SelfSubjectAccessReview {
             spec: SelfSubjectAccessReviewSpec {
                 resource_attributes: Some(ResourceAttributes {
+                    group: Some(group.into()),
                     resource: Some(resource.into()),
                     verb: Some(verb.into()),
                     ..Default::default()
@@ -89,13 +144,21 @@ async fn kube_access(opts: &KubeOptions, namespaces: bool) -> Result<KubeAccess,
             .create(&PostParams::default(), &review)
             .await
         {
-            Ok(r) if r.status.as_ref().is_some_and(|s| s.allowed) => {}
-            Ok(_) => denied.push(format!("{verb} {resource}")),
+            Ok(r) if r.status.as_ref().is_some_and(|s| s.allowed) => {
+                access.allowed.push(name(group, resource, verb));
+            }
+            Ok(_) => match resource {
+                "events" => access.denied_events.push(name(group, resource, verb)),
+                "serviceaccounts" => access
+                    .denied_service_accounts
+                    .push(name(group, resource, verb)),
+                _ => access.denied.push(name(group, resource, verb)),
+            },
             // An API server without the review API: the pod list above already answered.
             Err(_) => {}
         }
     }
-    Ok(KubeAccess { denied })
+    Ok(access)
 }
 
 /// Why AssumeRole could not be checked or failed.
