@@ -207,6 +207,14 @@ impl Iamlet {
         run_bounded(cmd, CLI_TIMEOUT)
     }
 
+    /// As [`Iamlet::run_cli`], through `program` (a wrapper that execs the binary, e.g. an
+    /// in-cluster one) with `envs` added to the test environment.
+    pub fn run_cli_via(program: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
+        let mut cmd = command(program.to_path_buf());
+        cmd.args(args).envs(envs.iter().copied());
+        run_bounded(cmd, CLI_TIMEOUT)
+    }
+
     /// The port from the `listening` line, or why there is none (with the full log).
     fn wait_listening(&mut self) -> anyhow::Result<u16> {
         let deadline = Instant::now() + STARTUP;

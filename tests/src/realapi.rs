@@ -122,6 +122,41 @@ impl RealApiServer {
         );
     }
 
+    /// Stops kube-apiserver alone (etcd keeps running): every watch breaks and no request is
+    /// answered until [`RealApiServer::start_apiserver`]. For a private server.
+    pub fn stop_apiserver(&self) {
+        self.restart_phase("--down");
+    }
+
+    /// Starts kube-apiserver again after [`RealApiServer::stop_apiserver`] (same etcd, flags
+    /// and port) and waits until it is ready.
+    pub fn start_apiserver(&self) {
+        self.restart_phase("--up");
+    }
+
+    fn restart_phase(&self, phase: &str) {
+        let script = crate::workspace_root().join("tests/kube/restart.sh");
+        let out = Command::new(&script)
+            .arg(&self.dir)
+            .arg(phase)
+            .output()
+            .expect("run restart.sh");
+        assert!(
+            out.status.success(),
+            "tests/kube/restart.sh {phase} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The API server's port.
+    pub fn port(&self) -> u16 {
+        self.server
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {}", self.server))
+    }
+
     /// The API server's published signing keys (`/openid/v1/jwks`), as an agent without
     /// access to it would be given them (`--token-jwks-file`).
     pub fn jwks(&self) -> String {
@@ -449,6 +484,65 @@ impl Scope {
         r.status.map(|s| s.token).unwrap_or_default()
     }
 
+    /// Whether the API server accepts `token` now: a pod list (limit 1) with it answers, or
+    /// the status it was refused with (401: not authenticated).
+    pub fn accepts(&self, token: &str) -> Result<(), u16> {
+        let dir = crate::util::TempDir::new("accepts");
+        let path = self.kubeconfig_for(token, dir.path());
+        self.api.block_on(async {
+            let kc = kube::config::Kubeconfig::read_from(&path).expect("kubeconfig");
+            let config =
+                Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                    .await
+                    .expect("config");
+            let client = Client::try_from(config).expect("client");
+            match Api::<Pod>::all(client)
+                .list(&ListParams::default().limit(1))
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(s)) => Err(s.code),
+                Err(e) => panic!("pod list with a token: {e}"),
+            }
+        })
+    }
+
+    /// Deletes ServiceAccount `ns/name` and creates it again (a new UID): every token issued
+    /// for the old one is rejected from then on (a bound token names its ServiceAccount's UID).
+    pub fn recreate_service_account(&self, ns: &str, name: &str) {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.api.client(), ns);
+        self.api
+            .block_on(sas.delete(name, &DeleteParams::default()))
+            .unwrap_or_else(|e| panic!("delete service account {ns}/{name}: {e}"));
+        crate::wait_until!(
+            std::time::Duration::from_secs(10),
+            self.api
+                .block_on(sas.get_opt(name))
+                .is_ok_and(|sa| sa.is_none()),
+            "service account {ns}/{name} gone"
+        );
+        self.ensure_service_account(ns, name);
+    }
+
+    /// The agent's identity under a name of this scope's own: the shipped ServiceAccount
+    /// (`kube-system/<name>`), ClusterRole and ClusterRoleBinding renamed, `edit` applied to
+    /// the role first ([`shipped_rbac`]). Tests that change the rules use this, never the
+    /// shared `iamlet` role the other tests run with. Returns the name.
+    pub fn own_identity(&self, edit: Option<&dyn Fn(&mut Value)>) -> String {
+        let name: String = format!("iamlet-{}", self.id).chars().take(63).collect();
+        let name = name.trim_end_matches('-').to_owned();
+        self.apply_identity(&name, edit);
+        name
+    }
+
+    /// Applies [`shipped_rbac_named`]`(name, edit)` (again): a later call replaces the role's
+    /// rules, the way `kubectl apply` of an edited manifest does.
+    pub fn apply_identity(&self, name: &str, edit: Option<&dyn Fn(&mut Value)>) {
+        for obj in shipped_rbac_named(name, edit) {
+            self.api.apply_object(&obj);
+        }
+    }
+
     /// A token for ServiceAccount `ns/sa` bound to pod `pod` (as a projected volume gets
     /// it): the `kubernetes.io` claim names the pod (and its node), and the token is valid
     /// only while the pod exists. `audience`: e.g. the container-credentials audience.
@@ -527,10 +621,21 @@ impl Scope {
 
     /// A kubeconfig for `token` (a ServiceAccount's), beside the admin one.
     pub fn kubeconfig_for(&self, token: &str, dir: &Path) -> PathBuf {
-        let path = dir.join(format!("kubeconfig-{}", self.id));
+        self.kubeconfig_at(&self.api.server, &format!("token: {token}"), dir)
+    }
+
+    /// A kubeconfig for `server` (the API server's own address, or a [`Gate`]'s) whose user
+    /// is `user` (one line of a kubeconfig's `user:`, e.g. `token: ...` or
+    /// `tokenFile: /path`), written into `dir`.
+    pub fn kubeconfig_at(&self, server: &str, user: &str, dir: &Path) -> PathBuf {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = dir.join(format!(
+            "kubeconfig-{}-{}",
+            self.id,
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
         let kc = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context: {{cluster: test, user: sa}}\ncurrent-context: test\n",
-            self.api.server,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: sa\n  user:\n    {user}\ncontexts:\n- name: test\n  context: {{cluster: test, user: sa}}\ncurrent-context: test\n",
             self.api.ca.display()
         );
         std::fs::write(&path, kc).expect("write kubeconfig");
@@ -599,6 +704,280 @@ pub fn shipped_rbac(edit: Option<&dyn Fn(&mut Value)>) -> Vec<Value> {
     }
     assert_eq!(out.len(), 3, "the manifest's RBAC objects: {out:?}");
     out
+}
+
+/// [`shipped_rbac`] under another name: ServiceAccount `kube-system/<name>`, ClusterRole
+/// `<name>` and a ClusterRoleBinding `<name>` binding exactly those two, as the manifest binds
+/// its own.
+pub fn shipped_rbac_named(name: &str, edit: Option<&dyn Fn(&mut Value)>) -> Vec<Value> {
+    let mut objs = shipped_rbac(edit);
+    for o in &mut objs {
+        o["metadata"]["name"] = json!(name);
+        if o["kind"] == "ClusterRoleBinding" {
+            assert_eq!(o["roleRef"]["kind"], "ClusterRole", "{o}");
+            o["roleRef"]["name"] = json!(name);
+            let subjects = o["subjects"].as_array_mut().expect("subjects");
+            assert_eq!(
+                subjects.len(),
+                1,
+                "the manifest binds one ServiceAccount: {subjects:?}"
+            );
+            assert_eq!(subjects[0]["kind"], "ServiceAccount");
+            assert_eq!(subjects[0]["namespace"], "kube-system");
+            subjects[0]["name"] = json!(name);
+        }
+        if o["kind"] == "ServiceAccount" {
+            assert_eq!(o["metadata"]["namespace"], "kube-system", "{o}");
+        }
+    }
+    objs
+}
+
+/// Removes `verb` on `resource` in API group `group` from a ClusterRole's rules (an edit for
+/// [`shipped_rbac`]): a rule that names other resources or groups too is split, so only
+/// that one permission goes.
+pub fn without_verb(role: &mut Value, group: &str, resource: &str, verb: &str) {
+    let rules = role["rules"].as_array().expect("rules").clone();
+    let mut out = Vec::new();
+    let mut removed = false;
+    for rule in rules {
+        let strs = |k: &str| -> Vec<String> {
+            rule[k]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let (groups, resources, verbs) = (strs("apiGroups"), strs("resources"), strs("verbs"));
+        let hit = groups.iter().any(|g| g == group)
+            && resources.iter().any(|r| r == resource)
+            && verbs.iter().any(|v| v == verb);
+        if !hit {
+            out.push(rule);
+            continue;
+        }
+        removed = true;
+        // The rule for every other (group, resource) pair, unchanged...
+        for g in &groups {
+            for r in &resources {
+                let mut v = verbs.clone();
+                if g == group && r == resource {
+                    // ...and this pair without the verb.
+                    v.retain(|x| x != verb);
+                }
+                if !v.is_empty() {
+                    out.push(json!({"apiGroups": [g], "resources": [r], "verbs": v}));
+                }
+            }
+        }
+    }
+    assert!(
+        removed,
+        "no rule grants {verb} on {resource} in group {group:?}: {role}"
+    );
+    role["rules"] = json!(out);
+}
+
+/// The agent run with in-cluster configuration, as a DaemonSet pod has it, without touching
+/// the host: `KUBERNETES_SERVICE_HOST=127.0.0.1`, `KUBERNETES_SERVICE_PORT`, and the
+/// ServiceAccount's `token`, `ca.crt` and `namespace` at
+/// `/var/run/secrets/kubernetes.io/serviceaccount/`. A wrapper script (give it to
+/// `IamletBuilder::binary`, or run `iamlet doctor` through it) enters a mount namespace of
+/// its own (`unshare --mount --propagation private`), mounts a tmpfs over `/run` (where
+/// `/var/run` points) and binds this rig's directory at that path, then execs the real
+/// binary (same PID: killing the child kills iamlet). The directory stays writable from the
+/// test: [`InCluster::set_token`] rotates the token the way the kubelet does. Needs root.
+pub struct InCluster {
+    dir: crate::util::TempDir,
+    wrapper: PathBuf,
+}
+
+impl InCluster {
+    /// True when this machine can run it (root, `unshare`, `mount`); otherwise a loud
+    /// `SKIPPED:` and false, or a panic in CI (`CI=true`), where it must run.
+    pub fn available(test: &str) -> bool {
+        let why = if !nix::unistd::geteuid().is_root() {
+            Some("needs root (a mount namespace for the in-cluster service-account files)")
+        } else if crate::util::find_on_path("unshare").is_none()
+            || crate::util::find_on_path("mount").is_none()
+        {
+            Some("needs unshare and mount (util-linux, mount)")
+        } else {
+            None
+        };
+        match why {
+            None => true,
+            Some(why) if crate::is_ci() => panic!("{test}: must run in CI: {why}"),
+            Some(why) => {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
+                false
+            }
+        }
+    }
+
+    /// The files and the wrapper for `token` (a ServiceAccount's, namespace `kube-system`) on
+    /// `api`.
+    pub fn new(api: &RealApiServer, token: &str) -> InCluster {
+        let dir = crate::util::TempDir::new("incluster");
+        let sa = dir.path().join("serviceaccount");
+        std::fs::create_dir_all(&sa).expect("mkdir serviceaccount");
+        std::fs::copy(&api.ca, sa.join("ca.crt")).expect("copy ca.crt");
+        std::fs::write(sa.join("namespace"), "kube-system").expect("write namespace");
+        std::fs::write(sa.join("token"), token).expect("write token");
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).expect("mkdir home");
+        let quote = |p: &Path| {
+            let s = p.display().to_string();
+            assert!(!s.contains('\''), "{s}");
+            format!("'{s}'")
+        };
+        // kube::Config::infer tries $KUBECONFIG and ~/.kube/config before the in-cluster
+        // configuration: neither exists here.
+        let script = format!(
+            "#!/bin/sh\n\
+             # iamlet with a DaemonSet pod's in-cluster configuration, in a mount namespace of its own.\n\
+             export KUBERNETES_SERVICE_HOST=127.0.0.1 KUBERNETES_SERVICE_PORT={port}\n\
+             unset KUBECONFIG\n\
+             export HOME={home}\n\
+             exec unshare --mount --propagation private sh -c '\n\
+               run=\"$(readlink -f /var/run)\" &&\n\
+               mount -t tmpfs tmpfs \"$run\" &&\n\
+               mkdir -p /var/run/secrets/kubernetes.io/serviceaccount &&\n\
+               mount --bind \"$0\" /var/run/secrets/kubernetes.io/serviceaccount &&\n\
+               exec \"$@\"' {sa} {bin} \"$@\"\n",
+            port = api.port(),
+            home = quote(&home),
+            sa = quote(&sa),
+            bin = quote(&crate::iamlet::binary()),
+        );
+        let wrapper = dir.path().join("iamlet-in-cluster");
+        std::fs::write(&wrapper, script).expect("write wrapper");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod wrapper");
+        InCluster { dir, wrapper }
+    }
+
+    /// The script to run instead of the binary (same arguments).
+    pub fn wrapper(&self) -> &Path {
+        &self.wrapper
+    }
+
+    /// Replaces the token file's content (atomically: written beside it, then renamed).
+    pub fn set_token(&self, token: &str) {
+        let sa = self.dir.path().join("serviceaccount");
+        let tmp = sa.join(".token.new");
+        std::fs::write(&tmp, token).expect("write token");
+        std::fs::rename(&tmp, sa.join("token")).expect("rename token");
+    }
+}
+
+/// A TCP relay in front of the API server, for the agent only (the tests' own calls go
+/// straight to the server): [`Gate::cut`] breaks the agent's connections (its watch ends as
+/// when the network path drops), [`Gate::close`] also refuses new ones until [`Gate::open`]
+/// — a partition of one node from the control plane while everything else goes on. TLS
+/// passes through untouched (the serving certificate is for 127.0.0.1).
+pub struct Gate {
+    addr: std::net::SocketAddr,
+    state: std::sync::Arc<GateState>,
+}
+
+#[derive(Default)]
+struct GateState {
+    closed: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    conns: std::sync::Mutex<Vec<std::net::TcpStream>>,
+    /// Connections accepted while open (relayed).
+    relayed: AtomicU32,
+}
+
+impl Gate {
+    /// A relay on a free loopback port to `api`'s port.
+    pub fn new(api: &RealApiServer) -> Gate {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], api.port()));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the gate");
+        let addr = listener.local_addr().expect("gate address");
+        let state = std::sync::Arc::new(GateState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(down) = conn else { continue };
+                if st.closed.load(Ordering::SeqCst) {
+                    let _ = down.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(up) =
+                    TcpStream::connect_timeout(&upstream, std::time::Duration::from_secs(5))
+                else {
+                    let _ = down.shutdown(Shutdown::Both);
+                    continue;
+                };
+                st.relayed.fetch_add(1, Ordering::SeqCst);
+                let (Ok(d2), Ok(u2), Ok(d3), Ok(u3)) = (
+                    down.try_clone(),
+                    up.try_clone(),
+                    down.try_clone(),
+                    up.try_clone(),
+                ) else {
+                    continue;
+                };
+                st.conns.lock().unwrap().extend([d3, u3]);
+                for (mut from, mut to) in [(down, u2), (up, d2)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = from.shutdown(Shutdown::Both);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Gate { addr, state }
+    }
+
+    /// `https://127.0.0.1:PORT` of the gate.
+    pub fn server(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Breaks every connection relayed so far; new ones are still relayed.
+    pub fn cut(&self) {
+        for c in self.state.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Cuts every connection and refuses new ones (accepted and closed at once).
+    pub fn close(&self) {
+        self.state.closed.store(true, Ordering::SeqCst);
+        self.cut();
+    }
+
+    /// Relays new connections again.
+    pub fn open(&self) {
+        self.state.closed.store(false, Ordering::SeqCst);
+    }
+
+    /// How many connections were relayed so far.
+    pub fn relayed(&self) -> u32 {
+        self.state.relayed.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees `stop`.
+        let _ = std::net::TcpStream::connect(self.addr);
+        self.cut();
+    }
 }
 
 impl RealApiServer {

@@ -54,11 +54,28 @@ pub fn real_with(
     extra: &[&str],
     f: impl FnOnce(crate::IamletBuilder) -> crate::IamletBuilder,
 ) -> Rig<Scope> {
+    let id = scope.api.shipped_identity();
+    let kubeconfig = format!("--kubeconfig={}", id.kubeconfig.display());
+    real_via(scope, &[kubeconfig.as_str()], extra, f)
+}
+
+/// As [`real_with`], reaching the API server the way `access` says instead of with the
+/// shipped identity's kubeconfig: `["--kubeconfig=PATH"]` of another identity, or nothing
+/// with an in-cluster wrapper given to the builder by `f`
+/// ([`crate::realapi::InCluster`]).
+pub fn real_via(
+    scope: Scope,
+    access: &[&str],
+    extra: &[&str],
+    f: impl FnOnce(crate::IamletBuilder) -> crate::IamletBuilder,
+) -> Rig<Scope> {
     let moto = Moto::start();
     let imds = FakeImds::start();
-    let id = scope.api.shipped_identity();
-    let mut b = f(Iamlet::builder().sts(&moto).imds(&imds))
-        .arg(format!("--kubeconfig={}", id.kubeconfig.display()))
+    let mut b = f(Iamlet::builder().sts(&moto).imds(&imds));
+    for a in access {
+        b = b.arg(*a);
+    }
+    let mut b = b
         .arg(format!("--node={}", scope.node))
         .arg(format!("--base-role-arn={BASE}"))
         .arg("--debug");
