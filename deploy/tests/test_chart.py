@@ -128,6 +128,50 @@ def test_default_daemonset_is_the_plain_manifests_agent():
     [chart_role] = by_kind(chart_objects(), "ClusterRole")
     [plain_role] = by_kind(manifest_objects("iamlet.yaml"), "ClusterRole")
     assert chart_role["rules"] == plain_role["rules"]
+    # The container-credentials door is set up the same way in both.
+    token_flags = ("--container-credentials", "--token-audience", "--token-keys-cache", "--cluster-name")
+    token_args = lambda c: sorted(a for a in c["args"] if a.startswith(token_flags))
+    assert token_args(cc) == token_args(pc) == [
+        "--container-credentials=true",
+        "--token-audience=pods.eks.amazonaws.com",
+        "--token-keys-cache=/run/iamlet/service-account-keys.json",
+    ]
+
+
+def test_token_identity_values_reach_the_flags():
+    values = {"iamlet": {"containerCredentials": False, "tokenAudience": "iamlet",
+                         "clusterName": "prod-eu", "handoverDir": ""}}
+    c = agent_container(agent_daemonset(chart_objects(values)))
+    args = c["args"]
+    for a in ["--container-credentials=false", "--token-audience=iamlet", "--cluster-name=prod-eu"]:
+        assert a in args, (a, args)
+    # No handover directory: nowhere on the host to keep the keys.
+    assert not any(a.startswith(("--token-keys-cache", "--handover-socket")) for a in args), args
+    r = check_config(c)
+    assert r.returncode == 0, (expanded_args(c), r.stdout, r.stderr)
+    # The defaults: on, the pod-identity webhook's audience, no cluster name, no TokenReview.
+    args = agent_container(agent_daemonset(chart_objects()))["args"]
+    assert "--container-credentials=true" in args and "--token-audience=pods.eks.amazonaws.com" in args
+    assert not any(a.startswith(("--cluster-name", "--token-review")) for a in args), args
+
+
+def tokenreview_rules(objs):
+    [role] = by_kind(objs, "ClusterRole")
+    return [r for r in role["rules"] if "tokenreviews" in r.get("resources", [])]
+
+
+def test_token_review_adds_its_flag_and_its_rbac_only_when_enabled():
+    assert not tokenreview_rules(chart_objects())
+    objs = chart_objects({"iamlet": {"tokenReview": True}})
+    assert tokenreview_rules(objs) == [
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]
+    c = agent_container(agent_daemonset(objs))
+    assert "--token-review" in c["args"]
+    r = check_config(c)
+    assert r.returncode == 0, (expanded_args(c), r.stdout, r.stderr)
+    for o in objs:
+        if o["kind"] != "ServiceMonitor":
+            validate(o)
 
 
 def test_no_rbac_uses_the_named_service_account():

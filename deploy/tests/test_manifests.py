@@ -43,9 +43,33 @@ def agent_ds():
     return ds
 
 
+# The container-credentials door: on (with --iptables it also redirects 169.254.170.23),
+# the AWS pod-identity webhook's audience, and the API server's keys kept beside the handover
+# socket on the host, so a restart during an API server outage still verifies tokens.
+TOKEN_ARGS = [
+    "--container-credentials=true",
+    "--token-audience=pods.eks.amazonaws.com",
+    "--token-keys-cache=/run/iamlet/service-account-keys.json",
+]
+
+
 def test_daemonset_keeps_the_seed_args_and_adds_node():
     c = agent_container(agent_ds())
-    assert c["args"] == SEED_ARGS + ["--node=$(NODE_NAME)", "--handover-socket=/run/iamlet/handover.sock"]
+    assert c["args"] == SEED_ARGS + ["--node=$(NODE_NAME)", "--handover-socket=/run/iamlet/handover.sock",
+                                     *TOKEN_ARGS]
+
+
+def test_token_keys_are_kept_on_the_hosts_handover_directory():
+    ds = agent_ds()
+    c = agent_container(ds)
+    [cache] = [a.split("=", 1)[1] for a in c["args"] if a.startswith("--token-keys-cache=")]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    directory = cache.rsplit("/", 1)[0]
+    assert directory in mounts, (cache, mounts)
+    assert vols[mounts[directory]]["hostPath"]["path"] == directory
+    # The root filesystem is read-only: the file can only be written there.
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 def test_daemonset_args_pass_check_config():
@@ -107,12 +131,18 @@ def test_rbac():
     [role] = by_kind(objs, "ClusterRole")
     [binding] = by_kind(objs, "ClusterRoleBinding")
     rules = {(g, r): set(rule["verbs"]) for rule in role["rules"]
-             for g in rule["apiGroups"] for r in rule["resources"]}
+             for g in rule.get("apiGroups", []) for r in rule.get("resources", [])}
     assert rules[("", "pods")] >= {"get", "list", "watch"}
     assert rules[("", "namespaces")] >= {"get", "list", "watch"}
     assert rules[("", "serviceaccounts")] >= {"get", "list", "watch"}
     assert rules[("events.k8s.io", "events")] >= {"create", "patch"}
     assert rules[("", "events")] >= {"create", "patch"}
+    # The service-account signing keys, granted here rather than left to the default
+    # system:service-account-issuer-discovery binding (a cluster may have removed it).
+    urls = {u: set(rule["verbs"]) for rule in role["rules"] for u in rule.get("nonResourceURLs", [])}
+    assert urls == {"/.well-known/openid-configuration": {"get"}, "/openid/v1/jwks": {"get"}}
+    # Nothing else new: no TokenReview, no writes beyond Events.
+    assert {r for (_, r) in rules} == {"pods", "namespaces", "serviceaccounts", "events"}
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
                                     "namespace": sa["metadata"]["namespace"]}]
