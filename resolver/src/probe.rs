@@ -91,12 +91,39 @@ pub fn kubernetes(opts: &KubeOptions, watched: Watched) -> Result<KubeAccess, Ku
         .block_on(kube_access(opts, watched))
 }
 
-async fn kube_access(opts: &KubeOptions, watched: Watched) -> Result<KubeAccess, KubeProbeError> {
+/// Whether the client's identity may `verb` `resource` in `group`, in every namespace, as
+/// SelfSubjectAccessReview says; `None` when it cannot say (no review API, an error).
+pub(crate) async fn may(
+    client: &kube::Client,
+    group: &str,
+    resource: &str,
+    verb: &str,
+) -> Option<bool> {
     use k8s_openapi::api::authorization::v1::{
         ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
     };
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                verb: Some(verb.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    kube::Api::<SelfSubjectAccessReview>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &review)
+        .await
+        .ok()
+        .map(|r| r.status.as_ref().is_some_and(|s| s.allowed))
+}
+
+async fn kube_access(opts: &KubeOptions, watched: Watched) -> Result<KubeAccess, KubeProbeError> {
     use k8s_openapi::api::core::v1::Pod;
-    use kube::api::{ListParams, PostParams};
+    use kube::api::ListParams;
     let client = client(opts, Some(TIMEOUT)).await?;
     let mut lp = ListParams::default().limit(1);
     if let Some(node) = &opts.node {
@@ -128,26 +155,9 @@ async fn kube_access(opts: &KubeOptions, watched: Watched) -> Result<KubeAccess,
         allowed: Vec::new(),
     };
     for (group, resource, verb) in needed {
-        let review = SelfSubjectAccessReview {
-            spec: SelfSubjectAccessReviewSpec {
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some(group.into()),
-                    resource: Some(resource.into()),
-                    verb: Some(verb.into()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        match kube::Api::<SelfSubjectAccessReview>::all(client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-        {
-            Ok(r) if r.status.as_ref().is_some_and(|s| s.allowed) => {
-                access.allowed.push(name(group, resource, verb));
-            }
-            Ok(_) => match resource {
+        match may(&client, group, resource, verb).await {
+            Some(true) => access.allowed.push(name(group, resource, verb)),
+            Some(false) => match resource {
                 "events" => access.denied_events.push(name(group, resource, verb)),
                 "serviceaccounts" => access
                     .denied_service_accounts
@@ -155,7 +165,7 @@ async fn kube_access(opts: &KubeOptions, watched: Watched) -> Result<KubeAccess,
                 _ => access.denied.push(name(group, resource, verb)),
             },
             // An API server without the review API: the pod list above already answered.
-            Err(_) => {}
+            None => {}
         }
     }
     Ok(access)

@@ -298,7 +298,9 @@ fn persist(path: &Path, issuer: &str, jwks: &[u8]) -> std::io::Result<()> {
         issuer: issuer.to_owned(),
         jwks,
     })?;
-    let tmp = path.with_extension("tmp");
+    // A name of this process's own: during an upgrade the old and the new agent may both
+    // write the file at once.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)

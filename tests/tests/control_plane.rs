@@ -387,3 +387,77 @@ fn a_service_accounts_role_reaches_its_pods_follows_its_changes_and_loses_to_the
     });
     assert_eq!(back.body_str(), "fallback");
 }
+
+#[test]
+fn a_role_without_serviceaccounts_is_warned_about_once_and_granting_it_needs_no_restart() {
+    use iamlet_e2e::realapi::without_verb;
+    let s = RealApiServer::shared().scope("no-sa-rights");
+    let ns = s.ns("shop");
+    // The shipped role as a cluster upgraded from kube2iam may still have it: no
+    // serviceaccounts.
+    let name = s.own_identity(Some(&|role: &mut serde_json::Value| {
+        for verb in ["get", "list", "watch"] {
+            without_verb(role, "", "serviceaccounts", verb);
+        }
+    }));
+    let token = s.token("kube-system", &name, 3600);
+    let dir = std::env::temp_dir().join(format!("iamlet-e2e-no-sa-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = format!("--kubeconfig={}", s.kubeconfig_for(&token, &dir).display());
+    s.annotate_service_account(&ns, "reader", &[(SA_KEY, Some(&format!("{BASE}sa-role")))]);
+    s.create_pod(&PodBuilder::running(&ns, "annotated", &s.node, "127.29.0.1").role("app"));
+    s.create_pod(
+        &PodBuilder::running(&ns, "by-sa", &s.node, "127.29.0.2").service_account("reader"),
+    );
+
+    // Starting returns once the agent logged `ready:`: readiness did not wait for the
+    // ServiceAccounts it may not read.
+    let r = iamlet_e2e::rig::control::real_via(
+        s,
+        &[kubeconfig.as_str()],
+        &["--default-role=fallback", "--backoff-max-elapsed-time=2s"],
+        |b| b,
+    );
+    let ready = r.get("127.0.0.1", "/ready");
+    assert_eq!(ready.status, 200, "{}", ready.body_str());
+    assert_eq!(r.get("127.29.0.1", LIST).body_str(), "app");
+    assert_eq!(r.get("127.29.0.2", LIST).body_str(), "fallback");
+    let warning = "may not list and watch serviceaccounts (403)";
+    let log = r.iamlet.log();
+    assert_eq!(
+        log.matches(warning).count(),
+        1,
+        "one warning sentence:\n{log}"
+    );
+    assert!(
+        log.contains("grant get, list and watch on serviceaccounts"),
+        "the warning says what to grant:\n{log}"
+    );
+    assert!(
+        sample(
+            r.iamlet.addr(),
+            "iamlet_watch_errors_total{resource=\"serviceaccounts\",kind=\"forbidden\"}"
+        ) >= 1.0
+    );
+
+    // The rights granted (the shipped role applied as is): the retrying watch lists them and
+    // the pod gets its ServiceAccount's role, without a restart. The watch backs off to at
+    // most 30 s (±50 %) between tries, hence the bound.
+    r.api.apply_identity(&name, None);
+    let granted = r.eventually("127.29.0.2", LIST, Duration::from_secs(60), |x| {
+        x.body_str() == "sa-role"
+    });
+    assert_eq!(granted.body_str(), "sa-role", "{}", r.iamlet.log());
+    assert!(
+        r.iamlet
+            .wait_for_log("serviceaccounts are readable now", Duration::from_secs(5)),
+        "{}",
+        r.iamlet.log()
+    );
+    assert_eq!(
+        r.iamlet.log().lines().filter(|l| l.contains("403")).count(),
+        1,
+        "the refusals were said once, by the one warning sentence:\n{}",
+        r.iamlet.log()
+    );
+}

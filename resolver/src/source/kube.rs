@@ -194,6 +194,45 @@ impl<T> Default for Relist<T> {
 }
 
 /// Watches until the process ends; reports the first full sync through `first`.
+/// Waits until RBAC lets the agent list and watch what it must (pods; namespaces with
+/// restrictions). The watcher reports a list complete before it starts the watch, so with
+/// `list` granted and `watch` refused the agent would publish, become ready and then never
+/// see another change: a deleted pod's IP, reused, would keep answering with the deleted
+/// pod's role. Refused, it says what to grant (once) and stays unready until it is; an API
+/// server that cannot answer the question is not waited for.
+async fn wait_for_watch_rights(client: &Client, restricted: bool, watch: &WatchMetrics) {
+    let mut needed: Vec<(&str, &str, &str)> = crate::probe::WATCHED.to_vec();
+    if restricted {
+        needed.extend(crate::probe::WATCHED_NAMESPACES);
+    }
+    let mut told = false;
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let mut denied = Vec::new();
+        for (group, resource, verb) in &needed {
+            if crate::probe::may(client, group, resource, verb).await == Some(false) {
+                denied.push(format!("{verb} {resource}"));
+            }
+        }
+        if denied.is_empty() {
+            if told {
+                tracing::info!("RBAC allows listing and watching now; starting");
+            }
+            return;
+        }
+        if !told {
+            tracing::warn!(
+                denied = %denied.join(", "),
+                "RBAC refuses what iamlet must do to follow pods; not ready until it is granted (grant get/list/watch on pods, and namespaces with --namespace-restrictions, to iamlet's ServiceAccount)"
+            );
+            told = true;
+        }
+        watch.error("pods", "forbidden");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
 pub(crate) async fn run(
     opts: KubeOptions,
     keys: AnnotationKeys,
@@ -212,6 +251,8 @@ pub(crate) async fn run(
     };
     let instance = opts.node.clone().unwrap_or_else(|| "iamlet".into());
     tokio::spawn(crate::events::run(reports, Some(client.clone()), instance));
+    let restricted = state.restrictions().is_some();
+    wait_for_watch_rights(&client, restricted, &watch).await;
 
     let mut pod_cfg = watcher::Config::default().list_semantic(ListSemantic::MostRecent);
     if let Some(node) = &opts.node {
@@ -221,7 +262,6 @@ pub(crate) async fn run(
         .backoff(WatchBackoff::new())
         .map(|e| Item::Pod(Box::new(e)))
         .boxed();
-    let restricted = state.restrictions().is_some();
     let namespaces: BoxStream<'static, Item> = if restricted {
         let cfg = watcher::Config::default().list_semantic(ListSemantic::MostRecent);
         watcher::watcher(Api::<Namespace>::all(client.clone()), cfg)
