@@ -20,6 +20,21 @@ pub fn python() -> PathBuf {
     }
 }
 
+/// `aws sts get-caller-identity --query Arn --output text` with the AWS CLI of the
+/// workspace's `.venv` (the caller adds the environment).
+pub fn aws_caller_arn() -> Command {
+    let mut cmd = Command::new(workspace_root().join(".venv/bin/aws"));
+    cmd.args([
+        "sts",
+        "get-caller-identity",
+        "--query",
+        "Arn",
+        "--output",
+        "text",
+    ]);
+    cmd
+}
+
 /// Runs `python -c script` (at most 60 s, killed on timeout) with `envs` added. With
 /// `env_clear_aws`, every `AWS_*` variable inherited from the test process is removed first,
 /// so the script sees only what `envs` sets.

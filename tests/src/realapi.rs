@@ -471,16 +471,20 @@ impl Scope {
     /// A token for ServiceAccount `ns/sa` from the TokenRequest API (audience: the API
     /// server's own), valid for `seconds`.
     pub fn token(&self, ns: &str, sa: &str, seconds: i64) -> String {
+        self.token_request(ns, sa, json!({"expirationSeconds": seconds}))
+    }
+
+    /// A TokenRequest for ServiceAccount `ns/sa` with `spec`; the token.
+    fn token_request(&self, ns: &str, sa: &str, spec: Value) -> String {
         let sas: Api<ServiceAccount> = Api::namespaced(self.api.client(), ns);
         let req: TokenRequest = serde_json::from_value(json!({
-            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"expirationSeconds": seconds}
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec
         }))
         .unwrap();
         let r = self
             .api
             .block_on(sas.create_token_request(sa, &PostParams::default(), &req))
-            .unwrap_or_else(|e| panic!("token for {ns}/{sa}: {e}"));
+            .unwrap_or_else(|e| panic!("token for {ns}/{sa} ({spec}): {e}"));
         r.status.map(|s| s.token).unwrap_or_default()
     }
 
@@ -555,21 +559,15 @@ impl Scope {
             .metadata
             .uid
             .unwrap_or_default();
-        let sas: Api<ServiceAccount> = Api::namespaced(self.api.client(), ns);
-        let req: TokenRequest = serde_json::from_value(json!({
-            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {
+        self.token_request(
+            ns,
+            sa,
+            json!({
                 "audiences": [audience],
                 "expirationSeconds": seconds,
                 "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid}
-            }
-        }))
-        .unwrap();
-        let r = self
-            .api
-            .block_on(sas.create_token_request(sa, &PostParams::default(), &req))
-            .unwrap_or_else(|e| panic!("pod-bound token for {ns}/{pod}: {e}"));
-        r.status.map(|s| s.token).unwrap_or_default()
+            }),
+        )
     }
 
     /// Namespace `ns`'s pods and ServiceAccounts as `kubectl get pods,serviceaccounts -n NS
@@ -606,17 +604,11 @@ impl Scope {
 
     /// A token for `ns/sa` with `audience` and no bound object (not a pod's).
     pub fn unbound_token(&self, ns: &str, sa: &str, audience: &str) -> String {
-        let sas: Api<ServiceAccount> = Api::namespaced(self.api.client(), ns);
-        let req: TokenRequest = serde_json::from_value(json!({
-            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"audiences": [audience], "expirationSeconds": 3600}
-        }))
-        .unwrap();
-        let r = self
-            .api
-            .block_on(sas.create_token_request(sa, &PostParams::default(), &req))
-            .unwrap_or_else(|e| panic!("token for {ns}/{sa}: {e}"));
-        r.status.map(|s| s.token).unwrap_or_default()
+        self.token_request(
+            ns,
+            sa,
+            json!({"audiences": [audience], "expirationSeconds": 3600}),
+        )
     }
 
     /// A kubeconfig for `token` (a ServiceAccount's), beside the admin one.

@@ -1302,16 +1302,7 @@ print(s.client("sts").get_caller_identity()["Arn"])
     );
     arns.push(("boto3", out.stdout.trim().to_owned()));
     // The AWS CLI.
-    let mut cli = Command::new(iamlet_e2e::workspace_root().join(".venv/bin/aws"));
-    cli.args([
-        "sts",
-        "get-caller-identity",
-        "--query",
-        "Arn",
-        "--output",
-        "text",
-    ]);
-    let out = run(cli);
+    let out = run(iamlet_e2e::python::aws_caller_arn());
     assert!(out.success(), "aws cli: {out:?}");
     arns.push(("aws cli", out.stdout.trim().to_owned()));
     // aws-sdk-js v3, its default chain.

@@ -13,7 +13,6 @@ use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use dataplane::Rig;
 use iamlet_e2e::process::run_bounded;
 use iamlet_e2e::{FakeImds, drivers, run_python, workspace_root};
-use std::process::Command;
 use std::time::Duration;
 
 const ARN_PREFIX: &str = "arn:aws:sts::123456789012:assumed-role/sdk-role/";
@@ -86,21 +85,13 @@ fn aws_cli_over_imdsv2_gets_the_pods_assumed_role() {
     for driver in drivers() {
         let ctx = format!("driver {driver}");
         let r = rig(driver);
-        let mut cmd = Command::new(&aws);
+        let mut cmd = iamlet_e2e::python::aws_caller_arn();
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("AWS_") {
                 cmd.env_remove(k);
             }
         }
-        cmd.args([
-            "sts",
-            "get-caller-identity",
-            "--query",
-            "Arn",
-            "--output",
-            "text",
-        ])
-        .envs(client_env(&r));
+        cmd.envs(client_env(&r));
         let out = run_bounded(cmd, Duration::from_secs(60));
         assert!(
             out.success(),

@@ -63,16 +63,8 @@ fn aws_cli(envs: &[(&'static str, String)]) -> Output {
         aws.is_file(),
         "the AWS CLI is missing: run tests/install-python-tools.sh"
     );
-    let mut cmd = Command::new(aws);
-    cmd.args([
-        "sts",
-        "get-caller-identity",
-        "--query",
-        "Arn",
-        "--output",
-        "text",
-    ])
-    .env_clear();
+    let mut cmd = iamlet_e2e::python::aws_caller_arn();
+    cmd.env_clear();
     cmd.env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", std::env::temp_dir());
     cmd.envs(envs.iter().map(|(k, v)| (*k, v.as_str())));

@@ -541,8 +541,7 @@ fn signing_keys_rotate_with_no_failed_request_and_the_kept_keys_outlive_a_restar
     );
 
     // A restart while the keys cannot be fetched: the agent may no longer read the issuer's
-    // documents (the default binding that lets every ServiceAccount read them is gone), and a
-    // new process verifies with the kept set.
+    // documents, and a new process verifies with the kept set.
     let t2 = current_token(&r, &ns);
     let node_flag = format!("--node={}", r.api.node);
     // The agent's own token from before was signed with the retired key: a new one, as
@@ -554,12 +553,8 @@ fn signing_keys_rotate_with_no_failed_request_and_the_kept_keys_outlive_a_restar
         "--kubeconfig={}",
         r.api.kubeconfig_for(&agent_token, &dir).display()
     );
-    api.delete_cluster_role_binding("system:service-account-issuer-discovery");
-    let Setup2 {
-        iamlet,
-        _moto,
-        _imds,
-    } = restart_agent(&[
+    cut_key_reads(api);
+    let agent = restart_agent(&[
         &kubeconfig,
         &node_flag,
         &cache_flag,
@@ -567,6 +562,7 @@ fn signing_keys_rotate_with_no_failed_request_and_the_kept_keys_outlive_a_restar
         "--backoff-max-elapsed-time=1s",
     ]);
     drop(r);
+    let iamlet = &agent.iamlet;
     let addr = iamlet.addr();
     iamlet_e2e::wait_until!(
         Duration::from_secs(10),
@@ -590,34 +586,11 @@ fn current_token(r: &Rig<Scope>, ns: &str) -> String {
     r.api.pod_token(ns, "app-sa", "app", AUDIENCE, 3600)
 }
 
-struct Setup2 {
-    iamlet: iamlet_e2e::Iamlet,
-    _moto: iamlet_e2e::Moto,
-    _imds: iamlet_e2e::FakeImds,
-}
-
-/// A new agent process with `args` (moto and a fake IMDS of its own).
-fn restart_agent(args: &[&str]) -> Setup2 {
-    let moto = iamlet_e2e::Moto::start();
-    let imds = iamlet_e2e::FakeImds::start();
-    let mut b = iamlet_e2e::Iamlet::builder().sts(&moto).imds(&imds);
-    for a in args {
-        b = b.arg(*a);
-    }
-    Setup2 {
-        iamlet: b.start(),
-        _moto: moto,
-        _imds: imds,
-    }
-}
-
-#[test]
-fn with_token_review_the_api_server_vouches_for_a_token_whose_key_is_unknown() {
-    // A server of this test's own: its default discovery binding is removed, so the agent
-    // can never fetch the keys, and its role is given TokenReview.
-    let api = RealApiServer::private(&[]);
+/// Takes away the agent's read of the issuer's documents (`/.well-known/openid-configuration`,
+/// `/openid/v1/jwks`): the server's default binding that lets every ServiceAccount read them,
+/// and the shipped role's own rule for them.
+fn cut_key_reads(api: &'static RealApiServer) {
     api.delete_cluster_role_binding("system:service-account-issuer-discovery");
-    // The shipped role without its own read of the issuer's documents.
     let _ = api.shipped_identity();
     let no_discovery = |role: &mut Value| {
         if let Some(rules) = role["rules"].as_array_mut() {
@@ -629,6 +602,24 @@ fn with_token_review_the_api_server_vouches_for_a_token_whose_key_is_unknown() {
             api.apply_object(&obj);
         }
     }
+}
+
+/// A new agent process with `args` (moto and a fake IMDS of its own).
+fn restart_agent(args: &[&str]) -> Rig<()> {
+    iamlet_e2e::rig::control::with_agent((), |mut b| {
+        for a in args {
+            b = b.arg(*a);
+        }
+        b
+    })
+}
+
+#[test]
+fn with_token_review_the_api_server_vouches_for_a_token_whose_key_is_unknown() {
+    // A server of this test's own: the agent may not read the issuer's documents, so it can
+    // never fetch the keys, and its role is given TokenReview.
+    let api = RealApiServer::private(&[]);
+    cut_key_reads(api);
     let s = api.scope("review");
     api.apply_object(&json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",

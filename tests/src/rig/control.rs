@@ -22,20 +22,31 @@ pub struct Rig<A = ApiServer> {
 
 /// Starts moto, the fake IMDS and iamlet against `api` (already holding the initial pods).
 pub fn rig(api: ApiServer, extra: &[&str]) -> Rig {
+    let url = format!("--api-server={}", api.url());
+    with_agent(api, |b| {
+        let mut b = b
+            .arg(url)
+            .arg(format!("--node={NODE}"))
+            .arg(format!("--base-role-arn={BASE}"))
+            .arg("--debug");
+        for a in extra {
+            b = b.arg(*a);
+        }
+        b
+    })
+}
+
+/// Starts moto and the fake IMDS, then iamlet from the builder `f` makes of one already
+/// pointed at them; `api` is what the test drives.
+pub fn with_agent<A>(
+    api: A,
+    f: impl FnOnce(crate::IamletBuilder) -> crate::IamletBuilder,
+) -> Rig<A> {
     let moto = Moto::start();
     let imds = FakeImds::start();
-    let mut b = Iamlet::builder()
-        .sts(&moto)
-        .imds(&imds)
-        .arg(format!("--api-server={}", api.url()))
-        .arg(format!("--node={NODE}"))
-        .arg(format!("--base-role-arn={BASE}"))
-        .arg("--debug");
-    for a in extra {
-        b = b.arg(*a);
-    }
+    let iamlet = f(Iamlet::builder().sts(&moto).imds(&imds)).start();
     Rig {
-        iamlet: b.start(),
+        iamlet,
         api,
         _moto: moto,
         _imds: imds,
@@ -69,25 +80,21 @@ pub fn real_via(
     extra: &[&str],
     f: impl FnOnce(crate::IamletBuilder) -> crate::IamletBuilder,
 ) -> Rig<Scope> {
-    let moto = Moto::start();
-    let imds = FakeImds::start();
-    let mut b = f(Iamlet::builder().sts(&moto).imds(&imds));
-    for a in access {
-        b = b.arg(*a);
-    }
-    let mut b = b
-        .arg(format!("--node={}", scope.node))
-        .arg(format!("--base-role-arn={BASE}"))
-        .arg("--debug");
-    for a in extra {
-        b = b.arg(*a);
-    }
-    Rig {
-        iamlet: b.start(),
-        api: scope,
-        _moto: moto,
-        _imds: imds,
-    }
+    let node = format!("--node={}", scope.node);
+    with_agent(scope, |b| {
+        let mut b = f(b);
+        for a in access {
+            b = b.arg(*a);
+        }
+        let mut b = b
+            .arg(node)
+            .arg(format!("--base-role-arn={BASE}"))
+            .arg("--debug");
+        for a in extra {
+            b = b.arg(*a);
+        }
+        b
+    })
 }
 
 pub fn ip(s: &str) -> Ipv4Addr {
