@@ -5,7 +5,7 @@
 //! while the new one syncs, a peer that takes the sockets and goes silent — one process
 //! serves at every step. And a socket path in a shared directory is refused at start.
 
-use iamlet_e2e::apiserver::ApiServer;
+use iamlet_e2e::realapi::{RealApiServer, Scope, without_verb};
 use iamlet_e2e::rig::data::{self as dataplane, POD, ip};
 use iamlet_e2e::util::TempDir;
 use iamlet_e2e::{FakeImds, Iamlet, Moto, drivers, try_request_from, wait_until};
@@ -15,6 +15,26 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// An identity on the real API server that may not list pods yet (so an agent with it never
+/// syncs until [`grant`]), and a kubeconfig for it: `(scope, identity, --kubeconfig=...)`.
+fn refused_identity(test: &str, dir: &TempDir) -> (Scope, String, String) {
+    let s = RealApiServer::shared().scope(test);
+    let sa = s.own_identity(Some(&|r: &mut serde_json::Value| {
+        without_verb(r, "", "pods", "list")
+    }));
+    let token = s.token("kube-system", &sa, 3600);
+    let kubeconfig = format!(
+        "--kubeconfig={}",
+        s.kubeconfig_for(&token, dir.path()).display()
+    );
+    (s, sa, kubeconfig)
+}
+
+/// Gives the identity the shipped rules in full.
+fn grant(s: &Scope, sa: &str) {
+    s.apply_identity(sa, None);
+}
 
 const LIST: &[u8] = b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n";
 
@@ -224,14 +244,13 @@ fn a_new_process_killed_before_it_takes_over_leaves_the_old_one_serving() {
     let addr = old.addr();
     let load = Load::start(addr, false);
     load.wait_for_more(50);
-    // A new process that holds the sockets but never syncs (its API server refuses it).
-    let api = ApiServer::start();
-    api.refuse(Some(403));
+    // A new process that holds the sockets but never syncs (RBAC refuses it the pod list).
+    let (s, _sa, kubeconfig) = refused_identity("handover-stuck", &dir);
     let mut stuck = Iamlet::builder()
         .sts(&moto)
         .imds(&imds)
-        .arg(format!("--api-server={}", api.url()))
-        .arg("--node=node-a")
+        .arg(kubeconfig)
+        .arg(format!("--node={}", s.node))
         .arg(format!("--handover-socket={sock}"))
         .until("handover: waiting for the first pod list")
         .start();
@@ -270,19 +289,19 @@ fn an_old_process_killed_during_the_handover_leaves_the_new_one_accepting() {
     let (moto, imds) = (Moto::start(), FakeImds::start());
     let mut old = agent(driver, &moto, &imds, &sock).start();
     let addr = old.addr();
-    // The new process syncs from an API server that refuses it for now, so the old one dies
-    // while the new one waits: the new one must take the connections at once (they wait for
-    // the pod list and get 404 meanwhile, never a refused or reset connection).
-    let api = ApiServer::start();
-    api.refuse(Some(403));
-    api.create_pod(
-        &iamlet_e2e::PodBuilder::running("shop", "app", "node-a", "127.0.0.11").role("app-role"),
+    // The new process syncs from an API server that refuses it for now (RBAC), so the old
+    // one dies while the new one waits: the new one must take the connections at once (they
+    // wait for the pod list and get 404 meanwhile, never a refused or reset connection).
+    let (s, sa, kubeconfig) = refused_identity("handover-old-dies", &dir);
+    let ns = s.ns("shop");
+    s.create_pod(
+        &iamlet_e2e::PodBuilder::running(&ns, "app", &s.node, "127.0.0.11").role("app-role"),
     );
     let new = Iamlet::builder()
         .sts(&moto)
         .imds(&imds)
-        .arg(format!("--api-server={}", api.url()))
-        .arg("--node=node-a")
+        .arg(kubeconfig)
+        .arg(format!("--node={}", s.node))
         .arg(format!("--base-role-arn={}", dataplane::BASE))
         .arg("--backoff-max-elapsed-time=200ms")
         .arg(format!("--handover-socket={sock}"))
@@ -298,7 +317,7 @@ fn an_old_process_killed_during_the_handover_leaves_the_new_one_accepting() {
         new.log()
     );
     load.wait_for_more(20);
-    api.refuse(None);
+    grant(&s, &sa);
     wait_until!(
         Duration::from_secs(60),
         try_request_from(ip(POD), addr, LIST).is_ok_and(|r| r.status == 200),
