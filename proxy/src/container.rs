@@ -75,6 +75,8 @@ pub struct Verified {
     pod: Named,
     node: Option<String>,
     exp: u64,
+    /// The token's SHA-256 prefix in hex (how logs and Events name it).
+    token: String,
 }
 
 /// Per-worker memory of verified tokens (by SHA-256) and of sources' failed verifications.
@@ -269,7 +271,8 @@ async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Ref
         drop(mem);
     }
     match verify(w, token, now).await {
-        Ok(v) => {
+        Ok(mut v) => {
+            v.token = hex_prefix(&hash);
             let mut mem = w.tokens.borrow_mut();
             if mem.verified.len() >= MAX_REMEMBERED {
                 mem.verified.clear();
@@ -283,7 +286,7 @@ async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Ref
                 namespace = %v.namespace,
                 pod = %v.pod.name,
                 service_account = %v.service_account,
-                token_sha256 = %hex_prefix(&hash),
+                token_sha256 = %v.token,
                 expires = v.exp,
                 "service-account token verified"
             );
@@ -348,6 +351,7 @@ async fn review(w: &Worker, token: &str, kid: String, now: u64) -> Result<Verifi
         },
         node: r.node,
         exp,
+        token: String::new(),
     })
 }
 
@@ -464,6 +468,7 @@ async fn verify(w: &Worker, token: &str, now: u64) -> Result<Verified, Refusal> 
         pod,
         node: k.node.map(|n| n.name),
         exp: claims.exp,
+        token: String::new(),
     })
 }
 
@@ -501,8 +506,14 @@ async fn bind(w: &Worker, peer: IpAddr, t: &Verified) -> Result<bytes::Bytes, Re
             "the token's pod does not match the pod at this address",
         ));
     }
+    let via = || {
+        format!(
+            "container-credentials door, service-account token {}",
+            t.token
+        )
+    };
     if let Some(reason) = &id.denied {
-        w.shared.handle.report_denied(&id);
+        w.shared.handle.report_denied_via(&id, via());
         return Err(forbidden("denied", reason.to_string()));
     }
     let Some(role) = id.role.as_ref() else {
@@ -523,7 +534,7 @@ async fn bind(w: &Worker, peer: IpAddr, t: &Verified) -> Result<bytes::Bytes, Re
     match &*answer {
         CredAnswer::Ready { container, .. } => Ok(container.clone()),
         CredAnswer::Failed { .. } => {
-            w.shared.handle.report_credential_error(&id);
+            w.shared.handle.report_credential_error_via(&id, via());
             Err(unavailable(
                 "sts",
                 "STS refused or failed the role's credentials; retry shortly",

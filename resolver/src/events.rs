@@ -90,9 +90,14 @@ impl RateLimit {
     }
 }
 
-/// The Event's note: the denial reason, or the STS error the pod was answered with.
+/// The Event's note: the denial reason, or the STS error the pod was answered with (and,
+/// for a door other than IMDS, which door and token, in parentheses).
 pub(crate) fn note(report: &Report) -> String {
     let id = &report.identity;
+    let via = match (report.kind, &report.detail) {
+        (ReportKind::Denied | ReportKind::CredentialError, Some(via)) => format!(" ({via})"),
+        _ => String::new(),
+    };
     let text = match report.kind {
         ReportKind::Denied => id
             .denied
@@ -122,7 +127,7 @@ pub(crate) fn note(report: &Report) -> String {
             .detail
             .clone()
             .unwrap_or_else(|| "the pod's role annotation overrides its ServiceAccount's".into()),
-    };
+    } + &via;
     // events.k8s.io limits the note to 1 kB.
     let mut end = text.len().min(1000);
     while !text.is_char_boundary(end) {

@@ -186,16 +186,27 @@ impl Handle {
     /// A request from `identity` was refused by a namespace restriction: records an
     /// `IamRoleDenied` Event on the pod (at most one per pod a minute). Never blocks.
     pub fn report_denied(&self, identity: &Arc<Identity>) {
-        self.report(identity, ReportKind::Denied);
+        self.report(identity, ReportKind::Denied, None);
+    }
+
+    /// As [`Handle::report_denied`], for a request that came `via` another door than IMDS
+    /// (the Event says which, and which token).
+    pub fn report_denied_via(&self, identity: &Arc<Identity>, via: String) {
+        self.report(identity, ReportKind::Denied, Some(via));
+    }
+
+    /// As [`Handle::report_credential_error`], for a request that came `via` another door.
+    pub fn report_credential_error_via(&self, identity: &Arc<Identity>, via: String) {
+        self.report(identity, ReportKind::CredentialError, Some(via));
     }
 
     /// A request from `identity` was answered with an STS failure: records an
     /// `IamCredentialError` Event on the pod (at most one per pod a minute). Never blocks.
     pub fn report_credential_error(&self, identity: &Arc<Identity>) {
-        self.report(identity, ReportKind::CredentialError);
+        self.report(identity, ReportKind::CredentialError, None);
     }
 
-    fn report(&self, identity: &Arc<Identity>, kind: ReportKind) {
+    fn report(&self, identity: &Arc<Identity>, kind: ReportKind, detail: Option<String>) {
         let now_ms = self.shared.started.elapsed().as_millis() as u64 + 1;
         let every = crate::events::EVERY.as_millis() as u64;
         if !identity.claim_report(kind as usize, now_ms, every) {
@@ -206,7 +217,7 @@ impl Handle {
             let _ = tx.try_send(Report {
                 kind,
                 identity: identity.clone(),
-                detail: None,
+                detail,
             });
         }
     }

@@ -677,3 +677,116 @@ fn with_token_review_the_api_server_vouches_for_a_token_whose_key_is_unknown() {
     drop(r);
     api.stop();
 }
+
+#[test]
+fn a_denial_at_the_door_is_an_event_that_names_the_door_and_the_token() {
+    const KEY: &str = "iam.amazonaws.com/allowed-roles";
+    let s = RealApiServer::shared().scope("door-events");
+    let ns = s.ns("team");
+    s.set_namespace(&ns, &[(KEY, r#"["web-*"]"#)]);
+    s.ensure_service_account(&ns, "app-sa");
+    s.create_pod(
+        &PodBuilder::running(&ns, "app", &s.node, "127.29.0.1")
+            .role("app")
+            .service_account("app-sa"),
+    );
+    let r = real(
+        s,
+        &["--namespace-restrictions", "--backoff-max-elapsed-time=1s"],
+    );
+    let addr = r.iamlet.addr();
+    let token = r.api.pod_token(&ns, "app-sa", "app", AUDIENCE, 3600);
+    let denied = ask(addr, "127.29.0.1", Some(&token));
+    refused(
+        &denied,
+        403,
+        "AccessDenied",
+        "a role the namespace does not allow",
+    );
+    assert!(
+        json_of(&denied)["Message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("is not allowed in namespace {ns}")),
+        "{}",
+        denied.body_str()
+    );
+    // The audit line names the token by a hash prefix; the Event names the door and that token.
+    let log = r.iamlet.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("service-account token verified"))
+        .unwrap_or_else(|| panic!("no audit line:\n{log}"));
+    let prefix = line
+        .split("token_sha256=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_owned();
+    assert_eq!(prefix.len(), 16, "{line}");
+    assert!(
+        line.contains("door=\"container\"") || line.contains("door=container"),
+        "{line}"
+    );
+    let events = iamlet_e2e::wait_until!(
+        Duration::from_secs(10),
+        Some(
+            r.api
+                .events_for(&ns, "app")
+                .into_iter()
+                .filter(|e| e["reason"] == "IamRoleDenied")
+                .collect::<Vec<_>>()
+        )
+        .filter(|e| !e.is_empty()),
+        "the IamRoleDenied Event"
+    );
+    let message = events[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "(container-credentials door, service-account token {prefix})"
+        )),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_service_account_role_reaches_its_pod_through_both_doors() {
+    let s = RealApiServer::shared().scope("door-sa-role");
+    let ns = s.ns("shop");
+    s.set_namespace(&ns, &[]);
+    s.ensure_service_account(&ns, "checkout-sa");
+    s.annotate_service_account(
+        &ns,
+        "checkout-sa",
+        &[(
+            "eks.amazonaws.com/role-arn",
+            Some("arn:aws:iam::210987654321:role/checkout"),
+        )],
+    );
+    // No role annotation on the pod: its ServiceAccount's role is its role.
+    s.create_pod(
+        &PodBuilder::running(&ns, "checkout", &s.node, "127.29.1.1").service_account("checkout-sa"),
+    );
+    let r = real(s, &["--backoff-max-elapsed-time=1s", "--workers=1"]);
+    let addr = r.iamlet.addr();
+    let listing = r.eventually("127.29.1.1", LIST, Duration::from_secs(10), |x| {
+        x.status == 200
+    });
+    assert_eq!(
+        listing.body_str(),
+        "arn:aws:iam::210987654321:role/checkout",
+        "IMDS lists the other account's role in full"
+    );
+    let token = r
+        .api
+        .pod_token(&ns, "checkout-sa", "checkout", AUDIENCE, 3600);
+    let door = ask(addr, "127.29.1.1", Some(&token));
+    assert_eq!(door.status, 200, "{}", door.body_str());
+    let imds = r.get(
+        "127.29.1.1",
+        &format!("{LIST}arn:aws:iam::210987654321:role/checkout"),
+    );
+    assert_eq!(imds.status, 200, "{}", imds.body_str());
+    assert_eq!(json_of(&door)["AccessKeyId"], json_of(&imds)["AccessKeyId"]);
+    assert_eq!(json_of(&door)["AccountId"], "210987654321");
+}
