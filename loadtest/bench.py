@@ -30,6 +30,13 @@ CREDS = "/latest/meta-data/iam/security-credentials/" + ROLE
 LIST = "/latest/meta-data/iam/security-credentials/"
 TOKEN = "/latest/api/token"
 INSTANCE_ID = "/latest/meta-data/instance-id"
+# The container-credentials door (AWS_CONTAINER_CREDENTIALS_FULL_URI), asked as the SDKs do.
+CONTAINER = "/v1/credentials"
+CONTAINER_HOST = "169.254.170.23"
+SA_ISSUER = "https://loadtest.iamlet.invalid"
+SA_AUDIENCE = "pods.eks.amazonaws.com"
+SA_NAMESPACE = "loadtest"
+SA_NAME = "loadtest-sa"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 PROCS = []
@@ -182,6 +189,84 @@ def reset_hwm(pids):
                 f.write("5")  # resets VmHWM to the current RSS
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------- service-account token
+
+
+def b64url(b):
+    import base64
+
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def sa_token(work, pod_name="loadtest-local", pod_uid="loadtest-local", ttl=86400):
+    """A projected service-account token for the pod at 127.0.0.1, as the API server mints
+    it: RS256 with a fresh 2048-bit key (openssl; the standard library cannot sign), and the
+    key's JWKS for --token-jwks-file. Returns (iamlet arguments, token)."""
+    key = os.path.join(work, "sa-key.pem")
+    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", key],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    mod = subprocess.run(["openssl", "rsa", "-in", key, "-noout", "-modulus"], check=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, timeout=30).stdout.decode().strip()
+    n = bytes.fromhex(mod.split("=", 1)[1])
+    kid = "loadtest-sa-key"
+    jwks = os.path.join(work, "sa-jwks.json")
+    with open(jwks, "w") as f:
+        json.dump({"keys": [{"use": "sig", "kty": "RSA", "kid": kid, "alg": "RS256", "n": b64url(n),
+                             "e": b64url((65537).to_bytes(3, "big"))}]}, f)
+    now = int(time.time())
+    claims = {
+        "aud": [SA_AUDIENCE],
+        "exp": now + ttl,
+        "iat": now,
+        "nbf": now,
+        "iss": SA_ISSUER,
+        "jti": "loadtest-0001",
+        "kubernetes.io": {
+            "namespace": SA_NAMESPACE,
+            "node": {"name": "loadtest-node", "uid": "loadtest-node-uid"},
+            "pod": {"name": pod_name, "uid": pod_uid},
+            "serviceaccount": {"name": SA_NAME, "uid": "loadtest-sa-uid"},
+        },
+        "sub": f"system:serviceaccount:{SA_NAMESPACE}:{SA_NAME}",
+    }
+    head = {"alg": "RS256", "kid": kid, "typ": "JWT"}
+    signing_input = (b64url(json.dumps(head, separators=(",", ":")).encode()) + "."
+                     + b64url(json.dumps(claims, separators=(",", ":")).encode()))
+    sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", key], input=signing_input.encode(), check=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=30).stdout
+    args = (f"--token-jwks-file={jwks}", f"--token-issuer={SA_ISSUER}", f"--token-audience={SA_AUDIENCE}")
+    return args, signing_input + "." + b64url(sig)
+
+
+def bind_local_pod(pods_file, pod_ip="127.0.0.1"):
+    """Gives the pod at `pod_ip` the token's ServiceAccount (spec.serviceAccountName), so the
+    container door's binding (uid, namespace, name, ServiceAccount) holds for it."""
+    with open(pods_file) as f:
+        doc = json.load(f)
+    for item in doc["items"]:
+        if item.get("status", {}).get("podIP") == pod_ip:
+            assert item["metadata"]["namespace"] == SA_NAMESPACE, item["metadata"]
+            item.setdefault("spec", {})["serviceAccountName"] = SA_NAME
+            break
+    else:
+        raise SystemExit(f"{pods_file}: no pod at {pod_ip}")
+    with open(pods_file, "w") as f:
+        json.dump(doc, f)
+
+
+def container_headers(token):
+    return {"Authorization": token, "Host": CONTAINER_HOST}
+
+
+def container_verifications(port):
+    """Tokens the iamlet on `port` verified (first sight); a cached token adds none."""
+    st, body = http(port, "/metrics", timeout=5.0)
+    if st != 200:
+        return None
+    m = re.search(rb'^iamlet_container_credentials_total\{outcome="verified"\} (\d+)', body, re.M)
+    return int(m.group(1)) if m else 0
 
 
 # ---------------------------------------------------------------- servers
@@ -535,13 +620,21 @@ def measure(env, server, sc, label):
 # ---------------------------------------------------------------- scenarios
 
 
-def scenarios(a, token):
+def scenarios(a, token, sa=""):
     d = a.duration
     client = "oha" if a.oha else "tool"
+    # The container door with a token iamlet has already verified (a hash lookup), as the SDKs
+    # ask it: the raw JWT in Authorization, Host 169.254.170.23. Same client and settings as
+    # 1 and 2; nginx answers the same request (it ignores both headers).
+    door = [f"Authorization: {sa}", f"Host: {CONTAINER_HOST}"]
     return [
         dict(id="creds-keepalive", title="1 cached credentials, keep-alive", path=CREDS, conns=50, duration=d, client=client),
         dict(id="creds-new-conn", title="2 cached credentials, new connection per request", path=CREDS, conns=50, duration=d,
              keepalive=False, client=client),
+        dict(id="container-keepalive", title="1c container door, cached token, keep-alive", path=CONTAINER, conns=50,
+             duration=d, client=client, headers=door),
+        dict(id="container-new-conn", title="2c container door, cached token, new connection per request", path=CONTAINER,
+             conns=50, duration=d, keepalive=False, client=client, headers=door),
         dict(id="role-list", title="3 role listing", path=LIST, conns=50, duration=d, client=client),
         dict(id="imdsv2-token", title="4a IMDSv2 token PUT", path=TOKEN, method="PUT", conns=50, duration=d, client=client,
              headers=["X-aws-ec2-metadata-token-ttl-seconds: 21600"]),
@@ -566,25 +659,36 @@ def main_matrix(env, results):
     pods = os.path.join(env.work, "pods.json")
     subprocess.run(tool(a, "gen-pods", "--out", pods, "--count", str(a.pods), "--roles", str(a.roles), "--net", "10",
                         "--prefix", "lt", "--local-role", ROLE), check=True, stdout=subprocess.DEVNULL)
+    # The container door: the 127.0.0.1 pod runs as the token's ServiceAccount.
+    bind_local_pod(pods)
+    sa_args, sa = sa_token(env.work)
     # Body sizes for nginx: the same lengths iamlet answers with.
-    probe = start_iamlet(env, "epoll", pods, name="probe")
+    probe = start_iamlet(env, "epoll", pods, extra=sa_args, name="probe")
     _, cred = http(probe.port, CREDS)
     _, listing = http(probe.port, LIST)
     st, tok = http(probe.port, TOKEN, "PUT", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
     assert st == 200, st
+    st, door = http(probe.port, CONTAINER, headers=container_headers(sa))
+    if st != 200 or b"AccessKeyId" not in door:
+        raise SystemExit(f"container door: {st} {door[:300]!r}\n" + open(probe.logfile, errors="replace").read()[-3000:])
     stop(probe)
-    bodies = {CREDS: "x" * len(cred), LIST: "x" * len(listing), TOKEN: "x" * len(tok)}
-    results["body_bytes"] = {"credentials": len(cred), "role_list": len(listing), "token": len(tok)}
+    bodies = {CREDS: "x" * len(cred), LIST: "x" * len(listing), TOKEN: "x" * len(tok), CONTAINER: "x" * len(door)}
+    results["body_bytes"] = {"credentials": len(cred), "role_list": len(listing), "token": len(tok),
+                             "container": len(door), "sa_token": len(sa)}
     nginx = start_nginx(env, bodies) if a.nginx else None
     runs = results["runs"]
     drivers = a.drivers.split(",")
     for rep in range(a.reps):
         for di, driver in enumerate(drivers if rep % 2 == 0 else list(reversed(drivers))):
-            srv = start_iamlet(env, driver, pods)
+            srv = start_iamlet(env, driver, pods, extra=sa_args)
             # iamlet tokens are bound to the source IP: mint one as the 127.0.0.1 pod.
             st, token = http(srv.port, TOKEN, "PUT", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
             assert st == 200
-            for si, sc in enumerate(scenarios(a, token.decode())):
+            # The service-account token's first sight (verification) happens here, before any
+            # measured run: the container scenarios measure the remembered token.
+            st, _ = http(srv.port, CONTAINER, headers=container_headers(sa))
+            assert st == 200, st
+            for si, sc in enumerate(scenarios(a, token.decode(), sa)):
                 if a.only and sc["id"] not in a.only.split(","):
                     continue
                 if sc.get("rt") and not can_rt():
@@ -600,11 +704,15 @@ def main_matrix(env, results):
                                pair_driver=driver, rep=rep)
                     runs.append(res)
                     up = res.get("upstream_connections")
-                    log(f"rep {rep} {driver:5} {sc['id']:16} {who:6} {res['rps']:9.0f} req/s  "
+                    log(f"rep {rep} {driver:5} {sc['id']:19} {who:6} {res['rps']:9.0f} req/s  "
                         f"p99 {res['p99_us']:7.0f} µs  cpu {res['cpu_us_per_req'] or 0:5.1f} µs/req  "
                         f"rss {res['peak_rss_kib'] / 1024:5.1f} MiB  errors {res['errors']}"
                         + (f"  upstream conns {up}" if up is not None else ""))
                     time.sleep(a.pause)
+            verified = container_verifications(srv.port)
+            results.setdefault("container_verifications", []).append(
+                {"driver": driver, "rep": rep, "workers": a.workers, "verified": verified})
+            log(f"rep {rep} {driver:5} service-account tokens verified (first sight) over the whole iamlet: {verified}")
             stop(srv)
     if nginx:
         stop(nginx)

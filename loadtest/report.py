@@ -12,6 +12,8 @@ import statistics
 SCENARIO_TITLES = {
     "creds-keepalive": "1 credentials, keep-alive",
     "creds-new-conn": "2 credentials, new conn/request",
+    "container-keepalive": "1c container door (cached token), keep-alive",
+    "container-new-conn": "2c container door (cached token), new conn/request",
     "role-list": "3 role listing",
     "imdsv2-token": "4a IMDSv2 token PUT",
     "imdsv2-get": "4b IMDSv2 GET with token",
@@ -20,6 +22,9 @@ SCENARIO_TITLES = {
     "creds-10k": "fixed 10k req/s, credentials",
     "creds-10k-rt": "fixed 10k req/s, SCHED_FIFO",
 }
+# The container door's scenarios and the IMDS scenarios they are read beside.
+CONTAINER_PAIRS = (("container-keepalive", "creds-keepalive", "keep-alive"),
+                   ("container-new-conn", "creds-new-conn", "new connection per request"))
 STORMS = ("storm", "storm_fake_sts", "storm_fake_sts_unbounded", "storm_fake_sts_small")
 COMPARATOR = {
     "passthrough": "nginx proxy_pass (upstream keepalive)",
@@ -83,6 +88,71 @@ def agg(rs):
     }
 
 
+def container_summary(results, summ):
+    """The container door (cached token) beside the IMDS cached-credentials path and nginx,
+    per driver: req/s, latency, CPU per request, and the ratios (medians of per-repetition
+    pairs: the door's run and the IMDS run of the same iamlet process)."""
+    runs = results.get("runs", [])
+    rows = {r["scenario"]: r for r in summ["rows"]}
+    out = []
+    for door, imds, how in CONTAINER_PAIRS:
+        if door not in rows:
+            continue
+        for d in summ["drivers"]:
+            mine = [r for r in runs if r["scenario"] == door and r["server"] == "iamlet" and r["driver"] == d]
+            ratios, cpu_ratios = [], []
+            for r in mine:
+                peer = [x for x in runs if x["scenario"] == imds and x["server"] == "iamlet" and x["driver"] == d
+                        and x["rep"] == r["rep"]]
+                if peer and peer[0]["rps"]:
+                    ratios.append(r["rps"] / peer[0]["rps"])
+                    if r.get("cpu_us_per_req") and peer[0].get("cpu_us_per_req"):
+                        cpu_ratios.append(r["cpu_us_per_req"] / peer[0]["cpu_us_per_req"])
+            out.append({
+                "connections": how, "driver": d, "door": rows[door]["iamlet"].get(d),
+                "imds": (rows.get(imds) or {}).get("iamlet", {}).get(d),
+                "nginx": rows[door]["nginx"], "nginx_imds": (rows.get(imds) or {}).get("nginx"),
+                "door_vs_imds": med(ratios), "door_vs_imds_cpu": med(cpu_ratios),
+                "door_vs_nginx": rows[door]["ratio"].get(d), "imds_vs_nginx": (rows.get(imds) or {}).get("ratio", {}).get(d),
+                "client": rows[door]["client"],
+            })
+    return out
+
+
+def container_markdown(results, rows):
+    if not rows:
+        return []
+    L = []
+    bb = results.get("body_bytes") or {}
+    ver = results.get("container_verifications") or []
+    L.append("Container door (`GET /v1/credentials`, `Authorization: <service-account JWT>`, `Host: 169.254.170.23`) "
+             "with a token iamlet has already verified — a SHA-256 of the token and a per-worker map lookup — beside "
+             "the IMDS cached-credentials path (1, 2) run by the same iamlet process, and nginx answering the same "
+             f"request with a body of the same length ({fmt(bb.get('container'))} bytes; token {fmt(bb.get('sa_token'))} "
+             "bytes, RS256, 2048-bit key from openssl, in the JWKS given by `--token-jwks-file`). Same client and "
+             "settings as 1 and 2 (50 connections). Ratios: medians of per-repetition pairs.")
+    L.append("")
+    L.append("| connections | driver | client | door req/s | IMDS req/s | nginx req/s (door request) | door/IMDS | door/nginx | "
+             "IMDS/nginx | door p50 / p99 / p99.9 µs | IMDS p50 / p99 / p99.9 µs | nginx p50 / p99 / p99.9 µs | "
+             "CPU µs/req door / IMDS / nginx | door/IMDS CPU |")
+    L.append("|---" * 14 + "|")
+    for r in rows:
+        door, imds, ng = r["door"] or {}, r["imds"] or {}, r["nginx"] or {}
+        L.append(f"| {r['connections']} | {r['driver']} | {r['client']} | {fmt(door.get('rps'))} | {fmt(imds.get('rps'))} | "
+                 f"{fmt(ng.get('rps'))} | **{fmt(r['door_vs_imds'], 2)}×** | **{fmt(r['door_vs_nginx'], 2)}×** | "
+                 f"{fmt(r['imds_vs_nginx'], 2)}× | {lat(r['door'])} | {lat(r['imds'])} | {lat(r['nginx'])} | "
+                 f"{fmt(door.get('cpu_us_per_req'), 1)} / {fmt(imds.get('cpu_us_per_req'), 1)} / "
+                 f"{fmt(ng.get('cpu_us_per_req'), 1)} | {fmt(r['door_vs_imds_cpu'], 2)}× |")
+    L.append("")
+    if ver:
+        counts = sorted({v["verified"] for v in ver if v["verified"] is not None})
+        L.append(f"Tokens verified on first sight, per iamlet process over all its runs (`iamlet_container_credentials_total"
+                 f"{{outcome=\"verified\"}}`, {ver[0]['workers']} worker(s)): {', '.join(str(c) for c in counts) or '–'} "
+                 "— the one warm-up request before the measured runs; every measured request was a remembered token.")
+        L.append("")
+    return L
+
+
 def scaling_summary(results):
     rows = results.get("scaling") or []
     counts = []
@@ -112,6 +182,12 @@ def problems(results):
             p.append(f"{r['scenario']} {r['server']} {r['driver']} rep {r['rep']}: {r['errors']} errors {r.get('error_kinds')}")
         if not r.get("requests"):
             p.append(f"{r['scenario']} {r['server']} {r['driver']} rep {r['rep']}: no requests")
+    for v in results.get("container_verifications") or []:
+        # Each worker verifies the one token once (the first sight); more means the measured
+        # requests were not the remembered-token path.
+        if v["verified"] is None or v["verified"] > v["workers"]:
+            p.append(f"container door {v['driver']} rep {v['rep']}: {v['verified']} token verifications "
+                     f"for {v['workers']} worker(s) (expected at most one per worker)")
     for r in results.get("scaling") or []:
         if r.get("errors"):
             p.append(f"scaling {r['pods']} pods: {r['errors']} errors {r.get('error_kinds')}")
@@ -312,7 +388,8 @@ def markdown(results, summ, scal, svg_rel, attack_svg_rel=None, upgrade_svg_rel=
             L.append("Pass-through requests that opened a new upstream connection (fake IMDS accepts / requests, median): "
                      + ", ".join(parts) + ".")
             L.append("")
-        L.append("nginx comparator: `return 200` with a body of the same length for 1–4, `proxy_pass` with upstream "
+        L += container_markdown(results, results.get("container_summary") or container_summary(results, summ))
+        L.append("nginx comparator: `return 200` with a body of the same length for 1–4 and 1c–2c, `proxy_pass` with upstream "
                  f"keepalive {s.get('nginx_upstream_keepalive')} to the same fake IMDS for 5 (iamlet keeps 64 idle upstream "
                  "connections per worker).")
         L.append("")
@@ -458,6 +535,7 @@ def write(results, out_dir, smoke=False):
     scal = scaling_summary(results)
     results["summary"] = summ
     results["scaling_summary"] = scal
+    results["container_summary"] = container_summary(results, summ)
     results["targets"] = [{"target": n, "measured": v, "met": ok} for n, v, ok in targets(results, summ, scal)]
     jpath = os.path.join(out_dir, base + ".json")
     spath = os.path.join(out_dir, base + ".svg")

@@ -11,7 +11,8 @@
 # --skip soak, --only creds-keepalive,passthrough, --server-cpus 0 --client-cpus 1).
 #
 # Installs what it needs: oha (`cargo install oha --locked`, cached in loadtest/.tools),
-# nginx (Debian: nginx-light), moto (tests/install-python-tools.sh → .venv). Results: JSON and
+# nginx (Debian: nginx-light), openssl (the container door's token), moto
+# (tests/install-python-tools.sh → .venv). Results: JSON and
 # SVG in loadtest/results/, a section appended to loadtest/RESULTS.md (smoke: results/tmp/).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -40,6 +41,14 @@ if [ -z "$NGINX" ] && [ "$SMOKE" = 0 ] && [ "$SCALING" = 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light >/dev/null \
     || { $SUDO apt-get update -q >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light >/dev/null; }
   NGINX=/usr/sbin/nginx
+fi
+
+# The container-door scenarios mint a service-account token (RS256) with the openssl CLI.
+if ! command -v openssl >/dev/null && [ "$SCALING" = 0 ]; then
+  step "openssl (apt-get install openssl)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl >/dev/null \
+    || { $SUDO apt-get update -q >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl >/dev/null; }
 fi
 
 OHA=""

@@ -39,10 +39,19 @@ pub fn get(path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
 }
 
 pub fn request(method: &str, path: &str, extra: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    // A `Host` among the extra headers replaces the metadata address (the container door
+    // is asked as 169.254.170.23); a request carries one Host either way.
+    let host = extra
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("host"))
+        .map_or("169.254.169.254", |(_, v)| *v);
     let mut r = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nUser-Agent: iamlet-loadtool\r\nAccept: */*\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: iamlet-loadtool\r\nAccept: */*\r\n"
     );
     for (k, v) in extra {
+        if k.eq_ignore_ascii_case("host") {
+            continue;
+        }
         r.push_str(k);
         r.push_str(": ");
         r.push_str(v);
