@@ -16,6 +16,7 @@ use crate::metrics::RouteLabel;
 use crate::respond::{self, Persist, Status};
 use crate::worker::Worker;
 use iamlet_resolver::CredAnswer;
+use iamlet_resolver::tokens::{KeySet, VerifyKey};
 use jsonwebtoken::{Validation, decode, decode_header};
 use serde::Deserialize;
 use std::net::IpAddr;
@@ -86,9 +87,44 @@ pub struct TokenMemory {
     failures: ahash::AHashMap<IpAddr, (Instant, u32)>,
 }
 
+impl TokenMemory {
+    /// The token with digest `hash`, if verified before, not expired at `now` and (unless
+    /// the API server vouched for it) its key still `published`: a retired key's tokens are
+    /// verified again, and refused.
+    pub fn remembered(
+        &self,
+        hash: &[u8; 32],
+        now: u64,
+        published: impl Fn(&str) -> bool,
+    ) -> Option<Verified> {
+        self.verified
+            .get(hash)
+            .filter(|v| now < v.exp + if v.reviewed { 0 } else { LEEWAY })
+            .filter(|v| v.reviewed || published(&v.kid))
+            .cloned()
+    }
+
+    /// Remembers a verified token (forgetting them all when full: they verify again).
+    pub fn remember(&mut self, hash: [u8; 32], v: Verified) {
+        if self.verified.len() >= MAX_REMEMBERED {
+            self.verified.clear();
+        }
+        self.verified.insert(hash, v);
+    }
+}
+
+/// A token's SHA-256: what a worker remembers it by.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(digest.as_ref());
+    hash
+}
+
 /// Why a request gets no credentials: its status, `Code`, `Message`, and whether to say
 /// `Retry-After`.
-struct Refusal {
+#[derive(Debug)]
+pub struct Refusal {
     status: Status,
     code: &'static str,
     message: String,
@@ -243,17 +279,15 @@ async fn credentials(
 
 /// The token's claims, from this worker's memory or verified now.
 async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Refusal> {
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let mut hash = [0u8; 32];
-    hash.copy_from_slice(digest.as_ref());
+    let hash = token_hash(token);
     let now = unix_now();
-    // Remembered only while its key is still published: a retired key's tokens are
-    // verified again (and refused).
-    if let Some(v) = w.tokens.borrow().verified.get(&hash)
-        && now < v.exp + if v.reviewed { 0 } else { LEEWAY }
-        && (v.reviewed || w.shared.handle.has_token_key(&v.kid))
+    let handle = &w.shared.handle;
+    if let Some(v) = w
+        .tokens
+        .borrow()
+        .remembered(&hash, now, |kid| handle.has_token_key(kid))
     {
-        return Ok(v.clone());
+        return Ok(v);
     }
     // A source that keeps sending tokens that fail costs a bounded amount of verification.
     {
@@ -273,11 +307,7 @@ async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Ref
     match verify(w, token, now).await {
         Ok(mut v) => {
             v.token = hex_prefix(&hash);
-            let mut mem = w.tokens.borrow_mut();
-            if mem.verified.len() >= MAX_REMEMBERED {
-                mem.verified.clear();
-            }
-            mem.verified.insert(hash, v.clone());
+            w.tokens.borrow_mut().remember(hash, v.clone());
             w.shared.metrics.container_outcome("verified");
             // The audit trail of this door: which pod's token, once per token and worker
             // (named by a hash prefix: the token itself is a credential).
@@ -367,7 +397,7 @@ async fn verify(w: &Worker, token: &str, now: u64) -> Result<Verified, Refusal> 
             "the token is not a JWT",
         )
     })?;
-    let Some(kid) = head.kid else {
+    let Some(kid) = head.kid.clone() else {
         return Err(unauthorized(
             "unknown_key",
             "the token names no signing key (kid)",
@@ -397,6 +427,49 @@ async fn verify(w: &Worker, token: &str, now: u64) -> Result<Verified, Refusal> 
             "the token's signing key is not one of the API server's",
         ));
     };
+    check_with(
+        keys,
+        key,
+        &head,
+        kid,
+        w.shared.token_audience.as_str(),
+        token,
+        now,
+    )
+}
+
+/// The first-sight check of `token` against `keys` (no refetch, no review): the door's own
+/// verification once it holds a key set naming the token's key, and what the bench measures.
+pub fn check(keys: &KeySet, audience: &str, token: &str, now: u64) -> Result<Verified, Refusal> {
+    let head = decode_header(token).map_err(|_| {
+        refuse(
+            respond::BAD_REQUEST,
+            "InvalidToken",
+            "malformed",
+            "the token is not a JWT",
+        )
+    })?;
+    let kid = head.kid.clone().unwrap_or_default();
+    let Some(key) = keys.get(&kid) else {
+        return Err(unauthorized(
+            "unknown_key",
+            "the token's signing key is not one of the API server's",
+        ));
+    };
+    check_with(keys, key, &head, kid, audience, token, now)
+}
+
+/// The signature with `key` (its own algorithm only), issuer, audience, times, and the
+/// `kubernetes.io` claim of a pod-bound service-account token.
+fn check_with(
+    keys: &KeySet,
+    key: &VerifyKey,
+    head: &jsonwebtoken::Header,
+    kid: String,
+    audience: &str,
+    token: &str,
+    now: u64,
+) -> Result<Verified, Refusal> {
     if head.alg != key.alg {
         return Err(unauthorized(
             "algorithm",
@@ -407,7 +480,7 @@ async fn verify(w: &Worker, token: &str, now: u64) -> Result<Verified, Refusal> 
     v.leeway = LEEWAY;
     v.validate_nbf = true;
     v.set_issuer(&[keys.issuer.as_str()]);
-    v.set_audience(&[w.shared.token_audience.as_str()]);
+    v.set_audience(&[audience]);
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
     let claims = decode::<Claims>(token, &key.key, &v)
         .map_err(|e| {

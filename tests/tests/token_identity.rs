@@ -572,9 +572,10 @@ fn signing_keys_rotate_with_no_failed_request_and_the_kept_keys_outlive_a_restar
     let resp = ask(addr, "127.27.0.1", Some(&t2));
     assert_eq!(resp.status, 200, "{}\n{}", resp.body_str(), iamlet.log());
     assert!(
-        iamlet
-            .log()
-            .contains("service-account keys loaded from the last run"),
+        iamlet.wait_for_log(
+            "service-account keys loaded from the last run",
+            Duration::from_secs(5)
+        ),
         "{}",
         iamlet.log()
     );
@@ -712,6 +713,12 @@ fn a_denial_at_the_door_is_an_event_that_names_the_door_and_the_token() {
         denied.body_str()
     );
     // The audit line names the token by a hash prefix; the Event names the door and that token.
+    assert!(
+        r.iamlet
+            .wait_for_log("service-account token verified", Duration::from_secs(5)),
+        "{}",
+        r.iamlet.log()
+    );
     let log = r.iamlet.log();
     let line = log
         .lines()
