@@ -492,7 +492,7 @@ pub struct TokenArgs {
     /// Where the API server's service-account keys are kept between runs (0600), so an agent restarted while the API server is unreachable still verifies tokens. Off when not set
     #[arg(long, env = "IAMLET_TOKEN_KEYS_CACHE", value_name = "PATH")]
     pub token_keys_cache: Option<PathBuf>,
-    /// Ask the API server (TokenReview) about a token whose signing key is not in the published set even after a refetch, instead of refusing it; needs create on tokenreviews (authentication.k8s.io) in iamlet's ClusterRole. Cluster mode only
+    /// Ask the API server (TokenReview) about a token whose signing key is not in the published set even after a refetch, instead of refusing it, and about a token whose pod is not known at the request's address (a deleted pod's token is then refused, not retried); needs create on tokenreviews (authentication.k8s.io) in iamlet's ClusterRole. Cluster mode only
     #[arg(long, env = "IAMLET_TOKEN_REVIEW", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
     pub token_review: bool,
 }

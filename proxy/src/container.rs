@@ -16,7 +16,7 @@ use crate::metrics::RouteLabel;
 use crate::respond::{self, Persist, Status};
 use crate::worker::Worker;
 use iamlet_resolver::CredAnswer;
-use iamlet_resolver::tokens::{KeySet, VerifyKey};
+use iamlet_resolver::tokens::{KeySet, Verdict, VerifyKey};
 use jsonwebtoken::{Validation, decode, decode_header};
 use serde::Deserialize;
 use std::net::IpAddr;
@@ -102,6 +102,26 @@ impl TokenMemory {
             .filter(|v| now < v.exp + if v.reviewed { 0 } else { LEEWAY })
             .filter(|v| v.reviewed || published(&v.kid))
             .cloned()
+    }
+
+    /// Whether `peer` has spent this second's budget of failed verifications.
+    fn spent(&self, peer: IpAddr) -> bool {
+        self.failures.get(&peer).is_some_and(|(since, n)| {
+            since.elapsed() < Duration::from_secs(1) && *n >= FAILURES_PER_SECOND
+        })
+    }
+
+    /// Counts a failed verification (or a review the API server refused) against `peer`.
+    fn failed(&mut self, peer: IpAddr) {
+        if self.failures.len() >= MAX_REMEMBERED {
+            self.failures.clear();
+        }
+        let t = Instant::now();
+        let e = self.failures.entry(peer).or_insert((t, 0));
+        if t.duration_since(e.0) >= Duration::from_secs(1) {
+            *e = (t, 0);
+        }
+        e.1 += 1;
     }
 
     /// Remembers a verified token (forgetting them all when full: they verify again).
@@ -274,7 +294,7 @@ async fn credentials(
         ));
     };
     let claims = verified(w, peer, token).await?;
-    bind(w, peer, &claims).await
+    bind(w, peer, &claims, token).await
 }
 
 /// The token's claims, from this worker's memory or verified now.
@@ -290,19 +310,11 @@ async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Ref
         return Ok(v);
     }
     // A source that keeps sending tokens that fail costs a bounded amount of verification.
-    {
-        let mem = w.tokens.borrow();
-        let t = Instant::now();
-        if let Some((since, n)) = mem.failures.get(&peer)
-            && t.duration_since(*since) < Duration::from_secs(1)
-            && *n >= FAILURES_PER_SECOND
-        {
-            return Err(unauthorized(
-                "rate_limited",
-                "too many tokens that failed verification from this address; retry later",
-            ));
-        }
-        drop(mem);
+    if w.tokens.borrow().spent(peer) {
+        return Err(unauthorized(
+            "rate_limited",
+            "too many tokens that failed verification from this address; retry later",
+        ));
     }
     match verify(w, token, now).await {
         Ok(mut v) => {
@@ -324,16 +336,7 @@ async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Ref
         }
         Err(r) => {
             if r.status == UNAUTHORIZED || r.status == respond::BAD_REQUEST {
-                let mut mem = w.tokens.borrow_mut();
-                if mem.failures.len() >= MAX_REMEMBERED {
-                    mem.failures.clear();
-                }
-                let t = Instant::now();
-                let e = mem.failures.entry(peer).or_insert((t, 0));
-                if t.duration_since(e.0) >= Duration::from_secs(1) {
-                    *e = (t, 0);
-                }
-                e.1 += 1;
+                w.tokens.borrow_mut().failed(peer);
             }
             Err(r)
         }
@@ -349,15 +352,20 @@ const REVIEW_WAIT: Duration = Duration::from_secs(5);
 /// `--token-review`: the API server's TokenReview decides about a token signed with a key
 /// not known here; a token it authenticates as bound to a pod is then bound like any other.
 async fn review(w: &Worker, token: &str, kid: String, now: u64) -> Result<Verified, Refusal> {
-    let reviewed = monoio::time::timeout(REVIEW_WAIT, w.shared.handle.review_token(token))
-        .await
-        .ok()
-        .flatten();
-    let Some(r) = reviewed else {
-        return Err(unauthorized(
-            "unknown_key",
-            "the token's signing key is unknown and the API server did not vouch for it",
-        ));
+    let r = match ask_api_server(w, token).await {
+        Verdict::Bound(r) => r,
+        Verdict::Refused => {
+            return Err(unauthorized(
+                "unknown_key",
+                "the token's signing key is unknown and the API server does not vouch for it",
+            ));
+        }
+        Verdict::Unknown => {
+            return Err(unavailable(
+                "review",
+                "the token's signing key is unknown and the API server could not be asked; retry shortly",
+            ));
+        }
     };
     // The token's own expiry (not verified here: the review was) only shortens the memory.
     let mut v = Validation::new(jsonwebtoken::Algorithm::RS256);
@@ -383,6 +391,13 @@ async fn review(w: &Worker, token: &str, kid: String, now: u64) -> Result<Verifi
         exp,
         token: String::new(),
     })
+}
+
+/// The API server's TokenReview of `token`, waited for at most [`REVIEW_WAIT`].
+async fn ask_api_server(w: &Worker, token: &str) -> Verdict {
+    monoio::time::timeout(REVIEW_WAIT, w.shared.handle.review_token(token))
+        .await
+        .unwrap_or(Verdict::Unknown)
 }
 
 /// Verifies the token's signature with the key its `kid` names (with that key's one
@@ -546,7 +561,12 @@ fn check_with(
 }
 
 /// The credentials of the token's pod, if the request comes from it, on this node.
-async fn bind(w: &Worker, peer: IpAddr, t: &Verified) -> Result<bytes::Bytes, Refusal> {
+async fn bind(
+    w: &Worker,
+    peer: IpAddr,
+    t: &Verified,
+    token: &str,
+) -> Result<bytes::Bytes, Refusal> {
     if let (Some(theirs), Some(ours)) = (&t.node, &w.shared.node_name)
         && theirs != ours
     {
@@ -558,6 +578,22 @@ async fn bind(w: &Worker, peer: IpAddr, t: &Verified) -> Result<bytes::Bytes, Re
     let Some(id) = w.wait_identity(peer).await else {
         if w.shared.handle.pod_gone(&t.pod.uid) {
             return Err(forbidden("pod_gone", "the token's pod is gone"));
+        }
+        // A pod this agent has not seen: one not synced yet (retry), or one deleted before
+        // this agent started or longer ago than it remembers. The API server knows which
+        // (a pod-bound token stops authenticating with its pod), so with `--token-review` a
+        // token whose pod is gone is refused for good instead of retried. Each review costs
+        // the API server a request, so a refused one counts against the source's budget.
+        if !t.reviewed
+            && w.shared.handle.reviews_tokens()
+            && !w.tokens.borrow().spent(peer)
+            && ask_api_server(w, token).await == Verdict::Refused
+        {
+            w.tokens.borrow_mut().failed(peer);
+            return Err(forbidden(
+                "pod_gone",
+                "the API server no longer accepts the token: its pod is gone",
+            ));
         }
         return Err(unavailable(
             "unknown_pod",

@@ -328,7 +328,7 @@ impl Collector for ProxyMetrics {
             ),
             (
                 "container_credentials",
-                "The container-credentials endpoint: service-account tokens verified on first sight (verified) and requests refused, by reason (malformed, unknown_key, algorithm, signature, expired, not_yet_valid, issuer, audience, claims, not_pod_bound, rate_limited, no_keys, host, method, other_node, other_pod, unknown_pod, denied, no_role, sts)",
+                "The container-credentials endpoint: service-account tokens verified on first sight (verified) and requests refused, by reason (malformed, unknown_key, algorithm, signature, expired, not_yet_valid, issuer, audience, claims, not_pod_bound, rate_limited, no_keys, review, host, method, other_node, other_pod, unknown_pod, pod_gone, denied, no_role, sts)",
                 &self.container,
             ),
         ] {

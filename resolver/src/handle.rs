@@ -118,18 +118,22 @@ impl Handle {
             .is_some_and(|k| k.get(kid).is_some())
     }
 
-    /// With `--token-review`: the API server's word on a token whose key is not known here
-    /// (`None`: not a pod-bound token it authenticates, reviews off, the queue full, or the
-    /// review failed). Callers bound the wait.
-    pub async fn review_token(&self, token: &str) -> Option<crate::tokens::Reviewed> {
-        let tx = self.shared.keys.reviews.get()?;
+    /// With `--token-review`: the API server's word on a token (whose key is not known here,
+    /// or whose pod this agent has not seen). Callers bound the wait.
+    pub async fn review_token(&self, token: &str) -> crate::tokens::Verdict {
+        use crate::tokens::Verdict;
+        let Some(tx) = self.shared.keys.reviews.get() else {
+            return Verdict::Unknown;
+        };
         let (reply, answer) = tokio::sync::oneshot::channel();
-        tx.try_send(crate::tokens::Review {
+        let asked = tx.try_send(crate::tokens::Review {
             token: token.to_owned(),
             reply,
-        })
-        .ok()?;
-        answer.await.ok().flatten()
+        });
+        if asked.is_err() {
+            return Verdict::Unknown;
+        }
+        answer.await.unwrap_or(Verdict::Unknown)
     }
 
     /// Whether TokenReview is on (`--token-review`).

@@ -200,12 +200,24 @@ pub struct Reviewed {
     pub node: Option<String>,
 }
 
-/// One token to review and where the answer goes (`None`: not authenticated, not bound to
-/// a pod, or the review failed).
+/// The API server's answer to a TokenReview, kept apart from not getting one: a refusal is
+/// final (the token is not, or no longer, good: its pod may be gone), a missing answer is
+/// transient (the server unreachable or slow, the queue full) and must not refuse a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Authenticated and bound to this pod.
+    Bound(Reviewed),
+    /// Not authenticated, or not a pod-bound service-account token.
+    Refused,
+    /// No answer: reviews off, the queue full, the request failed or timed out.
+    Unknown,
+}
+
+/// One token to review and where the answer goes.
 #[derive(Debug)]
 pub(crate) struct Review {
     pub(crate) token: String,
-    pub(crate) reply: tokio::sync::oneshot::Sender<Option<Reviewed>>,
+    pub(crate) reply: tokio::sync::oneshot::Sender<Verdict>,
 }
 
 /// Reviews queued at once; more are refused (answered as unreviewed) rather than queued.
@@ -236,14 +248,17 @@ pub(crate) async fn serve_reviews(
         )
         .await
         {
-            Ok(Ok(r)) => r.status.and_then(reviewed),
+            Ok(Ok(r)) => r
+                .status
+                .and_then(reviewed)
+                .map_or(Verdict::Refused, Verdict::Bound),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "TokenReview failed");
-                None
+                Verdict::Unknown
             }
             Err(_) => {
                 tracing::warn!("TokenReview timed out");
-                None
+                Verdict::Unknown
             }
         };
         let _ = reply.send(answer);

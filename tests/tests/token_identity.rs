@@ -797,3 +797,255 @@ fn a_service_account_role_reaches_its_pod_through_both_doors() {
     assert_eq!(json_of(&door)["AccessKeyId"], json_of(&imds)["AccessKeyId"]);
     assert_eq!(json_of(&door)["AccountId"], "210987654321");
 }
+
+#[test]
+fn with_token_review_a_token_whose_pod_the_agent_never_saw_is_retried_only_while_the_pod_lives() {
+    let s = RealApiServer::shared().scope("review-unseen");
+    // The shipped rules, and TokenReview as the chart grants it with `tokenReview: true`.
+    let identity = s.own_identity(Some(&|role: &mut Value| {
+        role["rules"].as_array_mut().unwrap().push(json!({
+            "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]
+        }))
+    }));
+    let dir = std::env::temp_dir().join(format!("iamlet-review-unseen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = format!(
+        "--kubeconfig={}",
+        s.kubeconfig_for(&s.token("kube-system", &identity, 3600), &dir)
+            .display()
+    );
+    let ns = s.ns("shop");
+    s.set_namespace(&ns, &[]);
+    s.ensure_service_account(&ns, "app-sa");
+    // `gone`: a pod of this node deleted before the agent started (it keeps no tombstone of
+    // a pod it never saw); its token is still unexpired.
+    s.create_pod(
+        &PodBuilder::running(&ns, "gone", &s.node, "127.29.0.1")
+            .role("app")
+            .service_account("app-sa"),
+    );
+    let gone = s.pod_token(&ns, "app-sa", "gone", AUDIENCE, 3600);
+    s.delete_pod(&ns, "gone");
+    // `late`: a pod of this node that has no address yet, so the agent cannot tell it is the
+    // one asking from 127.29.0.2.
+    s.create_pod(
+        &PodBuilder::new(&ns, "late")
+            .node(&s.node)
+            .phase("Pending")
+            .role("app")
+            .service_account("app-sa"),
+    );
+    let late = s.pod_token(&ns, "app-sa", "late", AUDIENCE, 3600);
+
+    let node = format!("--node={}", s.node);
+    let base = format!("--base-role-arn={}", iamlet_e2e::rig::control::BASE);
+    let args = [
+        kubeconfig.as_str(),
+        node.as_str(),
+        base.as_str(),
+        "--backoff-max-elapsed-time=1s",
+    ];
+    // Without TokenReview the agent cannot tell the two apart: both are "retry".
+    let plain = restart_agent(&args);
+    for (src, token) in [("127.29.0.1", &gone), ("127.29.0.2", &late)] {
+        let resp = ask(plain.iamlet.addr(), src, Some(token));
+        refused(
+            &resp,
+            503,
+            "ServiceUnavailable",
+            "an unseen pod, unreviewed",
+        );
+    }
+    drop(plain);
+    let r = restart_agent(&[&args[..], &["--token-review"]].concat());
+    let addr = r.iamlet.addr();
+    refused(
+        &ask(addr, "127.29.0.1", Some(&gone)),
+        403,
+        "AccessDenied",
+        "a deleted pod's token, reviewed",
+    );
+    let resp = ask(addr, "127.29.0.2", Some(&late));
+    refused(&resp, 503, "ServiceUnavailable", "a live pod not known yet");
+    assert!(
+        json_of(&resp)["Message"]
+            .as_str()
+            .unwrap()
+            .contains("no pod of this node is known at this address yet"),
+        "{}",
+        resp.body_str()
+    );
+    assert_eq!(
+        sample(
+            addr,
+            "iamlet_container_credentials_total{outcome=\"pod_gone\"}"
+        ),
+        1.0,
+        "{}",
+        r.iamlet.log()
+    );
+    // The live pod gets its address: the same token is answered.
+    s.set_pod_status(&ns, "late", "Running", &["127.29.0.2".to_owned()]);
+    let ok = iamlet_e2e::wait_until!(
+        Duration::from_secs(10),
+        Some(ask(addr, "127.29.0.2", Some(&late))).filter(|x| x.status == 200),
+        "the late pod's credentials"
+    );
+    assert!(json_of(&ok)["AccessKeyId"].as_str().is_some());
+    // The deleted pod's token stays refused (from its old address, now nobody's).
+    refused(
+        &ask(addr, "127.29.0.1", Some(&gone)),
+        403,
+        "AccessDenied",
+        "a deleted pod's token, again",
+    );
+    drop(r);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_api_server_outage_across_an_agent_upgrade_fails_no_request() {
+    // A server of this test's own: it is stopped for a while.
+    let api = RealApiServer::private(&[]);
+    let s = api.scope("outage");
+    let ns = s.ns("shop");
+    s.set_namespace(&ns, &[]);
+    s.ensure_service_account(&ns, "app-sa");
+    s.create_pod(
+        &PodBuilder::running(&ns, "app", &s.node, "127.30.0.1")
+            .role("app")
+            .service_account("app-sa"),
+    );
+    let dir = std::env::temp_dir().join(format!("iamlet-outage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache_flag = format!(
+        "--token-keys-cache={}",
+        dir.join("service-account-keys.json").display()
+    );
+    let sock_flag = format!(
+        "--handover-socket={}",
+        dir.join("run/handover.sock").display()
+    );
+    let node_flag = format!("--node={}", s.node);
+    let kubeconfig = format!(
+        "--kubeconfig={}",
+        api.shipped_identity().kubeconfig.display()
+    );
+    let mut old = real(
+        s,
+        &["--backoff-max-elapsed-time=1s", &cache_flag, &sock_flag],
+    );
+    let addr = old.iamlet.addr();
+    let first = old.api.pod_token(&ns, "app-sa", "app", AUDIENCE, 3600);
+    iamlet_e2e::wait_until!(
+        Duration::from_secs(10),
+        ask(addr, "127.30.0.1", Some(&first)).status == 200,
+        "the first token's credentials"
+    );
+    // A token the old agent never sees: the new one meets it first, after the outage.
+    let fresh = old.api.pod_token(&ns, "app-sa", "app", AUDIENCE, 3600);
+    // Once the server is back the new agent may list pods but not read the issuer's
+    // documents: it can only verify with the keys the old one kept.
+    cut_key_reads(api);
+
+    let current = std::sync::Mutex::new(first.clone());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let asked = std::sync::atomic::AtomicU32::new(0);
+    let (failures, new) = std::thread::scope(|sc| {
+        let asker = sc.spawn(|| {
+            let mut failures = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(180);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+                let token = current.lock().unwrap().clone();
+                match try_request_from(
+                    ip("127.30.0.1"),
+                    addr,
+                    format!(
+                        "GET {DOOR} HTTP/1.1\r\nHost: 169.254.170.23\r\nAuthorization: {token}\r\nConnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                ) {
+                    Ok(r) if r.status == 200 => {}
+                    Ok(r) => failures.push(format!("{} {}", r.status, r.body_str())),
+                    Err(e) => failures.push(e.to_string()),
+                }
+                asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            failures
+        });
+        let wait_asked = |n: u32| {
+            let from = asked.load(std::sync::atomic::Ordering::SeqCst);
+            iamlet_e2e::wait_until!(
+                Duration::from_secs(20),
+                asked.load(std::sync::atomic::Ordering::SeqCst) >= from + n,
+                "{n} more requests"
+            );
+        };
+        wait_asked(10);
+        // The outage begins; the upgrade starts during it: the new process takes the
+        // sockets and waits for a pod list it cannot get, while the old one serves.
+        api.stop_apiserver();
+        let new = restart_agent_until(
+            &[
+                &kubeconfig,
+                &node_flag,
+                &cache_flag,
+                &sock_flag,
+                "--base-role-arn=arn:aws:iam::123456789012:role/",
+                "--backoff-max-elapsed-time=1s",
+            ],
+            "handover: waiting for the first pod list",
+        );
+        wait_asked(40);
+        assert!(
+            old.iamlet.try_exit_status().is_none(),
+            "the old agent serves through the outage: {}",
+            old.iamlet.log()
+        );
+        // The server comes back: the new agent lists pods, accepts, and the old one goes.
+        api.start_apiserver();
+        let (code, timed_out) = old.iamlet.wait_exit(Duration::from_secs(60));
+        assert_eq!(
+            (code, timed_out),
+            (Some(0), false),
+            "the old agent hands over and exits: {}\nnew: {}",
+            old.iamlet.log(),
+            new.iamlet.log()
+        );
+        // Only the new agent answers now; it has never seen this token.
+        *current.lock().unwrap() = fresh.clone();
+        wait_asked(20);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        (asker.join().unwrap(), new)
+    });
+    let asked = asked.into_inner();
+    println!(
+        "{asked} requests across the outage and the upgrade, {} failed",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{failures:?}\n{}", new.iamlet.log());
+    let log = new.iamlet.log();
+    assert!(
+        log.contains("service-account keys loaded from the last run"),
+        "{log}"
+    );
+    assert!(
+        log.contains("service-account token verified"),
+        "the new agent verified the fresh token itself: {log}"
+    );
+    drop(new);
+    drop(old);
+    let _ = std::fs::remove_dir_all(&dir);
+    api.stop();
+}
+
+/// As [`restart_agent`], returning once the agent logs `needle` (a handover step).
+fn restart_agent_until(args: &[&str], needle: &str) -> Rig<()> {
+    iamlet_e2e::rig::control::with_agent((), |mut b| {
+        for a in args {
+            b = b.arg(*a);
+        }
+        b.until(needle)
+    })
+}
