@@ -4,13 +4,14 @@
 
 use crate::downstream::DownstreamError;
 use crate::handler::handle;
+use crate::metrics::RouteLabel;
 use crate::respond::{self, Persist};
 use crate::worker::{ConnGuard, Limits, WORKER_OUT_BUDGET, Worker};
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{CancelableAsyncReadRent, CancelableAsyncWriteRent, Canceller};
 use monoio::net::TcpStream;
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Header slots per request (hyper uses 100; IMDS clients send fewer than ten).
 pub const MAX_HEADERS: usize = 32;
@@ -168,6 +169,9 @@ pub async fn serve(
     // When a not-yet-complete request was first seen (slowloris bound). Taken only when a read
     // leaves a partial request, so a complete request costs no clock read for it.
     let mut head_started: Option<Instant> = None;
+    // The last clock reading on this connection: deadlines are counted from it rather than
+    // from a fresh read per operation.
+    let mut clock: Option<Instant> = None;
     let mut canceller = Canceller::new();
     // Bytes a pod pipelined while one of its requests waited, read by the watch for its
     // departure; they are parsed after that request.
@@ -199,16 +203,36 @@ pub async fn serve(
             } else {
                 persistence(&req)
             };
-            let t0 = Instant::now();
-            let handling = handle(w, peer, &req, persist, &mut b.out);
-            if !answer_watching(handling, &mut stream, stranger, &mut early, &mut canceller).await {
+            // The request's one clock read: its credentials' freshness, its IMDSv2 token's
+            // expiry, its latency and the next read's deadline all start from it.
+            let now = Instant::now();
+            clock = Some(now);
+            let handling = handle(w, peer, &req, persist, now, &mut b.out);
+            let watched =
+                answer_watching(handling, &mut stream, stranger, &mut early, &mut canceller);
+            let Some((answered, waited)) = watched.await else {
                 // The client left while its request waited: nothing to answer, and the
                 // connection, its permit and its buffers go now rather than after the wait.
                 w.metrics.peer_gone.inc();
                 return;
-            }
-            w.metrics
-                .observe_latency(req.method.unwrap_or(""), t0.elapsed());
+            };
+            // A request answered on its first poll waited for nothing and took a few
+            // microseconds, far below the histogram's first bucket (1 ms): it is counted
+            // there without a second clock read. One that waited is timed; admin answers
+            // (a /metrics render) are too.
+            let took = if waited || answered.route == RouteLabel::Admin {
+                let end = Instant::now();
+                clock = Some(end);
+                end - now
+            } else {
+                Duration::ZERO
+            };
+            w.metrics.observe_latency(
+                answered.route,
+                req.method.unwrap_or(""),
+                answered.status,
+                took,
+            );
             b.hold();
             start += len;
             head_started = None;
@@ -266,26 +290,24 @@ pub async fn serve(
         // A partial request must complete within the header timeout; an idle connection may
         // wait for the idle timeout (and is the first to go when the worker needs room).
         let idle = b.rbuf.is_empty();
-        let timeout = if idle {
-            limits.idle_timeout
+        let (since, timeout) = if idle {
+            (clock, limits.idle_timeout)
         } else {
             let started = *head_started.get_or_insert_with(Instant::now);
-            match limits.header_timeout.checked_sub(started.elapsed()) {
-                Some(left) => left,
-                None => {
-                    w.metrics.downstream_error(DownstreamError::HeaderTimeout);
-                    return;
-                }
+            if started.elapsed() >= limits.header_timeout {
+                w.metrics.downstream_error(DownstreamError::HeaderTimeout);
+                return;
             }
+            (Some(started), limits.header_timeout)
         };
         if idle {
             tracked.set_idle(true);
         }
         let len = b.rbuf.len();
-        let (res, slice, timed_out) = read_with_timeout(
+        let (res, slice, timed_out) = read_by(
             &mut stream,
             std::mem::take(&mut b.rbuf).slice_mut(len..),
-            timeout,
+            || since.unwrap_or_else(Instant::now) + timeout,
             &mut canceller,
         )
         .await;
@@ -313,20 +335,20 @@ const STRANGER_DRAIN: usize = 64 * 1024;
 /// Runs a request's `handling`. If it has to wait (for its pod to be known, STS, or the
 /// upstream), the connection is watched meanwhile: a read races the wait, and EOF or an
 /// error (the client hung up, or the worker evicted the connection) ends the handling at
-/// once, returning false. Bytes a pod sends meanwhile (pipelined requests) end the watch and
+/// once, returning `None`. Bytes a pod sends meanwhile (pipelined requests) end the watch and
 /// are kept in `early`; a stranger's are dropped (it gets one answer per connection) and
-/// the watch goes on, up to [`STRANGER_DRAIN`]. A request answered at once costs nothing for this.
-async fn answer_watching(
-    handling: impl std::future::Future<Output = ()>,
+/// the watch goes on, up to [`STRANGER_DRAIN`]. A request answered at once costs nothing for
+/// this. Returns the handling's output and whether it had to wait.
+async fn answer_watching<T>(
+    handling: impl std::future::Future<Output = T>,
     stream: &mut TcpStream,
     stranger: bool,
     early: &mut Vec<u8>,
     canceller: &mut Canceller,
-) -> bool {
+) -> Option<(T, bool)> {
     let mut handling = std::pin::pin!(handling);
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(handling.as_mut().poll(cx)));
-    if first.await.is_ready() {
-        return true;
+    if let Some(answered) = poll_once(handling.as_mut()).await {
+        return Some((answered, false));
     }
     let mut buf = Vec::with_capacity(WATCH_READ);
     let mut dropped = 0usize;
@@ -334,30 +356,29 @@ async fn answer_watching(
         let mut read = std::pin::pin!(stream.cancelable_read(buf, canceller.handle()));
         monoio::select! {
             biased;
-            () = &mut handling => {
+            answered = &mut handling => {
                 *canceller = std::mem::take(canceller).cancel();
                 let (res, got) = read.await;
                 if matches!(res, Ok(n) if n > 0) && !stranger {
                     early.extend_from_slice(&got);
                 }
-                return true;
+                return Some((answered, true));
             }
             (res, got) = &mut read => match res {
                 Ok(n) if n > 0 => {
                     if !stranger {
                         early.extend_from_slice(&got);
-                        handling.await;
-                        return true;
+                        return Some((handling.await, true));
                     }
                     // A stranger streaming while it waits is not worth reading for.
                     dropped += n;
                     if dropped > STRANGER_DRAIN {
-                        return false;
+                        return None;
                     }
                     buf = got;
                     buf.clear();
                 }
-                _ => return false,
+                _ => return None,
             },
         }
     }
@@ -402,20 +423,24 @@ impl Drop for Bufs<'_> {
     }
 }
 
-/// One read, cancelled after `timeout`; the buffer always comes back (the cancelled
-/// operation is awaited, so the kernel is done with it). `true`: the timeout fired.
+/// One read, cancelled at the deadline `deadline` gives; the buffer always comes back (the
+/// cancelled operation is awaited, so the kernel is done with it). `true`: the deadline
+/// passed. A read that completes when first polled arms no timer and asks for no deadline.
 /// `canceller` is the connection's: one serves every operation until it cancels one (it is
 /// then replaced), so a request costs no allocation for it.
-async fn read_with_timeout<T: monoio::buf::IoBufMut>(
+async fn read_by<T: monoio::buf::IoBufMut>(
     stream: &mut TcpStream,
     buf: T,
-    timeout: std::time::Duration,
+    deadline: impl FnOnce() -> Instant,
     canceller: &mut Canceller,
 ) -> (std::io::Result<usize>, T, bool) {
     let mut read = std::pin::pin!(stream.cancelable_read(buf, canceller.handle()));
+    if let Some((res, buf)) = poll_once(read.as_mut()).await {
+        return (res, buf, false);
+    }
     monoio::select! {
         (res, buf) = &mut read => (res, buf, false),
-        _ = monoio::time::sleep(timeout) => {
+        _ = monoio::time::sleep_until(deadline().into()) => {
             *canceller = std::mem::take(canceller).cancel();
             let (res, buf) = read.await;
             (res, buf, true)
@@ -423,8 +448,19 @@ async fn read_with_timeout<T: monoio::buf::IoBufMut>(
     }
 }
 
+/// Polls `f` once: its output if that finished it.
+async fn poll_once<F: std::future::Future>(mut f: std::pin::Pin<&mut F>) -> Option<F::Output> {
+    let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await;
+    match polled {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// Writes all of `out`; false when the peer is gone or a write made no progress within
-/// `timeout` (a client that stopped reading). The buffer always comes back.
+/// `timeout` (a client that stopped reading). The buffer always comes back. A write that
+/// completes when first polled (nearly all: the answer fits the socket's buffer) arms no
+/// timer and reads no clock.
 async fn write_all(
     stream: &mut TcpStream,
     mut out: Vec<u8>,
@@ -435,14 +471,17 @@ async fn write_all(
     while written < out.len() {
         let slice = out.slice(written..);
         let mut write = std::pin::pin!(stream.cancelable_write(slice, canceller.handle()));
-        let (res, slice) = monoio::select! {
-            r = &mut write => r,
-            _ = monoio::time::sleep(timeout) => {
-                *canceller = std::mem::take(canceller).cancel();
-                let (res, slice) = write.await;
-                // Whatever it wrote before the cancel, the client is not reading.
-                (res.and(Err(std::io::ErrorKind::TimedOut.into())), slice)
-            }
+        let (res, slice) = match poll_once(write.as_mut()).await {
+            Some(done) => done,
+            None => monoio::select! {
+                r = &mut write => r,
+                _ = monoio::time::sleep(timeout) => {
+                    *canceller = std::mem::take(canceller).cancel();
+                    let (res, slice) = write.await;
+                    // Whatever it wrote before the cancel, the client is not reading.
+                    (res.and(Err(std::io::ErrorKind::TimedOut.into())), slice)
+                }
+            },
         };
         out = slice.into_inner();
         match res {

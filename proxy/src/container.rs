@@ -12,7 +12,6 @@
 //! here, 405 a method other than GET, and 503 with `Retry-After` for what is transient (the
 //! only status every SDK retries).
 
-use crate::metrics::RouteLabel;
 use crate::respond::{self, Persist, Status};
 use crate::worker::Worker;
 use iamlet_resolver::CredAnswer;
@@ -229,7 +228,7 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Answers one request on the door.
+/// Answers one request on the door; returns its status.
 pub async fn answer(
     w: &Worker,
     peer: IpAddr,
@@ -237,14 +236,13 @@ pub async fn answer(
     headers: &[httparse::Header<'_>],
     out: &mut Vec<u8>,
     persist: Persist,
-) {
+) -> u16 {
     match credentials(w, peer, method, headers).await {
         Ok(body) => {
-            w.metrics.request(RouteLabel::Container, 200);
             respond::write(out, respond::OK, respond::JSON, &body, persist, false);
+            200
         }
         Err(r) => {
-            w.metrics.request(RouteLabel::Container, r.status.0);
             w.shared.metrics.container_outcome(r.outcome);
             let body = serde_json::json!({"Code": r.code, "Message": r.message}).to_string();
             let retry: &[(&[u8], &[u8])] = if r.status.0 == 503 {
@@ -254,6 +252,7 @@ pub async fn answer(
             };
             respond::write_head(out, r.status, respond::JSON, body.len(), persist, retry);
             out.extend_from_slice(body.as_bytes());
+            r.status.0
         }
     }
 }

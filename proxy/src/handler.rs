@@ -21,25 +21,45 @@ const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 const UNAUTHORIZED: Status = Status(401, "Unauthorized");
 
+/// What a request was answered with: its route and status, for the latency histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answered {
+    pub route: RouteLabel,
+    pub status: u16,
+}
+
 /// One request's context.
 struct Req<'a, 'r> {
     w: &'a Worker,
     peer: IpAddr,
+    /// When the request was taken up: the one clock read of a request, for the credentials'
+    /// freshness and the IMDSv2 token's expiry alike.
+    now: Instant,
     persist: Persist,
     head_only: bool,
     out: &'a mut Vec<u8>,
     headers: &'r [httparse::Header<'r>],
+    answered: Answered,
 }
 
 impl Req<'_, '_> {
+    /// Counts the answer (route and status class) and keeps them for the caller.
+    fn count(&mut self, label: RouteLabel, status: u16) {
+        self.w.metrics.request(label, status);
+        self.answered = Answered {
+            route: label,
+            status,
+        };
+    }
+
     fn answer(&mut self, label: RouteLabel, status: Status, ctype: &str, body: &[u8]) {
-        self.w.metrics.request(label, status.0);
+        self.count(label, status.0);
         respond::write(self.out, status, ctype, body, self.persist, self.head_only);
     }
 
     /// [`Req::answer`] with the body in pieces, copied into the answer (not joined first).
     fn answer_parts(&mut self, label: RouteLabel, status: Status, ctype: &str, body: &[&[u8]]) {
-        self.w.metrics.request(label, status.0);
+        self.count(label, status.0);
         let len = body.iter().map(|p| p.len()).sum();
         respond::write_head(self.out, status, ctype, len, self.persist, &[]);
         if !self.head_only {
@@ -77,30 +97,52 @@ impl Req<'_, '_> {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// Unix time at `now`, from the one clock read a request makes: the wall clock is read once
+/// per process and followed monotonically from there. IMDSv2 tokens are minted and verified
+/// on this clock alike (seconds matter to them, and a stepped wall clock does not stretch or
+/// cut a token's life).
+fn unix_time(now: Instant) -> std::time::Duration {
+    static BASE: std::sync::OnceLock<(Instant, std::time::Duration)> = std::sync::OnceLock::new();
+    let (at, unix) = BASE.get_or_init(|| {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        (Instant::now(), unix)
+    });
+    *unix + now.saturating_duration_since(*at)
 }
 
-/// Writes the response for `req` into `out`.
+/// Writes the response for `req`, taken up at `now`, into `out`; returns what it answered.
 pub async fn handle(
     w: &Worker,
     peer: IpAddr,
     req: &httparse::Request<'_, '_>,
     persist: Persist,
+    now: Instant,
     out: &mut Vec<u8>,
-) {
+) -> Answered {
     let method = req.method.unwrap_or("");
     let mut r = Req {
         w,
         peer,
+        now,
         persist,
         head_only: method == "HEAD",
         out,
         headers: req.headers,
+        answered: Answered {
+            route: RouteLabel::Invalid,
+            status: 0,
+        },
     };
+    answer(&mut r, req, method).await;
+    r.answered
+}
+
+/// Routes the request and answers it.
+async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &str) {
+    let w = r.w;
+    let peer = r.peer;
     let Ok(path) = canonicalize(req.path.unwrap_or("")) else {
         r.head_only = false;
         return r.refuse(
@@ -111,7 +153,8 @@ pub async fn handle(
     };
     // The container-credentials door: service-account tokens, not IMDS (no IMDSv2 token).
     if path == crate::container::PATH && !w.admin_only {
-        return crate::container::answer(w, peer, method, req.headers, r.out, persist).await;
+        let status = crate::container::answer(w, peer, method, req.headers, r.out, r.persist).await;
+        return r.count(RouteLabel::Container, status);
     }
     let rt = route(&path);
     let admin_allowed = w.admin_only || w.shared.admin_on_app_port;
@@ -174,7 +217,7 @@ pub async fn handle(
                 r.head_only = false;
                 return r.not_found(RouteLabel::Token);
             }
-            return mint_token(&mut r, method);
+            return mint_token(r, method);
         }
         Route::VersionedToken => {
             return r.text(RouteLabel::Token, respond::FORBIDDEN, b"Forbidden\n");
@@ -182,7 +225,7 @@ pub async fn handle(
         _ => {}
     }
     // Everything below is metadata: tokens are checked first.
-    if !token_ok(&mut r) {
+    if !token_ok(r) {
         r.head_only = false;
         return r.answer(RouteLabel::Token, UNAUTHORIZED, respond::HTML, b"");
     }
@@ -198,7 +241,7 @@ pub async fn handle(
         Route::RoleList
         | Route::Credentials(_)
         | Route::ExtendedCredentials(_)
-        | Route::IamInfo => credentials(&mut r, rt).await,
+        | Route::IamInfo => credentials(r, rt).await,
         Route::Denied => r.not_found(RouteLabel::Denied),
         Route::UserData if !w.shared.forward_user_data => r.not_found(RouteLabel::Denied),
         Route::IdentitySignature if !w.shared.forward_identity_signature => {
@@ -216,8 +259,8 @@ pub async fn handle(
                 return r.not_found(RouteLabel::Denied);
             }
             let status =
-                passthrough::forward(w, peer, method, &path, req.headers, r.out, persist).await;
-            w.metrics.request(RouteLabel::Passthrough, status);
+                passthrough::forward(w, peer, method, &path, req.headers, r.out, r.persist).await;
+            r.count(RouteLabel::Passthrough, status);
         }
     }
 }
@@ -254,13 +297,10 @@ fn mint_token(r: &mut Req<'_, '_>, method: &str) {
             b"Bad Request: X-aws-ec2-metadata-token-ttl-seconds must be 1..21600\n",
         );
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let expires = token::expiry(now, ttl);
+    let expires = token::expiry(unix_time(r.now), ttl);
     let t = r.w.shared.token_key.mint_bytes(r.peer, expires);
     r.w.metrics.tokens_issued.inc();
-    r.w.metrics.request(RouteLabel::Token, 200);
+    r.count(RouteLabel::Token, 200);
     let mut digits = [0u8; 20];
     respond::write_head(
         r.out,
@@ -279,7 +319,12 @@ fn mint_token(r: &mut Req<'_, '_>, method: &str) {
 /// Checks the IMDSv2 token, if any (and requires one in `required` mode).
 fn token_ok(r: &mut Req<'_, '_>) -> bool {
     match r.header(TOKEN_HEADER) {
-        Some(t) => match r.w.shared.token_key.verify(t, r.peer, unix_now()) {
+        Some(t) => match r
+            .w
+            .shared
+            .token_key
+            .verify(t, r.peer, unix_time(r.now).as_secs())
+        {
             TokenCheck::Valid => true,
             TokenCheck::Expired => {
                 r.w.metrics.token_rejected("expired");
@@ -298,6 +343,9 @@ fn token_ok(r: &mut Req<'_, '_>) -> bool {
     }
 }
 
+/// A credential-path request, in one direction: who asks (the pod at the source address,
+/// looked up once), what it may have (its listing, its role's info or credentials), then the
+/// credentials themselves (cached nearly always, else fetched from STS within the bound).
 async fn credentials(r: &mut Req<'_, '_>, rt: Route<'_>) {
     let w = r.w;
     let label = if matches!(rt, Route::RoleList) {
@@ -305,79 +353,49 @@ async fn credentials(r: &mut Req<'_, '_>, rt: Route<'_>) {
     } else {
         RouteLabel::Credentials
     };
-    let peer = r.peer;
-    // A known pod whose answer is cached (nearly every request) is answered with its
-    // identity and answer borrowed; only a wait takes them by reference count.
-    let miss = match w.with_identity(&peer, |id| from_cache(r, rt, label, id)) {
-        Some(miss) => miss,
-        None => match w.wait_identity(peer).await {
-            Some(id) => from_cache(r, rt, label, &id),
-            None => return r.not_found(label),
-        },
-    };
-    let Some(id) = miss else { return };
-    let Some(role) = id.role.as_ref() else { return };
-    match monoio::time::timeout(w.shared.wait_ip, role.slot.get()).await {
-        Ok(a) => answer_credentials(r, rt, label, &id, &role.arn, &a),
-        Err(_) => {
-            let body = respond::error_json("ServiceUnavailable", NOT_READY);
-            r.answer(label, respond::INTERNAL, respond::JSON, &body)
+    let snapshot = w.snapshot();
+    let waited;
+    let id = match snapshot.get(&r.peer) {
+        Some(id) => id,
+        None => {
+            waited = w.wait_for(r.peer).await;
+            match &waited {
+                Some(id) => id,
+                None => return r.not_found(label),
+            }
         }
-    }
-}
-
-/// Answers a credential-path request for the known pod `id` from what is at hand: its
-/// listing, its role, or its cached credentials. `Some(id)` (a new reference) when the
-/// credentials are not cached: the caller waits for STS and answers with
-/// [`answer_credentials`].
-fn from_cache(
-    r: &mut Req<'_, '_>,
-    rt: Route<'_>,
-    label: RouteLabel,
-    id: &Arc<Identity>,
-) -> Option<Arc<Identity>> {
-    let w = r.w;
+    };
     if let Some(reason) = &id.denied {
         // A namespace restriction: refused at once, with the reason, and an Event on the pod.
         w.shared.handle.report_denied(id);
         let body = format!("Forbidden: {reason}\n");
-        r.text(label, respond::FORBIDDEN, body.as_bytes());
-        return None;
+        return r.text(label, respond::FORBIDDEN, body.as_bytes());
     }
     let Some(role) = id.role.as_ref() else {
-        r.not_found(label);
-        return None;
+        return r.not_found(label);
     };
     let requested = match rt {
-        Route::RoleList => {
-            r.text(label, respond::OK, &role.listing);
-            return None;
-        }
-        Route::IamInfo => {
-            r.text(label, respond::OK, iam_info(role).as_bytes());
-            return None;
-        }
+        Route::RoleList => return r.text(label, respond::OK, &role.listing),
+        Route::IamInfo => return r.text(label, respond::OK, iam_info(role).as_bytes()),
         Route::Credentials(requested) | Route::ExtendedCredentials(requested) => requested,
-        _ => {
-            r.not_found(label);
-            return None;
-        }
+        _ => return r.not_found(label),
     };
     if !w.shared.rules.names(requested, &role.arn) {
-        r.text(label, respond::FORBIDDEN, WRONG_ROLE);
-        return None;
+        return r.text(label, respond::FORBIDDEN, WRONG_ROLE);
     }
-    let cached = role.slot.current_ref(Instant::now());
-    match cached.as_ref().and_then(|g| g.as_deref()) {
-        Some(a) => {
-            w.metrics.cache_hits.inc();
-            role.slot.hit();
-            answer_credentials(r, rt, label, id, &role.arn, a);
-            None
-        }
-        None => {
-            w.metrics.cache_misses.inc();
-            Some(id.clone())
+    if let Some(cached) = role.slot.current_ref(r.now)
+        && let Some(a) = cached.as_deref()
+    {
+        w.metrics.cache_hits.inc();
+        role.slot.hit();
+        return answer_credentials(r, rt, label, id, &role.arn, a);
+    }
+    w.metrics.cache_misses.inc();
+    match monoio::time::timeout(w.shared.wait_ip, role.slot.get()).await {
+        Ok(a) => answer_credentials(r, rt, label, id, &role.arn, &a),
+        Err(_) => {
+            let body = respond::error_json("ServiceUnavailable", NOT_READY);
+            r.answer(label, respond::INTERNAL, respond::JSON, &body)
         }
     }
 }

@@ -210,7 +210,6 @@ impl ProxyMetrics {
         let c = |cell| LocalCounter::new(&cells, cell);
         WorkerMetrics {
             latency,
-            last: Cell::new((RouteLabel::Invalid, 0)),
             shared: self.clone(),
             tokens_issued: c(TOKENS_ISSUED),
             rejected_per_source: c(REJECTED),
@@ -381,8 +380,6 @@ impl Collector for ProxyMetrics {
 pub struct WorkerMetrics {
     cells: Arc<Cells>,
     latency: Arc<LatencyTable>,
-    /// The route and status of the answer just written (for the latency histogram).
-    last: Cell<(RouteLabel, u16)>,
     shared: ProxyMetrics,
     pub tokens_issued: LocalCounter,
     pub rejected_per_source: LocalCounter,
@@ -409,13 +406,11 @@ impl WorkerMetrics {
     pub fn request(&self, route: RouteLabel, status: u16) {
         let class = usize::from((status / 100).clamp(1, 5) - 1);
         bump(&self.cells[REQUESTS + route as usize * CLASSES.len() + class]);
-        self.last.set((route, status));
     }
 
-    /// Records the latency of the request whose answer was just counted.
+    /// Records how long a request answered on `route` with `status` took.
     #[inline]
-    pub fn observe_latency(&self, method: &str, took: Duration) {
-        let (route, status) = self.last.get();
+    pub fn observe_latency(&self, route: RouteLabel, method: &str, status: u16, took: Duration) {
         self.latency.observe(route, method, status, took);
     }
 
@@ -584,7 +579,12 @@ mod tests {
                     w.request(RouteLabel::Credentials, 200);
                     w.cache_hits.inc();
                     w.rejected_worker_full.inc();
-                    w.observe_latency("GET", Duration::from_millis(1));
+                    w.observe_latency(
+                        RouteLabel::Credentials,
+                        "GET",
+                        200,
+                        Duration::from_millis(1),
+                    );
                 });
             }
         });

@@ -8,7 +8,7 @@ use crate::notify::LocalNotify;
 use crate::token::TokenKey;
 use crate::upstream::Upstream;
 use arc_swap::ArcSwapOption;
-use iamlet_resolver::{Handle, Identity, RoleRules, SnapshotReader};
+use iamlet_resolver::{Handle, Identity, RoleRules, Snapshot, SnapshotReader};
 use prometheus_client::registry::Registry;
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr};
@@ -206,6 +206,10 @@ pub struct Worker {
     /// Per-worker copies: a shared `Regex` would share its match-cache pool across threads.
     pub allow_paths: Vec<regex::Regex>,
     reader: RefCell<SnapshotReader>,
+    /// The snapshot [`Worker::snapshot`] hands out until the reader has a newer one. The
+    /// `Rc` is the point: its count is this thread's alone (one allocation per snapshot).
+    #[allow(clippy::redundant_allocation)]
+    current: RefCell<Rc<Arc<Snapshot>>>,
     conns: RefCell<ConnTable>,
     /// Bytes of answers written into connections' output buffers and not yet sent.
     pending_out: Cell<usize>,
@@ -227,6 +231,7 @@ impl Worker {
         let opened = metrics.upstream_opened();
         Worker {
             metrics,
+            current: RefCell::new(Rc::new(shared.handle.reader().load().clone())),
             reader: RefCell::new(shared.handle.reader()),
             upstream: Upstream::new(
                 u.addr,
@@ -246,24 +251,32 @@ impl Worker {
         }
     }
 
+    /// The current snapshot, for one request: a worker-local handle (no lock, and no count
+    /// shared with other workers is written: a pod served by every worker would otherwise
+    /// bounce its identity's count between their caches). Holding it across a wait only
+    /// keeps that snapshot alive a little longer.
+    #[inline]
+    #[allow(clippy::redundant_allocation)]
+    pub fn snapshot(&self) -> Rc<Arc<Snapshot>> {
+        let mut reader = self.reader.borrow_mut();
+        let latest = reader.load();
+        let mut current = self.current.borrow_mut();
+        if !Arc::ptr_eq(&current, latest) {
+            *current = Rc::new(latest.clone());
+        }
+        current.clone()
+    }
+
     /// The identity behind `ip` in the current snapshot (no lock, no wait).
     #[inline]
     pub fn identity(&self, ip: &IpAddr) -> Option<Arc<Identity>> {
-        self.reader.borrow_mut().load().get(ip).cloned()
+        self.snapshot().get(ip).cloned()
     }
 
     /// Whether `ip` is a known pod now.
     #[inline]
     pub fn is_known(&self, ip: &IpAddr) -> bool {
-        self.reader.borrow_mut().load().get(ip).is_some()
-    }
-
-    /// Runs `f` on the identity behind `ip` in the current snapshot, borrowed: no reference
-    /// count is taken, a count every worker serving that pod would write. `f` must not call
-    /// back into the snapshot reader (it holds it).
-    #[inline]
-    pub fn with_identity<R>(&self, ip: &IpAddr, f: impl FnOnce(&Arc<Identity>) -> R) -> Option<R> {
-        self.reader.borrow_mut().load().get(ip).map(f)
+        self.snapshot().get(ip).is_some()
     }
 
     /// Whether `ip` is a known pod, waiting for it (as [`Worker::wait_identity`]) if not yet.
@@ -281,7 +294,7 @@ impl Worker {
 
     /// Waits for `ip`, not in the current snapshot, to appear: joins the wait already under
     /// way for `ip` on this worker (ending when it ends) or starts one.
-    async fn wait_for(&self, ip: IpAddr) -> Option<Arc<Identity>> {
+    pub async fn wait_for(&self, ip: IpAddr) -> Option<Arc<Identity>> {
         let wait = self.ip_wait(ip);
         wait.waiters.set(wait.waiters.get() + 1);
         let _leave = Leave(&wait);
