@@ -243,7 +243,7 @@ pub async fn answer(
             200
         }
         Err(r) => {
-            w.shared.metrics.container_outcome(r.outcome);
+            w.metrics.container_outcome(r.outcome);
             let body = serde_json::json!({"Code": r.code, "Message": r.message}).to_string();
             let retry: &[(&[u8], &[u8])] = if r.status.0 == 503 {
                 &[(b"Retry-After", b"1")]
@@ -319,7 +319,7 @@ async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Ref
         Ok(mut v) => {
             v.token = hex_prefix(&hash);
             w.tokens.borrow_mut().remember(hash, v.clone());
-            w.shared.metrics.container_outcome("verified");
+            w.metrics.container_outcome("verified");
             // The audit trail of this door: which pod's token, once per token and worker
             // (named by a hash prefix: the token itself is a credential).
             tracing::info!(

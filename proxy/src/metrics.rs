@@ -8,7 +8,6 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -57,9 +56,42 @@ impl RouteLabel {
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const DOWNSTREAM: &str = "downstream";
+const UPSTREAM: &str = "upstream";
 
 /// Every `outcome` of `iamlet_token_rejections_total`.
 pub const TOKEN_REJECTIONS: [&str; 3] = ["missing", "invalid", "expired"];
+
+/// Every `outcome` of `iamlet_container_credentials_total`: tokens verified on first sight,
+/// then every reason the door refuses a request.
+pub const CONTAINER_OUTCOMES: [&str; 23] = [
+    "verified",
+    "malformed",
+    "unknown_key",
+    "algorithm",
+    "signature",
+    "expired",
+    "not_yet_valid",
+    "issuer",
+    "audience",
+    "claims",
+    "not_pod_bound",
+    "rate_limited",
+    "no_keys",
+    "review",
+    "host",
+    "method",
+    "other_node",
+    "other_pod",
+    "unknown_pod",
+    "pod_gone",
+    "denied",
+    "no_role",
+    "sts",
+];
+
+const DOWNSTREAM_ERRORS: usize = crate::downstream::DownstreamError::ALL.len();
+const UPSTREAM_ERRORS: usize = crate::upstream::UpstreamError::ALL.len();
 
 /// Why a connection was closed at accept: its source already holds
 /// `--max-connections-per-ip`, or the worker is at `--max-connections-per-worker` with every
@@ -80,7 +112,14 @@ const REJECTED: usize = TOKENS_ISSUED + 1;
 const EVICTED: usize = REJECTED + REJECT_REASONS.len();
 const PEER_GONE: usize = EVICTED + 1;
 const UPSTREAM_OPENED: usize = PEER_GONE + 1;
-const CELLS: usize = UPSTREAM_OPENED + 1;
+/// `iamlet_errors_total{class="downstream"}`, in `DownstreamError::ALL` order, then
+/// `{class="upstream"}` in `UpstreamError::ALL` order.
+const ERRORS: usize = UPSTREAM_OPENED + 1;
+/// `iamlet_token_rejections_total`, in [`TOKEN_REJECTIONS`] order.
+const TOKEN_REJECTED: usize = ERRORS + DOWNSTREAM_ERRORS + UPSTREAM_ERRORS;
+/// `iamlet_container_credentials_total`, in [`CONTAINER_OUTCOMES`] order.
+const CONTAINER: usize = TOKEN_REJECTED + TOKEN_REJECTIONS.len();
+const CELLS: usize = CONTAINER + CONTAINER_OUTCOMES.len();
 
 /// One worker's counter cells, written by that worker only. The alignment keeps every other
 /// allocation (another worker's cells among them) off its cache lines.
@@ -125,11 +164,6 @@ pub struct ProxyMetrics {
     /// Every worker's cells (a worker's stay after it stops: counters never go down).
     cells: Tables<Cells>,
     latency: Tables<LatencyTable>,
-    errors: Family<ErrorLabels, Counter>,
-    token_rejections: Family<OutcomeLabels, Counter>,
-    /// The container-credentials door: tokens verified on first sight, and every refusal,
-    /// by outcome (a token answered from a worker's memory is counted by its request only).
-    container: Family<OutcomeLabels, Counter>,
     /// `/metrics` renderings (a flood of scrapes shares one per --metrics-max-age).
     pub metrics_renders: Counter,
 }
@@ -169,32 +203,17 @@ fn add_table<T>(tables: &Tables<T>, t: &Arc<T>) {
 }
 
 impl ProxyMetrics {
-    /// Counts one outcome of the container-credentials door (off the cached path: takes
-    /// the family's lock).
-    pub fn container_outcome(&self, outcome: &'static str) {
-        self.container
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
-    }
-
     /// Registers the families; `workers` is how many workers to expect (a capacity hint:
     /// each worker made by [`ProxyMetrics::worker`] gets cells of its own).
     pub fn register(registry: &mut Registry, workers: usize) -> Self {
         let m = ProxyMetrics {
             cells: Arc::new(ArcSwap::from_pointee(Vec::with_capacity(workers + 1))),
             latency: Arc::new(ArcSwap::from_pointee(Vec::with_capacity(workers + 1))),
-            errors: Family::default(),
-            token_rejections: Family::default(),
-            container: Family::default(),
             metrics_renders: Counter::default(),
         };
         registry.register_collector(Box::new(LatencyCollector {
             tables: m.latency.clone(),
         }));
-        // Known outcomes exist at 0 from the start (dashboards show 0, not "no data").
-        for outcome in TOKEN_REJECTIONS {
-            let _ = m.token_rejections.get_or_create(&OutcomeLabels { outcome });
-        }
         registry
             .sub_registry_with_prefix("iamlet")
             .register_collector(Box::new(m.clone()));
@@ -210,7 +229,6 @@ impl ProxyMetrics {
         let c = |cell| LocalCounter::new(&cells, cell);
         WorkerMetrics {
             latency,
-            shared: self.clone(),
             tokens_issued: c(TOKENS_ISSUED),
             rejected_per_source: c(REJECTED),
             rejected_worker_full: c(REJECTED + 1),
@@ -314,26 +332,51 @@ impl Collector for ProxyMetrics {
                     .map(|(outcome, i)| (OutcomeLabels { outcome }, s(i))),
             )?;
         }
-        for (name, help, metric) in [
-            (
+        // Errors and container outcomes appear once seen; the token rejections' outcomes are
+        // there at 0 from the start (dashboards show 0, not "no data").
+        let downstream = crate::downstream::DownstreamError::ALL
+            .iter()
+            .enumerate()
+            .map(|(k, e)| ((DOWNSTREAM, e.label()), ERRORS + k));
+        let upstream = crate::upstream::UpstreamError::ALL
+            .iter()
+            .enumerate()
+            .map(|(k, e)| ((UPSTREAM, e.label()), ERRORS + DOWNSTREAM_ERRORS + k));
+        let errors: Vec<_> = downstream
+            .chain(upstream)
+            .map(|((class, kind), i)| (ErrorLabels { class, kind }, s(i)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        if !errors.is_empty() {
+            family(
+                e,
                 "errors",
                 "Errors by class (downstream: the client's request; upstream: the metadata service) and kind",
-                &self.errors as &dyn EncodeMetric,
-            ),
-            (
-                "token_rejections",
-                "IMDSv2 tokens refused, by outcome (missing, invalid, expired)",
-                &self.token_rejections,
-            ),
-            (
+                errors,
+            )?;
+        }
+        family(
+            e,
+            "token_rejections",
+            "IMDSv2 tokens refused, by outcome (missing, invalid, expired)",
+            TOKEN_REJECTIONS
+                .iter()
+                .enumerate()
+                .map(|(k, &outcome)| (OutcomeLabels { outcome }, s(TOKEN_REJECTED + k))),
+        )?;
+        let container: Vec<_> = CONTAINER_OUTCOMES
+            .iter()
+            .enumerate()
+            .map(|(k, &outcome)| (OutcomeLabels { outcome }, s(CONTAINER + k)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        if !container.is_empty() {
+            family(
+                e,
                 "container_credentials",
                 "The container-credentials endpoint: service-account tokens verified on first sight (verified) and requests refused, by reason (malformed, unknown_key, algorithm, signature, expired, not_yet_valid, issuer, audience, claims, not_pod_bound, rate_limited, no_keys, review, host, method, other_node, other_pod, unknown_pod, pod_gone, denied, no_role, sts)",
-                &self.container,
-            ),
-        ] {
-            if !metric.is_empty() {
-                metric.encode(counter(e, name, help)?)?;
-            }
+                container,
+            )?;
         }
         single(
             e,
@@ -380,7 +423,6 @@ impl Collector for ProxyMetrics {
 pub struct WorkerMetrics {
     cells: Arc<Cells>,
     latency: Arc<LatencyTable>,
-    shared: ProxyMetrics,
     pub tokens_issued: LocalCounter,
     pub rejected_per_source: LocalCounter,
     pub rejected_worker_full: LocalCounter,
@@ -414,35 +456,38 @@ impl WorkerMetrics {
         self.latency.observe(route, method, status, took);
     }
 
-    /// Counts an upstream failure (error path only: takes the family's lock).
-    pub fn upstream_error(&self, kind: &'static str) {
-        self.shared
-            .errors
-            .get_or_create(&ErrorLabels {
-                class: "upstream",
-                kind,
-            })
-            .inc();
+    /// Counts an upstream failure.
+    pub fn upstream_error(&self, e: crate::upstream::UpstreamError) {
+        let k = crate::upstream::UpstreamError::ALL
+            .iter()
+            .position(|x| *x == e)
+            .unwrap_or(0);
+        bump(&self.cells[ERRORS + DOWNSTREAM_ERRORS + k]);
     }
 
-    /// Counts a request the pod got wrong (error path only).
+    /// Counts a request the pod got wrong.
     pub fn downstream_error(&self, e: crate::downstream::DownstreamError) {
-        self.shared
-            .errors
-            .get_or_create(&ErrorLabels {
-                class: "downstream",
-                kind: e.label(),
-            })
-            .inc();
+        let k = crate::downstream::DownstreamError::ALL
+            .iter()
+            .position(|x| *x == e)
+            .unwrap_or(0);
+        bump(&self.cells[ERRORS + k]);
     }
 
     /// Counts a refused IMDSv2 token: one of [`TOKEN_REJECTIONS`].
     pub fn token_rejected(&self, outcome: &'static str) {
         debug_assert!(TOKEN_REJECTIONS.contains(&outcome), "{outcome}");
-        self.shared
-            .token_rejections
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
+        if let Some(k) = TOKEN_REJECTIONS.iter().position(|x| *x == outcome) {
+            bump(&self.cells[TOKEN_REJECTED + k]);
+        }
+    }
+
+    /// Counts one outcome of the container-credentials door: one of [`CONTAINER_OUTCOMES`].
+    pub fn container_outcome(&self, outcome: &'static str) {
+        debug_assert!(CONTAINER_OUTCOMES.contains(&outcome), "{outcome}");
+        if let Some(k) = CONTAINER_OUTCOMES.iter().position(|x| *x == outcome) {
+            bump(&self.cells[CONTAINER + k]);
+        }
     }
 }
 

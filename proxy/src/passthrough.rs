@@ -116,7 +116,7 @@ pub async fn forward(
 /// Answers a failed exchange (`head_only`: to a HEAD, so headers only: a body there would be
 /// read as the start of the connection's next answer).
 fn fail(w: &Worker, out: &mut Vec<u8>, e: UpstreamError, persist: Persist, head_only: bool) -> u16 {
-    w.metrics.upstream_error(e.label());
+    w.metrics.upstream_error(e);
     let (status, code, msg) = match e {
         UpstreamError::Connect => (
             respond::BAD_GATEWAY,

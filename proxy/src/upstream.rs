@@ -51,6 +51,14 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    pub const ALL: [UpstreamError; 5] = [
+        UpstreamError::Connect,
+        UpstreamError::ConnectTimeout,
+        UpstreamError::Timeout,
+        UpstreamError::Protocol,
+        UpstreamError::Busy,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             UpstreamError::Connect => "upstream_connect",
