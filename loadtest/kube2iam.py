@@ -362,7 +362,7 @@ def start_agent(ctx, agent, name, extra=()):
     else:
         driver = agent.split("-", 1)[1]
         cmd = [a.iamlet, f"--kubeconfig={ctx.iamlet_kc}", *common, f"--io-driver={driver}",
-               f"--workers={a.workers}", "--use-regional-sts-endpoint", *extra]
+               f"--workers={a.workers}", "--use-regional-sts-endpoint", *a.iamlet_arg, *extra]
     wrapped = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", NAMESPACE_WRAPPER, "sh",
                ctx.hosts, ctx.resolv, *cmd]
     t0 = time.time()
@@ -730,7 +730,8 @@ def markdown(results, rows, svg_rel):
     a = results["settings"]
     lines = [f"## iamlet vs kube2iam — {e['date']} — iamlet `{e.get('iamlet_source_commit') or e['commit']}`"
              + (" (+ uncommitted changes)" if e.get("tree_dirty") else "")
-             + f", kube2iam {k['tag']} (`{k['commit'][:12]}`)" + (" — SMOKE" if results["smoke"] else ""), ""]
+             + f", kube2iam {k['tag']} (`{k['commit'][:12]}`)" + (" — SMOKE" if results["smoke"] else "")
+             + (f" — {a['label']}: iamlet {' '.join(a['iamlet_arg'])}" if a.get("label") else ""), ""]
     lines += [
         f"`loadtest/kube2iam.sh` (`loadtest/kube2iam.py`): one real kube-apiserver {e.get('kube_apiserver', '')} + etcd "
         f"{e.get('etcd', '')}, "
@@ -746,7 +747,7 @@ def markdown(results, rows, svg_rel):
         f"{e['iamlet_profile']} build, identity: the shipped "
         "ServiceAccount and RBAC of `deploy/manifests/iamlet.yaml` (a TokenRequest token), defaults "
         "otherwise (`--log-level=info`, `--sts-rate-limit=20`, `--sts-max-in-flight=32`) plus "
-        "`--use-regional-sts-endpoint`.",
+        "`--use-regional-sts-endpoint`" + (f" and `{' '.join(a['iamlet_arg'])}`" if a.get("iamlet_arg") else "") + ".",
         f"- kube2iam: tag {k['tag']}, commit `{k['commit']}`, {k['go']}, `CGO_ENABLED=0` as its image "
         f"builds it (source: {k['source']}); identity: a ServiceAccount bound to a ClusterRole with "
         "get/list/watch on pods and namespaces (what its chart grants); defaults otherwise (log level "
@@ -879,12 +880,15 @@ def write(results, out_dir, smoke):
     os.makedirs(out_dir, exist_ok=True)
     e = results["environment"]
     stamp = e["date"].replace(":", "").replace("-", "")
-    base = f"{'smoke-' if smoke else ''}kube2iam-{stamp}-{e['commit']}"
+    label = results["settings"].get("label")
+    base = f"{'smoke-' if smoke else ''}kube2iam-{stamp}-{e['commit']}" + (f"-{label}" if label else "")
     rows = summarize(results)
     results["summary"] = rows
     results["problems"] = problems(results)
     results["kube2iam_failures"] = kube2iam_failures(results)
-    results_md = os.path.join(out_dir, "RESULTS.md") if smoke else os.path.join(os.path.dirname(os.path.abspath(out_dir)), "RESULTS.md")
+    # loadtest/RESULTS.md for runs into loadtest/results; any other directory gets its own.
+    standard = os.path.abspath(out_dir) == os.path.join(HERE, "results") and not smoke
+    results_md = os.path.join(HERE, "RESULTS.md") if standard else os.path.join(out_dir, "RESULTS.md")
     jpath = os.path.join(out_dir, base + ".json")
     spath = os.path.join(out_dir, base + ".svg")
     results["json_rel"] = os.path.relpath(jpath, os.path.dirname(results_md))
@@ -950,6 +954,9 @@ def main():
                    help="cached runs: cap the agent at this share of one CPU (cgroup v1 cpu quota); 0 = no cap")
     p.add_argument("--no-kube2iam-warn", dest="kube2iam_warn", action="store_false",
                    help="skip the cached runs of kube2iam with --log-level=warn")
+    p.add_argument("--iamlet-arg", action="append", default=[],
+                   help="one more iamlet flag (repeatable), e.g. --iamlet-arg=--sts-rate-limit=10000")
+    p.add_argument("--label", default="", help="a name for a variant run: in the file names and the section's title")
     p.add_argument("--only", default="", help="comma-separated parts: cached, first, storm")
     a = p.parse_args()
     if a.smoke:
