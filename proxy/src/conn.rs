@@ -8,7 +8,7 @@ use crate::metrics::RouteLabel;
 use crate::respond::{self, Persist};
 use crate::worker::{ConnGuard, Limits, WORKER_OUT_BUDGET, Worker};
 use monoio::buf::{IoBuf, IoBufMut};
-use monoio::io::{CancelableAsyncReadRent, CancelableAsyncWriteRent, Canceller};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, CancelableAsyncReadRent, Canceller};
 use monoio::net::TcpStream;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -172,7 +172,6 @@ pub async fn serve(
     // The last clock reading on this connection: deadlines are counted from it rather than
     // from a fresh read per operation.
     let mut clock: Option<Instant> = None;
-    let mut canceller = Canceller::new();
     // Bytes a pod pipelined while one of its requests waited, read by the watch for its
     // departure; they are parsed after that request.
     let mut early: Vec<u8> = Vec::new();
@@ -208,8 +207,7 @@ pub async fn serve(
             let now = Instant::now();
             clock = Some(now);
             let handling = handle(w, peer, &req, persist, now, &mut b.out);
-            let watched =
-                answer_watching(handling, &mut stream, stranger, &mut early, &mut canceller);
+            let watched = answer_watching(handling, &mut stream, stranger, &mut early);
             let Some((answered, waited)) = watched.await else {
                 // The client left while its request waited: nothing to answer, and the
                 // connection, its permit and its buffers go now rather than after the wait.
@@ -255,7 +253,6 @@ pub async fn serve(
                 &mut stream,
                 std::mem::take(&mut b.out),
                 limits.write_timeout,
-                &mut canceller,
             )
             .await;
             b.out = buf;
@@ -304,25 +301,24 @@ pub async fn serve(
             tracked.set_idle(true);
         }
         let len = b.rbuf.len();
-        let (res, slice, timed_out) = read_by(
+        let read = read_by(
             &mut stream,
             std::mem::take(&mut b.rbuf).slice_mut(len..),
             || since.unwrap_or_else(Instant::now) + timeout,
-            &mut canceller,
         )
         .await;
-        b.rbuf = slice.into_inner();
         if idle {
             tracked.set_idle(false);
         }
-        match res {
-            Ok(n) if n > 0 && !timed_out => {}
-            _ => {
-                if timed_out && len > 0 {
-                    w.metrics.downstream_error(DownstreamError::HeaderTimeout);
-                }
-                return;
+        let Some((res, slice)) = read else {
+            if len > 0 {
+                w.metrics.downstream_error(DownstreamError::HeaderTimeout);
             }
+            return;
+        };
+        b.rbuf = slice.into_inner();
+        if !matches!(res, Ok(n) if n > 0) {
+            return;
         }
     }
 }
@@ -344,12 +340,14 @@ async fn answer_watching<T>(
     stream: &mut TcpStream,
     stranger: bool,
     early: &mut Vec<u8>,
-    canceller: &mut Canceller,
 ) -> Option<(T, bool)> {
     let mut handling = std::pin::pin!(handling);
     if let Some(answered) = poll_once(handling.as_mut()).await {
         return Some((answered, false));
     }
+    // The watching read is cancelled and awaited when the answer is ready (bytes it took
+    // are the pod's next requests): it needs a canceller, made only for a request that waits.
+    let mut canceller = Canceller::new();
     let mut buf = Vec::with_capacity(WATCH_READ);
     let mut dropped = 0usize;
     loop {
@@ -357,7 +355,7 @@ async fn answer_watching<T>(
         monoio::select! {
             biased;
             answered = &mut handling => {
-                *canceller = std::mem::take(canceller).cancel();
+                let _ = std::mem::take(&mut canceller).cancel();
                 let (res, got) = read.await;
                 if matches!(res, Ok(n) if n > 0) && !stranger {
                     early.extend_from_slice(&got);
@@ -423,28 +421,21 @@ impl Drop for Bufs<'_> {
     }
 }
 
-/// One read, cancelled at the deadline `deadline` gives; the buffer always comes back (the
-/// cancelled operation is awaited, so the kernel is done with it). `true`: the deadline
-/// passed. A read that completes when first polled arms no timer and asks for no deadline.
-/// `canceller` is the connection's: one serves every operation until it cancels one (it is
-/// then replaced), so a request costs no allocation for it.
-async fn read_by<T: monoio::buf::IoBufMut>(
+/// One read, given up at the deadline `deadline` gives (`None`: the connection is to be
+/// closed; the read is dropped, which cancels it, and its buffer goes with it). A read that
+/// completes when first polled arms no timer and asks for no deadline.
+async fn read_by<T: monoio::buf::IoBufMut + 'static>(
     stream: &mut TcpStream,
     buf: T,
     deadline: impl FnOnce() -> Instant,
-    canceller: &mut Canceller,
-) -> (std::io::Result<usize>, T, bool) {
-    let mut read = std::pin::pin!(stream.cancelable_read(buf, canceller.handle()));
-    if let Some((res, buf)) = poll_once(read.as_mut()).await {
-        return (res, buf, false);
+) -> Option<(std::io::Result<usize>, T)> {
+    let mut read = std::pin::pin!(stream.read(buf));
+    if let Some(done) = poll_once(read.as_mut()).await {
+        return Some(done);
     }
     monoio::select! {
-        (res, buf) = &mut read => (res, buf, false),
-        _ = monoio::time::sleep_until(deadline().into()) => {
-            *canceller = std::mem::take(canceller).cancel();
-            let (res, buf) = read.await;
-            (res, buf, true)
-        }
+        done = &mut read => Some(done),
+        _ = monoio::time::sleep_until(deadline().into()) => None,
     }
 }
 
@@ -458,30 +449,27 @@ async fn poll_once<F: std::future::Future>(mut f: std::pin::Pin<&mut F>) -> Opti
 }
 
 /// Writes all of `out`; false when the peer is gone or a write made no progress within
-/// `timeout` (a client that stopped reading). The buffer always comes back. A write that
-/// completes when first polled (nearly all: the answer fits the socket's buffer) arms no
-/// timer and reads no clock.
+/// `timeout` (a client that stopped reading: the write is dropped, which cancels it, and the
+/// connection is to be closed). The buffer comes back unless then. A write that completes
+/// when first polled (nearly all: the answer fits the socket's buffer) arms no timer and
+/// reads no clock.
 async fn write_all(
     stream: &mut TcpStream,
     mut out: Vec<u8>,
     timeout: std::time::Duration,
-    canceller: &mut Canceller,
 ) -> (bool, Vec<u8>) {
     let mut written = 0;
     while written < out.len() {
-        let slice = out.slice(written..);
-        let mut write = std::pin::pin!(stream.cancelable_write(slice, canceller.handle()));
-        let (res, slice) = match poll_once(write.as_mut()).await {
-            Some(done) => done,
+        let mut write = std::pin::pin!(stream.write(out.slice(written..)));
+        let done = match poll_once(write.as_mut()).await {
+            Some(done) => Some(done),
             None => monoio::select! {
-                r = &mut write => r,
-                _ = monoio::time::sleep(timeout) => {
-                    *canceller = std::mem::take(canceller).cancel();
-                    let (res, slice) = write.await;
-                    // Whatever it wrote before the cancel, the client is not reading.
-                    (res.and(Err(std::io::ErrorKind::TimedOut.into())), slice)
-                }
+                done = &mut write => Some(done),
+                _ = monoio::time::sleep(timeout) => None,
             },
+        };
+        let Some((res, slice)) = done else {
+            return (false, Vec::new());
         };
         out = slice.into_inner();
         match res {

@@ -374,51 +374,54 @@ async fn accept_loop(l: std::net::TcpListener, worker: Rc<Worker>) {
     };
     let max = worker.shared.limits.max_connections;
     let mut stop = std::pin::pin!(stopped(worker.clone()));
-    // One accept in flight at a time, kept across sweeps: dropping it would cancel it.
-    let mut canceller = monoio::io::Canceller::new();
-    let mut accept = Box::pin(listener.cancelable_accept(canceller.handle()));
-    loop {
-        let step = if worker
-            .shared
-            .sweeping
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            monoio::select! {
-                a = &mut accept => Step::Accepted(a),
-                _ = &mut stop => Step::Stop,
-                _ = monoio::time::sleep(SWEEP_EVERY) => Step::Sweep,
-            }
-        } else {
-            monoio::select! {
-                a = &mut accept => Step::Accepted(a),
-                _ = &mut stop => Step::Stop,
-            }
-        };
-        match step {
-            Step::Accepted(a) => {
-                canceller = monoio::io::Canceller::new();
-                accept = Box::pin(listener.cancelable_accept(canceller.handle()));
-                match a {
-                    Ok((stream, peer)) => admit(&worker, stream, peer, max),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+    {
+        // One accept in flight at a time, kept across sweeps: dropping it would cancel it. The
+        // next one takes the same pinned slot, and one canceller serves them all (it is only
+        // used at the stop), so an accepted connection allocates nothing here.
+        let canceller = monoio::io::Canceller::new();
+        let mut accept = std::pin::pin!(listener.cancelable_accept(canceller.handle()));
+        loop {
+            let step = if worker
+                .shared
+                .sweeping
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                monoio::select! {
+                    a = &mut accept => Step::Accepted(a),
+                    _ = &mut stop => Step::Stop,
+                    _ = monoio::time::sleep(SWEEP_EVERY) => Step::Sweep,
+                }
+            } else {
+                monoio::select! {
+                    a = &mut accept => Step::Accepted(a),
+                    _ = &mut stop => Step::Stop,
+                }
+            };
+            match step {
+                Step::Accepted(a) => {
+                    accept.set(listener.cancelable_accept(canceller.handle()));
+                    match a {
+                        Ok((stream, peer)) => admit(&worker, stream, peer, max),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        }
                     }
                 }
-            }
-            Step::Sweep => {
-                if let Ok(s) = &sweeper {
-                    sweep(&worker, s, max);
+                Step::Sweep => {
+                    if let Ok(s) = &sweeper {
+                        sweep(&worker, s, max);
+                    }
                 }
-            }
-            Step::Stop => {
-                // Cancelled, then awaited: an accept the kernel already completed yields its
-                // connection, which is served (dropping it would reset a client).
-                let _ = canceller.cancel();
-                if let Ok((stream, peer)) = accept.await {
-                    admit(&worker, stream, peer, max);
+                Step::Stop => {
+                    // Cancelled, then awaited: an accept the kernel already completed yields its
+                    // connection, which is served (dropping it would reset a client).
+                    let _ = canceller.cancel();
+                    if let Ok((stream, peer)) = accept.await {
+                        admit(&worker, stream, peer, max);
+                    }
+                    break;
                 }
-                break;
             }
         }
     }
