@@ -95,8 +95,8 @@ fn load(
     read_pods_file(&display, &text, &mut infos)?;
     drop(text);
     state.index.reset(infos.pods);
-    state.index.reset_namespaces(infos.namespaces);
-    state.index.reset_service_accounts(infos.service_accounts);
+    state.index.reset(infos.namespaces);
+    state.index.reset(infos.service_accounts);
     state.publish();
     Ok(infos.on_node)
 }

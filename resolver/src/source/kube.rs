@@ -473,7 +473,7 @@ fn on_service_account(
         }
         Event::InitDone => {
             let n = list.buffer.len();
-            state.index.reset_service_accounts(list.buffer.drain(..));
+            state.index.reset(list.buffer.drain(..));
             list.buffer.shrink_to(64);
             list.synced = true;
             list.lists += 1;
@@ -520,7 +520,7 @@ fn on_namespace(
         }
         Event::InitDone => {
             let n = list.buffer.len();
-            state.index.reset_namespaces(list.buffer.drain(..));
+            state.index.reset(list.buffer.drain(..));
             list.synced = true;
             list.lists += 1;
             tracing::info!(namespaces = n, "namespace list synced");
