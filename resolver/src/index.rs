@@ -85,7 +85,7 @@ impl PodIndex {
                 .collect()
         };
         for key in &gone {
-            T::delete(self, key);
+            T::delete(self, T::as_key(key));
         }
         for item in items {
             item.apply_to(self);
@@ -240,9 +240,11 @@ pub trait Kept: Sized {
     /// The keys of every object of this kind the index keeps.
     fn kept(index: &PodIndex) -> impl Iterator<Item = Self::Key<'_>>;
     fn owned(key: Self::Key<'_>) -> Self::Owned;
+    fn as_key(owned: &Self::Owned) -> Self::Key<'_>;
     /// Adds or replaces this object, as a watch event would.
     fn apply_to(self, index: &mut PodIndex);
-    fn delete(index: &mut PodIndex, key: &Self::Owned);
+    /// Removes the object with this key, as a watch event would.
+    fn delete(index: &mut PodIndex, key: Self::Key<'_>);
 }
 
 impl Kept for PodInfo {
@@ -257,10 +259,13 @@ impl Kept for PodInfo {
     fn owned(key: &str) -> String {
         key.to_owned()
     }
+    fn as_key(owned: &String) -> &str {
+        owned
+    }
     fn apply_to(self, index: &mut PodIndex) {
         index.apply(self);
     }
-    fn delete(index: &mut PodIndex, uid: &String) {
+    fn delete(index: &mut PodIndex, uid: &str) {
         index.delete(uid);
     }
 }
@@ -277,10 +282,13 @@ impl Kept for NamespaceInfo {
     fn owned(key: &str) -> String {
         key.to_owned()
     }
+    fn as_key(owned: &String) -> &str {
+        owned
+    }
     fn apply_to(self, index: &mut PodIndex) {
         index.apply_namespace(self);
     }
-    fn delete(index: &mut PodIndex, name: &String) {
+    fn delete(index: &mut PodIndex, name: &str) {
         index.delete_namespace(name);
     }
 }
@@ -302,10 +310,13 @@ impl Kept for ServiceAccountInfo {
     fn owned((ns, name): (&str, &str)) -> (String, String) {
         (ns.to_owned(), name.to_owned())
     }
+    fn as_key((ns, name): &(String, String)) -> (&str, &str) {
+        (ns, name)
+    }
     fn apply_to(self, index: &mut PodIndex) {
         index.apply_service_account(self);
     }
-    fn delete(index: &mut PodIndex, (ns, name): &(String, String)) {
+    fn delete(index: &mut PodIndex, (ns, name): (&str, &str)) {
         index.delete_service_account(ns, name);
     }
 }
