@@ -36,6 +36,7 @@ use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event, ListSemantic};
 use kube::{Api, Client, Resource};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -526,7 +527,7 @@ fn on_event<T: Followed>(
         }
         Event::Apply(obj) => {
             if T::VERSIONED {
-                state.resource_version = obj.meta().resource_version.clone();
+                state.resource_version = obj.meta().resource_version.as_deref().map(Arc::from);
             }
             match obj.info(keys) {
                 Some(info) => {
@@ -538,7 +539,7 @@ fn on_event<T: Followed>(
         }
         Event::Delete(obj) => {
             if T::VERSIONED {
-                state.resource_version = obj.meta().resource_version.clone();
+                state.resource_version = obj.meta().resource_version.as_deref().map(Arc::from);
             }
             match obj.info(keys) {
                 Some(info) => {

@@ -215,8 +215,8 @@ fn a_restricted_role_is_denied_with_a_reason_and_never_fetched() {
             .unwrap()
             .contains("missing or empty")
     );
-    let dbg = shared.debug.lock().unwrap().clone();
-    assert_eq!(dbg.namespaces.get("ns"), Some(&Vec::<String>::new()));
+    let snap = shared.snapshot.load();
+    assert_eq!(snap.allowed_roles().get("ns"), Some(&Vec::<String>::new()));
 }
 
 #[test]
@@ -566,4 +566,32 @@ fn namespace_restrictions_apply_to_a_service_account_role() {
         .apply_service_account(sa("ns", "web", Some(&format!("{BASE}fallback"))));
     st.publish();
     assert!(at(&shared, "10.0.0.1").unwrap().denied.is_none());
+}
+
+#[test]
+fn a_newer_resource_version_alone_is_carried_by_a_snapshot_sharing_every_identity() {
+    let (mut st, _rx, shared) = state();
+    st.index.apply(pod("a", "10.0.0.1", Some("app"), None));
+    st.resource_version = Some(Arc::from("5"));
+    st.publish();
+    let first = shared.snapshot.load_full();
+    assert_eq!(first.resource_version(), Some("5"));
+    // An event that changes no answer: the version moves, the identities are the same.
+    st.index.apply(pod("a", "10.0.0.1", Some("app"), None));
+    st.resource_version = Some(Arc::from("6"));
+    st.publish();
+    let second = shared.snapshot.load_full();
+    assert_eq!(second.resource_version(), Some("6"));
+    assert_eq!(
+        first.resource_version(),
+        Some("5"),
+        "a snapshot is immutable"
+    );
+    assert!(Arc::ptr_eq(
+        first.get(&"10.0.0.1".parse().unwrap()).unwrap(),
+        second.get(&"10.0.0.1".parse().unwrap()).unwrap()
+    ));
+    // Nothing new at all: nothing is stored.
+    st.publish();
+    assert!(Arc::ptr_eq(&second, &shared.snapshot.load_full()));
 }
