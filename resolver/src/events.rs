@@ -110,14 +110,8 @@ pub(crate) fn note(report: &Report) -> String {
             let why = role
                 .and_then(|r| r.slot.last())
                 .and_then(|a| match &*a {
-                    CredAnswer::Failed { body, .. } => {
-                        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-                        Some(format!(
-                            "{}: {}",
-                            v["Code"].as_str().unwrap_or("Error"),
-                            v["Message"].as_str().unwrap_or("")
-                        ))
-                    }
+                    // `code: message`, as STS (or the local failure) said it.
+                    CredAnswer::Failed { error, .. } => Some(error.to_string()),
                     CredAnswer::Ready { .. } => None,
                 })
                 .unwrap_or_else(|| "unknown error".into());
@@ -213,5 +207,60 @@ mod tests {
             detail: None,
         });
         assert!(n.len() <= 1000 && n.starts_with('é'));
+    }
+
+    #[test]
+    fn the_credential_error_note_names_the_sts_code_and_message() {
+        use crate::creds::sts::StsError;
+        use crate::creds::{CredKey, CredSlot, Origin};
+        use crate::snapshot::RoleEntry;
+        let arn = "arn:aws:iam::123456789012:role/app";
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let key = CredKey {
+            role_arn: arn.into(),
+            external_id: None,
+            session: None,
+        };
+        let slot = CredSlot::new(key, Origin::default(), tx);
+        let identity = |slot: &Arc<CredSlot>| {
+            let role = RoleEntry {
+                arn: arn.into(),
+                listing: "app".into(),
+                slot: slot.clone(),
+            };
+            Arc::new(Identity::new(
+                "u".into(),
+                "ns".into(),
+                "p".into(),
+                Some(Arc::new(role)),
+                None,
+            ))
+        };
+        let report = |identity, detail: Option<&str>| Report {
+            kind: ReportKind::CredentialError,
+            identity,
+            detail: detail.map(Into::into),
+        };
+        assert_eq!(
+            note(&report(identity(&slot), None)),
+            format!("AssumeRole of {arn} failed: unknown error")
+        );
+        let now = Instant::now();
+        // A message with JSON's special characters: the note has it as STS said it.
+        let message = r#"User: arn:aws:sts::1:assumed-role/node/i-1 is not authorized to perform: sts:AssumeRole on "app""#;
+        slot.publish(Some(Arc::new(CredAnswer::Failed {
+            status: 500,
+            body: crate::render::error_document("AccessDenied", message),
+            error: StsError {
+                code: "AccessDenied".into(),
+                message: message.into(),
+            },
+            at: now,
+            retry_after: now,
+        })));
+        assert_eq!(
+            note(&report(identity(&slot), Some("container door"))),
+            format!("AssumeRole of {arn} failed: AccessDenied: {message} (container door)")
+        );
     }
 }

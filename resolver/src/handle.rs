@@ -5,29 +5,17 @@
 use crate::events::{Report, ReportKind};
 use crate::snapshot::{Identity, Snapshot};
 use arc_swap::{ArcSwap, Cache};
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 use tokio::sync::{Notify, mpsc};
 
-/// What `/debug/store` shows besides the snapshot; written after each publish.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct DebugInfo {
-    /// The `resourceVersion` of the last pod event applied (the snapshot reflects at least
-    /// this version).
-    pub(crate) resource_version: Option<String>,
-    /// Allowed-role patterns by namespace (only with namespace restrictions).
-    pub(crate) namespaces: Arc<BTreeMap<String, Vec<String>>>,
-}
-
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) snapshot: Arc<ArcSwap<Snapshot>>,
     pub(crate) published: Notify,
     ready: AtomicBool,
-    pub(crate) debug: Mutex<DebugInfo>,
     /// Denials and credential errors to turn into Kubernetes Events (set at start).
     pub(crate) reports: OnceLock<mpsc::Sender<Report>>,
     pub(crate) started: Instant,
@@ -47,7 +35,6 @@ impl Shared {
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             published: Notify::new(),
             ready: AtomicBool::new(false),
-            debug: Mutex::new(DebugInfo::default()),
             reports: OnceLock::new(),
             started: Instant::now(),
             keys: Arc::default(),
@@ -70,10 +57,6 @@ impl Shared {
             gone.pop_front();
         }
         gone.push_back(uid.to_owned());
-    }
-
-    pub(crate) fn set_debug(&self, info: DebugInfo) {
-        *self.debug.lock().unwrap_or_else(|e| e.into_inner()) = info;
     }
 }
 
@@ -230,13 +213,6 @@ impl Handle {
     /// `rolesByNamespace`) plus `pods` (IP → namespace, pod, UID, role ARN, denial) and the
     /// `resourceVersion` of the last pod event the snapshot reflects.
     pub fn store_json(&self) -> String {
-        // Read the debug info first: the snapshot loaded after it is at least as new.
-        let info = self
-            .shared
-            .debug
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
         let snap = self.snapshot();
         let mut rows: Vec<(IpAddr, &Arc<Identity>)> =
             snap.iter().map(|(ip, id)| (*ip, id)).collect();
@@ -261,9 +237,9 @@ impl Handle {
         serde_json::to_string_pretty(&serde_json::json!({
             "rolesByIP": roles_by_ip,
             "namespaceByIP": ns_by_ip,
-            "rolesByNamespace": &*info.namespaces,
+            "rolesByNamespace": snap.allowed_roles(),
             "pods": pods,
-            "resourceVersion": info.resource_version,
+            "resourceVersion": snap.resource_version(),
         }))
         .unwrap_or_default()
     }

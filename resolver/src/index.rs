@@ -5,6 +5,7 @@
 
 use crate::pod::{NamespaceInfo, Phase, PodInfo, ServiceAccountInfo};
 use ahash::{AHashMap, AHashSet};
+use std::hash::Hash;
 use std::net::IpAddr;
 
 /// What changed since the last [`PodIndex::take_changes`].
@@ -70,23 +71,24 @@ impl PodIndex {
         }
     }
 
-    /// Replaces every pod (a relist): pods not in `pods` are deleted, the others applied, so
-    /// only real differences show up as changes.
-    pub fn reset(&mut self, pods: impl IntoIterator<Item = PodInfo>) {
-        let pods: Vec<PodInfo> = pods.into_iter().collect();
-        let keep: AHashSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
-        let gone: Vec<String> = self
-            .pods
-            .keys()
-            .filter(|uid| !keep.contains(uid.as_str()))
-            .cloned()
-            .collect();
-        drop(keep);
-        for uid in gone {
-            self.delete(&uid);
+    /// Replaces every kept object of one kind (a relist): those not in `items` are deleted,
+    /// the others applied, so only real differences show up as changes. One diff for pods,
+    /// namespaces and ServiceAccounts alike.
+    pub fn reset<T: Kept>(&mut self, items: impl IntoIterator<Item = T>) {
+        let items: Vec<T> = items.into_iter().collect();
+        // Owned before anything is deleted: the keys borrow from the index.
+        let gone: Vec<T::Owned> = {
+            let keep: AHashSet<T::Key<'_>> = items.iter().map(T::key).collect();
+            T::kept(self)
+                .filter(|k| !keep.contains(k))
+                .map(T::owned)
+                .collect()
+        };
+        for key in &gone {
+            T::delete(self, T::as_key(key));
         }
-        for p in pods {
-            self.apply(p);
+        for item in items {
+            item.apply_to(self);
         }
     }
 
@@ -128,25 +130,6 @@ impl PodIndex {
         }
     }
 
-    /// Replaces every namespace (a relist), recording only real differences.
-    pub fn reset_namespaces(&mut self, nss: impl IntoIterator<Item = NamespaceInfo>) {
-        let nss: Vec<NamespaceInfo> = nss.into_iter().collect();
-        let keep: AHashSet<&str> = nss.iter().map(|n| n.name.as_str()).collect();
-        let gone: Vec<String> = self
-            .namespaces
-            .keys()
-            .filter(|n| !keep.contains(n.as_str()))
-            .cloned()
-            .collect();
-        drop(keep);
-        for n in gone {
-            self.delete_namespace(&n);
-        }
-        for ns in nss {
-            self.apply_namespace(ns);
-        }
-    }
-
     /// Adds, replaces or (without a role annotation) forgets a ServiceAccount; records a
     /// change only when its role changed.
     pub fn apply_service_account(&mut self, sa: ServiceAccountInfo) {
@@ -177,29 +160,6 @@ impl PodIndex {
         }
         if in_ns.is_empty() {
             self.service_accounts.remove(namespace);
-        }
-    }
-
-    /// Replaces every ServiceAccount (a relist), recording only real differences.
-    pub fn reset_service_accounts(&mut self, sas: impl IntoIterator<Item = ServiceAccountInfo>) {
-        let sas: Vec<ServiceAccountInfo> = sas.into_iter().filter(|s| s.role.is_some()).collect();
-        let keep: AHashSet<(&str, &str)> = sas
-            .iter()
-            .map(|s| (s.namespace.as_str(), s.name.as_str()))
-            .collect();
-        let gone: Vec<(String, String)> = self
-            .service_accounts
-            .iter()
-            .flat_map(|(ns, m)| m.keys().map(move |n| (ns, n)))
-            .filter(|(ns, n)| !keep.contains(&(ns.as_str(), n.as_str())))
-            .map(|(ns, n)| (ns.clone(), n.clone()))
-            .collect();
-        drop(keep);
-        for (ns, n) in gone {
-            self.delete_service_account(&ns, &n);
-        }
-        for sa in sas {
-            self.apply_service_account(sa);
         }
     }
 
@@ -266,6 +226,98 @@ impl PodIndex {
             .keys()
             .filter_map(|ip| Some((*ip, self.owner(ip)?)))
             .collect()
+    }
+}
+
+/// One kind of object the index keeps, as [`PodIndex::reset`] diffs a relist of it against
+/// what is kept: pods by UID, namespaces by name, ServiceAccounts by namespace and name.
+pub trait Kept: Sized {
+    /// The object's key, borrowed (from the relisted object or from the index).
+    type Key<'a>: Eq + Hash;
+    /// The key owned, to delete by once the index's borrow has ended.
+    type Owned;
+    fn key(&self) -> Self::Key<'_>;
+    /// The keys of every object of this kind the index keeps.
+    fn kept(index: &PodIndex) -> impl Iterator<Item = Self::Key<'_>>;
+    fn owned(key: Self::Key<'_>) -> Self::Owned;
+    fn as_key(owned: &Self::Owned) -> Self::Key<'_>;
+    /// Adds or replaces this object, as a watch event would.
+    fn apply_to(self, index: &mut PodIndex);
+    /// Removes the object with this key, as a watch event would.
+    fn delete(index: &mut PodIndex, key: Self::Key<'_>);
+}
+
+impl Kept for PodInfo {
+    type Key<'a> = &'a str;
+    type Owned = String;
+    fn key(&self) -> &str {
+        &self.uid
+    }
+    fn kept(index: &PodIndex) -> impl Iterator<Item = &str> {
+        index.pods.keys().map(String::as_str)
+    }
+    fn owned(key: &str) -> String {
+        key.to_owned()
+    }
+    fn as_key(owned: &String) -> &str {
+        owned
+    }
+    fn apply_to(self, index: &mut PodIndex) {
+        index.apply(self);
+    }
+    fn delete(index: &mut PodIndex, uid: &str) {
+        index.delete(uid);
+    }
+}
+
+impl Kept for NamespaceInfo {
+    type Key<'a> = &'a str;
+    type Owned = String;
+    fn key(&self) -> &str {
+        &self.name
+    }
+    fn kept(index: &PodIndex) -> impl Iterator<Item = &str> {
+        index.namespaces.keys().map(String::as_str)
+    }
+    fn owned(key: &str) -> String {
+        key.to_owned()
+    }
+    fn as_key(owned: &String) -> &str {
+        owned
+    }
+    fn apply_to(self, index: &mut PodIndex) {
+        index.apply_namespace(self);
+    }
+    fn delete(index: &mut PodIndex, name: &str) {
+        index.delete_namespace(name);
+    }
+}
+
+/// A relisted ServiceAccount without a role is applied like a watched one: it is forgotten
+/// (the index keeps only those with a role).
+impl Kept for ServiceAccountInfo {
+    type Key<'a> = (&'a str, &'a str);
+    type Owned = (String, String);
+    fn key(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+    fn kept(index: &PodIndex) -> impl Iterator<Item = (&str, &str)> {
+        index
+            .service_accounts
+            .iter()
+            .flat_map(|(ns, m)| m.keys().map(move |n| (ns.as_str(), n.as_str())))
+    }
+    fn owned((ns, name): (&str, &str)) -> (String, String) {
+        (ns.to_owned(), name.to_owned())
+    }
+    fn as_key((ns, name): &(String, String)) -> (&str, &str) {
+        (ns, name)
+    }
+    fn apply_to(self, index: &mut PodIndex) {
+        index.apply_service_account(self);
+    }
+    fn delete(index: &mut PodIndex, (ns, name): (&str, &str)) {
+        index.delete_service_account(ns, name);
     }
 }
 

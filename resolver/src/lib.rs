@@ -45,7 +45,7 @@ pub enum StartError {
     #[error(transparent)]
     Kube(#[from] source::kube::KubeSetupError),
     #[error(transparent)]
-    PodsFile(#[from] pod::PodsFileError),
+    PodsFile(#[from] source::file::PodsFileError),
     #[error("cannot start the resolver thread: {0}")]
     Thread(std::io::Error),
     #[error("the resolver thread stopped before its first sync")]

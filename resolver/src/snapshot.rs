@@ -4,10 +4,14 @@
 //! copies only the shards it changes and shares the rest with the previous snapshot, so one
 //! pod event costs a small copy whatever the node's size; the snapshot as a whole is still
 //! one value swapped atomically.
+//!
+//! It also carries what `/debug/store` shows besides the mapping (the last pod event's
+//! resource version, the allowed-role patterns), so the dump is one consistent value.
 
 use crate::creds::CredSlot;
 use ahash::AHashMap;
 use bytes::Bytes;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,6 +108,26 @@ pub struct Snapshot {
     shards: Vec<Arc<Shard>>,
     pods: usize,
     ips: usize,
+    debug: DebugView,
+}
+
+/// What `/debug/store` shows besides the mapping.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DebugView {
+    /// The `resourceVersion` of the last pod event applied: the mapping reflects at least
+    /// this version.
+    pub(crate) resource_version: Option<Arc<str>>,
+    /// Allowed-role patterns by namespace, as written (only with namespace restrictions).
+    pub(crate) allowed_roles: Arc<BTreeMap<String, Vec<String>>>,
+}
+
+impl DebugView {
+    /// Whether `other` shows the same: the patterns are replaced, never edited, once a
+    /// snapshot shares them, so their pointer tells.
+    pub(crate) fn same_as(&self, other: &DebugView) -> bool {
+        self.resource_version == other.resource_version
+            && Arc::ptr_eq(&self.allowed_roles, &other.allowed_roles)
+    }
 }
 
 impl Default for Snapshot {
@@ -113,6 +137,7 @@ impl Default for Snapshot {
             shards: vec![empty; SHARDS],
             pods: 0,
             ips: 0,
+            debug: DebugView::default(),
         }
     }
 }
@@ -131,9 +156,19 @@ pub(crate) fn shard_of(ip: &IpAddr) -> usize {
 }
 
 impl Snapshot {
-    pub(crate) fn from_shards(shards: Vec<Arc<Shard>>, pods: usize, ips: usize) -> Self {
+    pub(crate) fn from_shards(
+        shards: Vec<Arc<Shard>>,
+        pods: usize,
+        ips: usize,
+        debug: DebugView,
+    ) -> Self {
         debug_assert_eq!(shards.len(), SHARDS);
-        Snapshot { shards, pods, ips }
+        Snapshot {
+            shards,
+            pods,
+            ips,
+            debug,
+        }
     }
 
     /// A snapshot of exactly `by_ip` (tests and benches).
@@ -149,6 +184,7 @@ impl Snapshot {
             shards: shards.into_iter().map(Arc::new).collect(),
             pods: uids.len(),
             ips,
+            debug: DebugView::default(),
         }
     }
 
@@ -167,6 +203,21 @@ impl Snapshot {
     /// Number of pods owning at least one IP.
     pub fn pods(&self) -> usize {
         self.pods
+    }
+
+    /// The `resourceVersion` of the last pod event applied (the mapping reflects at least
+    /// this version); `None` before the first event after a list, and in local mode.
+    pub fn resource_version(&self) -> Option<&str> {
+        self.debug.resource_version.as_deref()
+    }
+
+    /// Allowed-role patterns by namespace, as written (only with namespace restrictions).
+    pub fn allowed_roles(&self) -> &BTreeMap<String, Vec<String>> {
+        &self.debug.allowed_roles
+    }
+
+    pub(crate) fn debug(&self) -> &DebugView {
+        &self.debug
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&IpAddr, &Arc<Identity>)> {

@@ -1,20 +1,22 @@
 //! Turns the pod index into snapshots, incrementally: only the pods, namespaces,
 //! ServiceAccounts and IPs that changed since the last publish are looked at, only the
 //! snapshot shards holding changed IPs are copied, and nothing is published when no IP's
-//! identity changed. Resolves roles (pod annotation, else ServiceAccount annotation, else the
-//! default role: [`State::pod_role`]) and namespace restrictions, and keeps one credential
-//! slot per key for live pods (prefetching new ones).
+//! identity changed (a newer resource version or allowed-role pattern alone replaces the
+//! snapshot with one sharing every shard, waking and counting nothing). Resolves roles (pod
+//! annotation, else ServiceAccount annotation, else the default role: [`State::pod_role`])
+//! and namespace restrictions, and keeps one credential slot per key for live pods
+//! (prefetching new ones).
 
 use crate::creds::sts::sanitize_session;
 use crate::creds::{CredKey, CredSlot, Origin, PodSession};
 use crate::events::{Report, ReportKind};
-use crate::handle::{DebugInfo, Shared};
+use crate::handle::Shared;
 use crate::index::PodIndex;
 use crate::metrics::ResolverMetrics;
 use crate::pod::PodInfo;
 use crate::restrict::{self, AllowedRoles, NamespaceRestrictions};
 use crate::roles::{PodRole, RoleRules};
-use crate::snapshot::{Identity, RoleEntry, SHARDS, Shard, Snapshot, shard_of};
+use crate::snapshot::{DebugView, Identity, RoleEntry, SHARDS, Shard, Snapshot, shard_of};
 use ahash::{AHashMap, AHashSet};
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -57,8 +59,9 @@ pub(crate) struct State {
     shards: Vec<Arc<Shard>>,
     ips: usize,
     /// The `resourceVersion` of the last pod event applied (shown by `/debug/store`).
-    pub(crate) resource_version: Option<String>,
-    debug_namespaces: Arc<BTreeMap<String, Vec<String>>>,
+    pub(crate) resource_version: Option<Arc<str>>,
+    /// Allowed-role patterns by namespace, as written (shown by `/debug/store`).
+    allowed_roles: Arc<BTreeMap<String, Vec<String>>>,
     requests: mpsc::UnboundedSender<Arc<CredSlot>>,
     shared: Arc<Shared>,
     metrics: ResolverMetrics,
@@ -132,7 +135,7 @@ impl State {
             shards: vec![empty; SHARDS],
             ips: 0,
             resource_version: None,
-            debug_namespaces: Arc::default(),
+            allowed_roles: Arc::default(),
             requests,
             shared,
             metrics,
@@ -190,25 +193,31 @@ impl State {
         for ip in ips {
             changed |= self.remap(ip);
         }
+        let debug = DebugView {
+            resource_version: self.resource_version.clone(),
+            allowed_roles: self.allowed_roles.clone(),
+        };
         if changed || !self.shared.is_ready() {
-            let snap = Snapshot::from_shards(self.shards.clone(), self.owned.len(), self.ips);
+            let snap =
+                Snapshot::from_shards(self.shards.clone(), self.owned.len(), self.ips, debug);
             self.shared.snapshot.store(Arc::new(snap));
             self.shared.mark_ready();
             self.shared.published.notify_waiters();
             self.metrics.published();
+        } else if !self.shared.snapshot.load().debug().same_as(&debug) {
+            // No IP's answer changed: no waiter to wake, no publish to count; the shards are
+            // the current snapshot's, so `/debug/store` stays exact for a pointer copy each.
+            let snap =
+                Snapshot::from_shards(self.shards.clone(), self.owned.len(), self.ips, debug);
+            self.shared.snapshot.store(Arc::new(snap));
         }
         self.metrics
             .set_index(self.owned.len(), self.ips, self.roles.len());
-        // After the snapshot: a reader of this info then loads a snapshot at least as new.
-        self.shared.set_debug(DebugInfo {
-            resource_version: self.resource_version.clone(),
-            namespaces: self.debug_namespaces.clone(),
-        });
     }
 
     fn reparse_namespaces(&mut self, names: &AHashSet<String>) {
         let Some(r) = &self.restrictions else { return };
-        let debug = Arc::make_mut(&mut self.debug_namespaces);
+        let debug = Arc::make_mut(&mut self.allowed_roles);
         for name in names {
             match self.index.namespace(name) {
                 Some(ns) => {

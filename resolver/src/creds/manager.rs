@@ -231,11 +231,12 @@ async fn fetch<S: AssumeRole>(
                 0,
             );
         }
-        Err(StsError { code, message }) => {
+        Err(error) => {
             let still_valid = slot
                 .current(now)
                 .is_some_and(|a| matches!(&*a, CredAnswer::Ready { .. }));
             let retry_in = m.policy.retry_after(failures);
+            let StsError { code, message } = &error;
             tracing::warn!(role = %key.role_arn, %code, %message, still_valid, retry_in = ?retry_in, "AssumeRole failed");
             let generation = if still_valid {
                 // Static stability: keep serving what we have; try again later.
@@ -244,14 +245,15 @@ async fn fetch<S: AssumeRole>(
             } else {
                 let answer = CredAnswer::Failed {
                     status: 500,
-                    body: error_document(&code, &message),
+                    body: error_document(code, message),
+                    error: error.clone(),
                     at: now,
                     retry_after: now + m.policy.error_ttl,
                 };
                 slot.publish(Some(Arc::new(answer)))
             };
             m.metrics
-                .observe_assume_role_for(&key.role_arn, Some(&code), took);
+                .observe_assume_role_for(&key.role_arn, Some(code), took);
             schedule(
                 &slot,
                 &m,

@@ -5,3 +5,4 @@ pub mod slot;
 pub mod sts;
 
 pub use slot::{CredAnswer, CredKey, CredSlot, Origin, PodSession};
+pub use sts::StsError;

@@ -1,6 +1,7 @@
 //! A credential slot: the current answer for one credential key, read lock-free by workers
 //! and filled by the resolver thread.
 
+use crate::creds::sts::StsError;
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -51,6 +52,9 @@ pub enum CredAnswer {
     Failed {
         status: u16,
         body: Bytes,
+        /// The failure the body was rendered from, as data for whoever reports it (the
+        /// `IamCredentialError` Event), so nothing parses the body back.
+        error: StsError,
         at: Instant,
         retry_after: Instant,
     },
@@ -308,6 +312,10 @@ mod tests {
         asked.publish(Some(Arc::new(CredAnswer::Failed {
             status: 500,
             body: Bytes::from_static(b"e"),
+            error: StsError {
+                code: "Throttling".into(),
+                message: "e".into(),
+            },
             at: now,
             retry_after: now,
         })));

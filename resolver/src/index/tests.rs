@@ -266,13 +266,13 @@ fn namespace_changes_are_recorded_only_when_different() {
         annotations: [("k".to_string(), v.to_string())].into(),
     };
     let mut idx = PodIndex::default();
-    idx.reset_namespaces([ns("a", "1"), ns("b", "1")]);
+    idx.reset([ns("a", "1"), ns("b", "1")]);
     assert_eq!(idx.take_changes().namespaces.len(), 2);
     idx.apply_namespace(ns("a", "1"));
-    idx.reset_namespaces([ns("a", "1"), ns("b", "1")]);
+    idx.reset([ns("a", "1"), ns("b", "1")]);
     assert!(idx.take_changes().is_empty());
     idx.apply_namespace(ns("a", "2"));
-    idx.reset_namespaces([ns("a", "2")]);
+    idx.reset([ns("a", "2")]);
     let ch = idx.take_changes();
     assert_eq!(ch.namespaces.len(), 2, "a changed, b removed");
     assert!(idx.namespace("b").is_none());
@@ -291,7 +291,7 @@ fn sa(ns: &str, name: &str, role: Option<&str>) -> ServiceAccountInfo {
 #[test]
 fn service_account_changes_are_recorded_only_when_the_role_changes() {
     let mut idx = PodIndex::default();
-    idx.reset_service_accounts([sa("ns", "web", Some("arn:r1")), sa("ns", "plain", None)]);
+    idx.reset([sa("ns", "web", Some("arn:r1")), sa("ns", "plain", None)]);
     let ch = idx.take_changes();
     assert_eq!(
         ch.service_accounts.into_iter().collect::<Vec<_>>(),
@@ -307,7 +307,7 @@ fn service_account_changes_are_recorded_only_when_the_role_changes() {
     recreated.uid = "sa-new".into();
     idx.apply_service_account(recreated);
     assert_eq!(idx.service_account("ns", "web").unwrap().uid, "sa-new");
-    idx.reset_service_accounts([sa("ns", "web", Some("arn:r1"))]);
+    idx.reset([sa("ns", "web", Some("arn:r1"))]);
     assert!(idx.take_changes().is_empty());
 
     // A new role, the annotation removed, a delete of what is not there.
@@ -324,7 +324,7 @@ fn service_account_changes_are_recorded_only_when_the_role_changes() {
     idx.apply_service_account(sa("a", "x", Some("arn:x")));
     idx.apply_service_account(sa("b", "y", Some("arn:y")));
     idx.take_changes();
-    idx.reset_service_accounts([sa("b", "y", Some("arn:y"))]);
+    idx.reset([sa("b", "y", Some("arn:y"))]);
     let ch = idx.take_changes();
     assert_eq!(
         ch.service_accounts.into_iter().collect::<Vec<_>>(),

@@ -18,19 +18,25 @@
 //! explicitly): `ListSemantic::Any` (`resourceVersion=0`) may be served from a lagging API
 //! server cache, and after an IP was reused such a relist would bring a deleted pod's
 //! identity back until the watch caught up (the churn test catches exactly that).
+//!
+//! `run` builds the client and the three watchers; `follow` applies their merged stream,
+//! each kind through the one generic `on_event` (what differs per kind is the `Followed`
+//! trait), so tests feed `follow` a `stream::iter` of hand-built events.
 
 use crate::StartError;
+use crate::index::Kept;
 use crate::metrics::{ResolverMetrics, WatchMetrics};
 use crate::pod::{AnnotationKeys, NamespaceInfo, PodInfo, ServiceAccountInfo};
 use crate::state::State;
-use futures_util::stream::{self, BoxStream, StreamExt};
+use futures_util::stream::{self, BoxStream, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event, ListSemantic};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -193,7 +199,6 @@ impl<T> Default for Relist<T> {
     }
 }
 
-/// Watches until the process ends; reports the first full sync through `first`.
 /// Waits until RBAC lets the agent list and watch what it must (pods; namespaces with
 /// restrictions). The watcher reports a list complete before it starts the watch, so with
 /// `list` granted and `watch` refused the agent would publish, become ready and then never
@@ -233,10 +238,11 @@ async fn wait_for_watch_rights(client: &Client, restricted: bool, watch: &WatchM
     }
 }
 
+/// Watches until the process ends; reports the first full sync through `first`.
 pub(crate) async fn run(
     opts: KubeOptions,
     keys: AnnotationKeys,
-    mut state: State,
+    state: State,
     metrics: ResolverMetrics,
     watch: WatchMetrics,
     reports: mpsc::Receiver<crate::events::Report>,
@@ -282,45 +288,52 @@ pub(crate) async fn run(
     } else {
         stream::pending().boxed()
     };
-    let mut events = stream::select(stream::select(pods, namespaces), service_accounts);
+    let events = stream::select(stream::select(pods, namespaces), service_accounts);
+    let node = opts.node.as_deref().unwrap_or("<all>");
+    follow(events, &keys, state, &metrics, &watch, node, first).await;
+}
 
+/// Applies the watchers' merged `events` to `state` until they end (the real watchers never
+/// do), publishing after each change once every list is in, and tells `first` of the first
+/// publish. A parameter, so tests feed it a `stream::iter` of hand-built events.
+async fn follow(
+    mut events: impl Stream<Item = Item> + Unpin,
+    keys: &AnnotationKeys,
+    mut state: State,
+    metrics: &ResolverMetrics,
+    watch: &WatchMetrics,
+    node: &str,
+    first: impl FnOnce(Result<(), StartError>),
+) {
+    let restricted = state.restrictions().is_some();
+    let sa_roles = keys.service_accounts();
     let mut first = Some(first);
     let mut pod_list: Relist<PodInfo> = Relist::default();
     let mut ns_list: Relist<NamespaceInfo> = Relist::default();
     let mut sa_list: Relist<ServiceAccountInfo> = Relist::default();
     let mut sa_refused = Refused::default();
-    let node = opts.node.as_deref().unwrap_or("<all>");
     while let Some(item) = events.next().await {
         let changed = match item {
-            Item::Pod(ev) => match *ev {
-                Ok(ev) => on_pod(ev, &keys, &mut state, &mut pod_list, &watch, node),
-                Err(e) => {
-                    failed(&metrics, &watch, "pods", &e);
-                    false
-                }
-            },
-            Item::Namespace(ev) => match *ev {
-                Ok(ev) => on_namespace(ev, &mut state, &mut ns_list, &watch),
-                Err(e) => {
-                    failed(&metrics, &watch, "namespaces", &e);
-                    false
-                }
-            },
+            Item::Pod(ev) => on_item(*ev, keys, &mut state, &mut pod_list, metrics, watch, node),
+            Item::Namespace(ev) => {
+                on_item(*ev, keys, &mut state, &mut ns_list, metrics, watch, node)
+            }
             Item::ServiceAccount(ev) => match *ev {
                 Ok(ev) => {
                     let done = matches!(ev, Event::InitDone);
-                    let changed = on_service_account(ev, &keys, &mut state, &mut sa_list, &watch);
+                    let changed = on_event(ev, keys, &mut state, &mut sa_list, watch, node);
                     if done {
                         sa_refused.allowed();
                     }
                     changed
                 }
                 Err(e) => {
-                    if !sa_refused.refused(&e, &keys) {
-                        failed(&metrics, &watch, "serviceaccounts", &e);
+                    let resource = <PartialObjectMeta<ServiceAccount> as Followed>::RESOURCE;
+                    if !sa_refused.refused(&e, keys) {
+                        failed(metrics, watch, resource, &e);
                     } else {
                         metrics.source_error();
-                        watch.error("serviceaccounts", error_kind(&e));
+                        watch.error(resource, error_kind(&e));
                     }
                     false
                 }
@@ -399,189 +412,145 @@ fn failed(
     }
 }
 
-/// Applies a pod event; true when the index may have changed.
-fn on_pod(
-    ev: Event<Pod>,
+/// A watched kind, as [`on_event`] applies it: what the index keeps of one object, and what
+/// is said and counted of its lists.
+trait Followed: Resource + Sized {
+    type Info: Kept;
+    /// The resource in metrics and logs (`iamlet_watch_*_total{resource}`).
+    const RESOURCE: &'static str;
+    /// Whether an event of this kind moves the resource version `/debug/store` shows, which
+    /// is the last pod event's (the churn test judges answers against the pods' history).
+    const VERSIONED: bool = false;
+    /// Capacity the relist buffer keeps between lists.
+    const KEPT_CAPACITY: usize;
+    fn info(&self, keys: &AnnotationKeys) -> Option<Self::Info>;
+    /// Whether a listed object is buffered for the reset.
+    fn listed(_info: &Self::Info) -> bool {
+        true
+    }
+    /// Says that a list of `n` was applied.
+    fn synced(n: usize, node: &str);
+}
+
+impl Followed for Pod {
+    type Info = PodInfo;
+    const RESOURCE: &'static str = "pods";
+    const VERSIONED: bool = true;
+    const KEPT_CAPACITY: usize = 1024;
+    fn info(&self, keys: &AnnotationKeys) -> Option<PodInfo> {
+        PodInfo::from_pod(self, keys)
+    }
+    fn synced(n: usize, node: &str) {
+        tracing::info!(pods = n, node, "pod list synced");
+    }
+}
+
+impl Followed for Namespace {
+    type Info = NamespaceInfo;
+    const RESOURCE: &'static str = "namespaces";
+    const KEPT_CAPACITY: usize = 1024;
+    fn info(&self, _keys: &AnnotationKeys) -> Option<NamespaceInfo> {
+        NamespaceInfo::from_namespace(self)
+    }
+    fn synced(n: usize, _node: &str) {
+        tracing::info!(namespaces = n, "namespace list synced");
+    }
+}
+
+impl Followed for PartialObjectMeta<ServiceAccount> {
+    type Info = ServiceAccountInfo;
+    const RESOURCE: &'static str = "serviceaccounts";
+    const KEPT_CAPACITY: usize = 64;
+    fn info(&self, keys: &AnnotationKeys) -> Option<ServiceAccountInfo> {
+        ServiceAccountInfo::from_meta(&self.metadata, keys)
+    }
+    /// Only those with a role: most of a cluster's ServiceAccounts have none.
+    fn listed(info: &ServiceAccountInfo) -> bool {
+        info.role.is_some()
+    }
+    fn synced(n: usize, _node: &str) {
+        tracing::info!(with_role = n, "serviceaccount list synced");
+    }
+}
+
+/// Applies one watcher item of kind `T`, counting and saying its errors; true when the index
+/// may have changed.
+fn on_item<T: Followed>(
+    item: watcher::Result<Event<T>>,
     keys: &AnnotationKeys,
     state: &mut State,
-    list: &mut Relist<PodInfo>,
-    metrics: &WatchMetrics,
+    list: &mut Relist<T::Info>,
+    metrics: &ResolverMetrics,
+    watch: &WatchMetrics,
+    node: &str,
+) -> bool {
+    match item {
+        Ok(ev) => on_event(ev, keys, state, list, watch, node),
+        Err(e) => {
+            failed(metrics, watch, T::RESOURCE, &e);
+            false
+        }
+    }
+}
+
+/// Applies one event of kind `T`: a list is buffered from `Init` and replaces what the index
+/// keeps of that kind at `InitDone`; a change or delete is applied at once. True when the
+/// index may have changed.
+fn on_event<T: Followed>(
+    ev: Event<T>,
+    keys: &AnnotationKeys,
+    state: &mut State,
+    list: &mut Relist<T::Info>,
+    watch: &WatchMetrics,
     node: &str,
 ) -> bool {
     match ev {
         Event::Init => {
             list.buffer.clear();
             if list.lists > 0 {
-                metrics.relisted("pods");
+                watch.relisted(T::RESOURCE);
             }
             false
         }
-        Event::InitApply(p) => {
-            list.buffer.extend(PodInfo::from_pod(&p, keys));
+        Event::InitApply(obj) => {
+            list.buffer.extend(obj.info(keys).filter(T::listed));
             false
         }
         Event::InitDone => {
             let n = list.buffer.len();
             state.index.reset(list.buffer.drain(..));
-            list.buffer.shrink_to(1024);
+            list.buffer.shrink_to(T::KEPT_CAPACITY);
             list.synced = true;
             list.lists += 1;
-            tracing::info!(pods = n, node, "pod list synced");
+            T::synced(n, node);
             true
         }
-        Event::Apply(p) => {
-            state.resource_version = p.metadata.resource_version.clone();
-            match PodInfo::from_pod(&p, keys) {
-                Some(info) => state.index.apply(info),
-                None => return false,
+        Event::Apply(obj) => {
+            if T::VERSIONED {
+                state.resource_version = obj.meta().resource_version.as_deref().map(Arc::from);
             }
-            true
-        }
-        Event::Delete(p) => {
-            state.resource_version = p.metadata.resource_version.clone();
-            match PodInfo::from_pod(&p, keys) {
-                Some(info) => state.index.delete(&info.uid),
-                None => return false,
+            match obj.info(keys) {
+                Some(info) => {
+                    info.apply_to(&mut state.index);
+                    true
+                }
+                None => false,
             }
-            true
         }
-    }
-}
-
-/// Applies a ServiceAccount event; true when the index may have changed.
-fn on_service_account(
-    ev: Event<PartialObjectMeta<ServiceAccount>>,
-    keys: &AnnotationKeys,
-    state: &mut State,
-    list: &mut Relist<ServiceAccountInfo>,
-    metrics: &WatchMetrics,
-) -> bool {
-    let info =
-        |sa: &PartialObjectMeta<ServiceAccount>| ServiceAccountInfo::from_meta(&sa.metadata, keys);
-    match ev {
-        Event::Init => {
-            list.buffer.clear();
-            if list.lists > 0 {
-                metrics.relisted("serviceaccounts");
+        Event::Delete(obj) => {
+            if T::VERSIONED {
+                state.resource_version = obj.meta().resource_version.as_deref().map(Arc::from);
             }
-            false
-        }
-        Event::InitApply(sa) => {
-            // Only those with a role are kept: most of a cluster's ServiceAccounts have none.
-            list.buffer.extend(info(&sa).filter(|s| s.role.is_some()));
-            false
-        }
-        Event::InitDone => {
-            let n = list.buffer.len();
-            state.index.reset_service_accounts(list.buffer.drain(..));
-            list.buffer.shrink_to(64);
-            list.synced = true;
-            list.lists += 1;
-            tracing::info!(with_role = n, "serviceaccount list synced");
-            true
-        }
-        Event::Apply(sa) => match info(&sa) {
-            Some(info) => {
-                state.index.apply_service_account(info);
-                true
+            match obj.info(keys) {
+                Some(info) => {
+                    T::Info::delete(&mut state.index, info.key());
+                    true
+                }
+                None => false,
             }
-            None => false,
-        },
-        Event::Delete(sa) => match info(&sa) {
-            Some(info) => {
-                state
-                    .index
-                    .delete_service_account(&info.namespace, &info.name);
-                true
-            }
-            None => false,
-        },
-    }
-}
-
-/// Applies a namespace event; true when the index may have changed.
-fn on_namespace(
-    ev: Event<Namespace>,
-    state: &mut State,
-    list: &mut Relist<NamespaceInfo>,
-    metrics: &WatchMetrics,
-) -> bool {
-    match ev {
-        Event::Init => {
-            list.buffer.clear();
-            if list.lists > 0 {
-                metrics.relisted("namespaces");
-            }
-            false
         }
-        Event::InitApply(ns) => {
-            list.buffer.extend(NamespaceInfo::from_namespace(&ns));
-            false
-        }
-        Event::InitDone => {
-            let n = list.buffer.len();
-            state.index.reset_namespaces(list.buffer.drain(..));
-            list.synced = true;
-            list.lists += 1;
-            tracing::info!(namespaces = n, "namespace list synced");
-            true
-        }
-        Event::Apply(ns) => match NamespaceInfo::from_namespace(&ns) {
-            Some(info) => {
-                state.index.apply_namespace(info);
-                true
-            }
-            None => false,
-        },
-        Event::Delete(ns) => match ns.metadata.name.as_deref() {
-            Some(name) => {
-                state.index.delete_namespace(name);
-                true
-            }
-            None => false,
-        },
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn api_error(code: u16) -> watcher::Error {
-        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(kube::core::Status {
-            code,
-            ..Default::default()
-        })))
-    }
-
-    #[test]
-    fn refusals_are_their_own_error_kinds_and_are_said_once_per_streak() {
-        assert_eq!(error_kind(&api_error(403)), "forbidden");
-        assert_eq!(error_kind(&api_error(404)), "not_found");
-        assert_eq!(error_kind(&api_error(500)), "list_failed");
-        let keys = AnnotationKeys::default();
-        let mut r = Refused::default();
-        assert!(
-            !r.refused(&api_error(500), &keys),
-            "a 500 is an ordinary failure"
-        );
-        assert!(!r.now);
-        assert!(r.refused(&api_error(403), &keys));
-        assert!(r.now && r.warned);
-        assert!(r.refused(&api_error(403), &keys));
-        r.allowed();
-        assert!(!r.now && !r.warned, "a later refusal is said again");
-    }
-
-    #[test]
-    fn backoff_doubles_with_jitter_up_to_the_cap_and_resets() {
-        let mut b = WatchBackoff::new();
-        let first = b.next().unwrap();
-        assert!(first >= Duration::from_millis(125) && first < Duration::from_millis(375));
-        for _ in 0..20 {
-            assert!(b.next().unwrap() < Duration::from_secs(45));
-        }
-        b.reset();
-        assert!(b.next().unwrap() < Duration::from_millis(375));
-    }
-}
+mod tests;

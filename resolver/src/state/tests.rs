@@ -168,8 +168,7 @@ fn a_key_no_pod_uses_any_more_is_dropped_and_fetched_again_when_it_returns() {
 fn a_restricted_role_is_denied_with_a_reason_and_never_fetched() {
     let restr = NamespaceRestrictions::default();
     let (mut st, mut rx, shared) = state_with(Some("fallback"), Some(restr));
-    st.index
-        .reset_namespaces([namespace("ns", Some(r#"["web-*"]"#))]);
+    st.index.reset([namespace("ns", Some(r#"["web-*"]"#))]);
     st.index.apply(pod("app", "10.0.0.1", Some("app"), None));
     st.index.apply(pod("web", "10.0.0.2", Some("web-1"), None));
     st.index.apply(pod("plain", "10.0.0.3", None, None));
@@ -216,8 +215,8 @@ fn a_restricted_role_is_denied_with_a_reason_and_never_fetched() {
             .unwrap()
             .contains("missing or empty")
     );
-    let dbg = shared.debug.lock().unwrap().clone();
-    assert_eq!(dbg.namespaces.get("ns"), Some(&Vec::<String>::new()));
+    let snap = shared.snapshot.load();
+    assert_eq!(snap.allowed_roles().get("ns"), Some(&Vec::<String>::new()));
 }
 
 #[test]
@@ -227,7 +226,7 @@ fn regexp_restrictions_apply_through_the_state() {
         ..Default::default()
     };
     let (mut st, _rx, shared) = state_with(None, Some(restr));
-    st.index.reset_namespaces([namespace(
+    st.index.reset([namespace(
         "ns",
         Some(r#"["^arn:aws:iam::123456789012:role/app-[0-9]+$"]"#),
     )]);
@@ -389,7 +388,7 @@ const SA_ROLE: &str = "arn:aws:iam::123456789012:role/from-sa";
 fn a_pod_without_an_annotation_gets_its_service_accounts_role_as_is() {
     let (mut st, mut rx, shared) = state_with(Some("fallback"), None);
     let cross = "arn:aws:iam::210987654321:role/cross-sa";
-    st.index.reset_service_accounts([
+    st.index.reset([
         sa("ns", "web", Some(SA_ROLE)),
         sa("ns", "cross", Some(cross)),
         sa("ns", "plain", None),
@@ -509,8 +508,7 @@ fn a_service_account_annotation_change_refreshes_its_pods_and_only_them() {
         at(&shared, "10.0.0.1").unwrap().role.as_ref().unwrap().arn,
         format!("{BASE}fallback")
     );
-    st.index
-        .reset_service_accounts([sa("ns", "web", Some(SA_ROLE))]);
+    st.index.reset([sa("ns", "web", Some(SA_ROLE))]);
     st.publish();
     assert_eq!(
         at(&shared, "10.0.0.2").unwrap().role.as_ref().unwrap().arn,
@@ -533,8 +531,7 @@ fn a_service_account_annotation_change_refreshes_its_pods_and_only_them() {
 fn namespace_restrictions_apply_to_a_service_account_role() {
     let restr = NamespaceRestrictions::default();
     let (mut st, mut rx, shared) = state_with(Some("fallback"), Some(restr));
-    st.index
-        .reset_namespaces([namespace("ns", Some(r#"["web-*"]"#))]);
+    st.index.reset([namespace("ns", Some(r#"["web-*"]"#))]);
     st.index
         .apply_service_account(sa("ns", "web", Some(SA_ROLE)));
     st.index
@@ -569,4 +566,32 @@ fn namespace_restrictions_apply_to_a_service_account_role() {
         .apply_service_account(sa("ns", "web", Some(&format!("{BASE}fallback"))));
     st.publish();
     assert!(at(&shared, "10.0.0.1").unwrap().denied.is_none());
+}
+
+#[test]
+fn a_newer_resource_version_alone_is_carried_by_a_snapshot_sharing_every_identity() {
+    let (mut st, _rx, shared) = state();
+    st.index.apply(pod("a", "10.0.0.1", Some("app"), None));
+    st.resource_version = Some(Arc::from("5"));
+    st.publish();
+    let first = shared.snapshot.load_full();
+    assert_eq!(first.resource_version(), Some("5"));
+    // An event that changes no answer: the version moves, the identities are the same.
+    st.index.apply(pod("a", "10.0.0.1", Some("app"), None));
+    st.resource_version = Some(Arc::from("6"));
+    st.publish();
+    let second = shared.snapshot.load_full();
+    assert_eq!(second.resource_version(), Some("6"));
+    assert_eq!(
+        first.resource_version(),
+        Some("5"),
+        "a snapshot is immutable"
+    );
+    assert!(Arc::ptr_eq(
+        first.get(&"10.0.0.1".parse().unwrap()).unwrap(),
+        second.get(&"10.0.0.1".parse().unwrap()).unwrap()
+    ));
+    // Nothing new at all: nothing is stored.
+    st.publish();
+    assert!(Arc::ptr_eq(&second, &shared.snapshot.load_full()));
 }
