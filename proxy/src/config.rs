@@ -310,42 +310,40 @@ pub struct Runtime {
 }
 
 impl Config {
-    /// The workers' shared settings.
-    pub fn shared(&self, rt: Runtime) -> crate::worker::Shared {
-        use std::sync::atomic::AtomicBool;
+    /// What the workers share: the settings from the flags, and `rt`.
+    pub fn shared(&self, rt: Runtime) -> crate::shared::Shared {
+        use crate::shared::{Admin, Lifecycle, Readiness, Settings, Shared, UpstreamConfig};
         let (a, p) = (&self.args, &self.args.proxy);
-        crate::worker::Shared {
-            handle: rt.handle,
-            rules: rt.rules,
-            upstream: crate::worker::UpstreamConfig {
-                addr: rt.upstream,
-                host: self.metadata.hostport().to_owned(),
-                connect_timeout: p.upstream_connect_timeout,
-                response_timeout: p.upstream_timeout,
+        let readiness = Readiness::new(rt.handle.clone(), rt.node_ready);
+        let renders = rt.metrics.metrics_renders.clone();
+        Shared {
+            settings: Settings {
+                rules: rt.rules,
+                upstream: UpstreamConfig {
+                    addr: rt.upstream,
+                    host: self.metadata.hostport().to_owned(),
+                    connect_timeout: p.upstream_connect_timeout,
+                    response_timeout: p.upstream_timeout,
+                },
+                wait_ip: a.iam.backoff_max_elapsed_time,
+                token_audience: a.token.token_audience.clone(),
+                node_name: a.kube.node.clone().filter(|n| !n.is_empty()),
+                debug: a.log.debug,
+                admin_on_app_port: rt.admin_on_app_port,
+                limits: self.limits.clone(),
+                imdsv2: p.imdsv2,
+                policy: p.metadata_policy,
+                allow_paths: self.allow_paths.clone(),
+                forward_user_data: p.allow_user_data,
+                forward_identity_signature: p.allow_instance_identity_signature,
+                shutdown_grace: p.shutdown_grace,
             },
-            wait_ip: a.iam.backoff_max_elapsed_time,
-            token_audience: a.token.token_audience.clone(),
-            node_name: a.kube.node.clone().filter(|n| !n.is_empty()),
-            debug: a.log.debug,
-            admin_on_app_port: rt.admin_on_app_port,
-            registry: std::sync::Arc::new(rt.registry),
-            metrics: rt.metrics,
-            limits: self.limits.clone(),
-            imdsv2: p.imdsv2,
+            handle: rt.handle,
             token_key: rt.token_key,
-            policy: p.metadata_policy,
-            allow_paths: self.allow_paths.clone(),
-            forward_user_data: p.allow_user_data,
-            forward_identity_signature: p.allow_instance_identity_signature,
             sources: crate::fairness::SourceLimiter::new(p.max_connections_per_ip),
-            metrics_cache: Default::default(),
-            metrics_rendering: AtomicBool::new(false),
-            metrics_max_age: p.metrics_max_age,
-            sweeping: AtomicBool::new(false),
-            node_ready: rt.node_ready,
-            stopping: rt.stopping,
-            shutdown_grace: p.shutdown_grace,
-            fatal: std::sync::OnceLock::new(),
+            metrics: rt.metrics,
+            admin: Admin::new(rt.registry, readiness, p.metrics_max_age, renders),
+            life: Lifecycle::new(rt.stopping),
         }
     }
 

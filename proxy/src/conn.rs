@@ -150,7 +150,7 @@ pub async fn serve(
     _permit: crate::fairness::SourcePermit,
 ) {
     let w = tracked.worker();
-    let limits = &w.shared.limits;
+    let limits = &w.shared.settings.limits;
     let rcap = limits.max_head + limits.max_body;
     let (rbuf, out) = w.take_bufs(rcap);
     let mut b = Bufs {

@@ -446,7 +446,7 @@ async fn verify(w: &Worker, token: &str, now: u64) -> Result<Verified, Refusal> 
         key,
         &head,
         kid,
-        w.shared.token_audience.as_str(),
+        w.shared.settings.token_audience.as_str(),
         token,
         now,
     )
@@ -566,7 +566,7 @@ async fn bind(
     t: &Verified,
     token: &str,
 ) -> Result<bytes::Bytes, Refusal> {
-    if let (Some(theirs), Some(ours)) = (&t.node, &w.shared.node_name)
+    if let (Some(theirs), Some(ours)) = (&t.node, &w.shared.settings.node_name)
         && theirs != ours
     {
         return Err(forbidden(
@@ -629,7 +629,7 @@ async fn bind(
     };
     let answer = match role.slot.current(Instant::now()) {
         Some(a) => a,
-        None => match monoio::time::timeout(w.shared.wait_ip, role.slot.get()).await {
+        None => match monoio::time::timeout(w.shared.settings.wait_ip, role.slot.get()).await {
             Ok(a) => a,
             Err(_) => {
                 return Err(unavailable(

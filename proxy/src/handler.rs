@@ -157,26 +157,20 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
         return r.count(RouteLabel::Container, status);
     }
     let rt = route(&path);
-    let admin_allowed = w.admin_only || w.shared.admin_on_app_port;
+    let admin_allowed = w.admin_only || w.shared.settings.admin_on_app_port;
     match rt {
         Route::Healthz => return r.text(RouteLabel::Admin, respond::OK, b"ok\n"),
         Route::Ready => {
-            let ready = w.shared.handle.is_ready()
-                && w.shared
-                    .node_ready
-                    .load(std::sync::atomic::Ordering::Acquire);
-            return if ready {
-                r.text(RouteLabel::Admin, respond::OK, b"ready\n")
-            } else {
-                r.text(
-                    RouteLabel::Admin,
-                    respond::UNAVAILABLE,
-                    b"not ready: waiting for the first pod list\n",
-                )
+            return match w.shared.admin.readiness.missing() {
+                None => r.text(RouteLabel::Admin, respond::OK, b"ready\n"),
+                Some(missing) => {
+                    let body = format!("not ready: {missing}\n");
+                    r.text(RouteLabel::Admin, respond::UNAVAILABLE, body.as_bytes())
+                }
             };
         }
         Route::Metrics if admin_allowed => {
-            let m = w.shared.rendered_metrics();
+            let m = w.shared.admin.rendered_metrics();
             // OpenMetrics for scrapers that ask for it (Prometheus does); the classic text
             // format otherwise (curl, promtool, older scrapers).
             let openmetrics = r.header("accept").is_some_and(|a| {
@@ -199,7 +193,7 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
                 )
             };
         }
-        Route::DebugStore if admin_allowed && w.shared.debug => {
+        Route::DebugStore if admin_allowed && w.shared.settings.debug => {
             let json = w.shared.handle.store_json();
             return r.answer(
                 RouteLabel::Admin,
@@ -243,12 +237,12 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
         | Route::ExtendedCredentials(_)
         | Route::IamInfo => credentials(r, rt).await,
         Route::Denied => r.not_found(RouteLabel::Denied),
-        Route::UserData if !w.shared.forward_user_data => r.not_found(RouteLabel::Denied),
-        Route::IdentitySignature if !w.shared.forward_identity_signature => {
+        Route::UserData if !w.shared.settings.forward_user_data => r.not_found(RouteLabel::Denied),
+        Route::IdentitySignature if !w.shared.settings.forward_identity_signature => {
             r.not_found(RouteLabel::Denied)
         }
         _ => {
-            if w.shared.policy == MetadataPolicy::Allowlist
+            if w.shared.settings.policy == MetadataPolicy::Allowlist
                 && !w.allow_paths.iter().any(|re| re.is_match(&path))
             {
                 return r.not_found(RouteLabel::Denied);
@@ -275,7 +269,7 @@ fn mint_token(r: &mut Req<'_, '_>, method: &str) {
             b"Method Not Allowed\n",
         );
     }
-    if r.w.shared.imdsv2 == Imdsv2Mode::Disabled {
+    if r.w.shared.settings.imdsv2 == Imdsv2Mode::Disabled {
         return r.text(
             RouteLabel::Token,
             respond::FORBIDDEN,
@@ -335,7 +329,7 @@ fn token_ok(r: &mut Req<'_, '_>) -> bool {
                 false
             }
         },
-        None if r.w.shared.imdsv2 == Imdsv2Mode::Required => {
+        None if r.w.shared.settings.imdsv2 == Imdsv2Mode::Required => {
             r.w.metrics.token_rejected("missing");
             false
         }
@@ -380,7 +374,7 @@ async fn credentials(r: &mut Req<'_, '_>, rt: Route<'_>) {
         Route::Credentials(requested) | Route::ExtendedCredentials(requested) => requested,
         _ => return r.not_found(label),
     };
-    if !w.shared.rules.names(requested, &role.arn) {
+    if !w.shared.settings.rules.names(requested, &role.arn) {
         return r.text(label, respond::FORBIDDEN, WRONG_ROLE);
     }
     if let Some(cached) = role.slot.current_ref(r.now)
@@ -391,7 +385,7 @@ async fn credentials(r: &mut Req<'_, '_>, rt: Route<'_>) {
         return answer_credentials(r, rt, label, id, &role.arn, a);
     }
     w.metrics.cache_misses.inc();
-    match monoio::time::timeout(w.shared.wait_ip, role.slot.get()).await {
+    match monoio::time::timeout(w.shared.settings.wait_ip, role.slot.get()).await {
         Ok(a) => answer_credentials(r, rt, label, id, &role.arn, &a),
         Err(_) => {
             let body = respond::error_json("ServiceUnavailable", NOT_READY);

@@ -450,15 +450,8 @@ impl Taken {
     /// Synced and accepting on the same sockets: the old process may stop now. Its
     /// cancelled accepts may take a connection's wake-up with them, so the workers sweep
     /// the listeners' queues for `sweep_for`, until it is surely gone.
-    pub fn complete(self, shared: &std::sync::Arc<crate::worker::Shared>, sweep_for: Duration) {
-        use std::sync::atomic::Ordering;
-        shared.sweeping.store(true, Ordering::Relaxed);
-        let s = shared.clone();
-        let ender = std::thread::Builder::new().name("iamlet-sweep-end".into());
-        let _ = ender.spawn(move || {
-            std::thread::sleep(sweep_for);
-            s.sweeping.store(false, Ordering::Relaxed);
-        });
+    pub fn complete(self, shared: &crate::shared::Shared, sweep_for: Duration) {
+        shared.life.sweep_for(sweep_for);
         match self.finish() {
             Ok(()) => tracing::info!("handover: the previous iamlet stopped accepting"),
             Err(e) => {

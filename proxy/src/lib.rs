@@ -23,6 +23,7 @@ pub mod passthrough;
 pub mod respond;
 pub mod route;
 pub mod server;
+pub mod shared;
 pub mod sockopt;
 pub mod token;
 pub mod upstream;

@@ -75,8 +75,7 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     let resolver = iamlet_resolver::start(config.resolver(rules.clone()), &mut registry)?;
     let metrics = ProxyMetrics::register(&mut registry, config.workers);
     registry.register_collector(Box::new(Kube2iamStatus {
-        handle: resolver.handle.clone(),
-        node_ready: node_ready.clone(),
+        readiness: iamlet::shared::Readiness::new(resolver.handle.clone(), node_ready.clone()),
     }));
     if let Some(r) = &redirect {
         r.metrics().register(&mut registry);
@@ -151,7 +150,7 @@ fn run(config: Config, signals: SigSet) -> anyhow::Result<()> {
     if !server::join(threads, p.shutdown_grace + Duration::from_secs(1)) {
         tracing::warn!("in-flight requests did not finish within --shutdown-grace; exiting");
     }
-    match shared.fatal.get() {
+    match shared.life.fatal() {
         Some(why) => Err(anyhow::anyhow!("{why}")),
         None => Ok(()),
     }

@@ -495,8 +495,7 @@ impl WorkerMetrics {
 /// scrape time.
 #[derive(Debug)]
 pub struct Kube2iamStatus {
-    pub handle: iamlet_resolver::Handle,
-    pub node_ready: Arc<std::sync::atomic::AtomicBool>,
+    pub readiness: crate::shared::Readiness,
 }
 
 impl prometheus_client::collector::Collector for Kube2iamStatus {
@@ -506,7 +505,7 @@ impl prometheus_client::collector::Collector for Kube2iamStatus {
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric;
         use prometheus_client::metrics::gauge::ConstGauge;
-        let ready = self.handle.is_ready() && self.node_ready.load(Ordering::Acquire);
+        let ready = self.readiness.is_ready();
         let status = ConstGauge::new(i64::from(ready));
         status.encode(encoder.encode_descriptor(
             "kube2iam_healthcheck_status",

@@ -1,180 +1,18 @@
 //! Process-wide settings shared by the workers, and each worker's own state.
 
-use crate::args::{Imdsv2Mode, MetadataPolicy};
 use crate::conns::ConnTable;
-use crate::fairness::SourceLimiter;
-use crate::metrics::{ProxyMetrics, WorkerMetrics};
+use crate::metrics::WorkerMetrics;
 use crate::notify::LocalNotify;
-use crate::token::TokenKey;
 use crate::upstream::Upstream;
-use arc_swap::ArcSwapOption;
-use iamlet_resolver::{Handle, Identity, RoleRules, Snapshot, SnapshotReader};
-use prometheus_client::registry::Registry;
+use iamlet_resolver::{Identity, Snapshot, SnapshotReader};
 use std::cell::{Cell, RefCell};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
 
-/// Request and connection limits.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_head: usize,
-    pub max_body: usize,
-    pub header_timeout: Duration,
-    pub idle_timeout: Duration,
-    /// A write that makes no progress for this long closes the connection.
-    pub write_timeout: Duration,
-    pub max_connections: usize,
-    /// Of those, most held by sources that are not known pods (strangers): past it a
-    /// stranger's new connection is closed at once, so strangers never take a pod's slot.
-    pub max_stranger_connections: usize,
-}
-
-impl Limits {
-    /// The strangers' share of `max_connections`: a sixteenth, at least 4 (and no more
-    /// than the whole).
-    pub fn stranger_share(max_connections: usize) -> usize {
-        (max_connections / 16).max(4).min(max_connections)
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_head: 8192,
-            max_body: 1024,
-            header_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(60),
-            write_timeout: Duration::from_secs(5),
-            max_connections: 4096,
-            max_stranger_connections: Limits::stranger_share(4096),
-        }
-    }
-}
-
-/// Where and how the upstream metadata service is reached.
-#[derive(Debug, Clone)]
-pub struct UpstreamConfig {
-    pub addr: SocketAddr,
-    /// Host header sent upstream.
-    pub host: String,
-    pub connect_timeout: Duration,
-    pub response_timeout: Duration,
-}
-
-/// Immutable settings shared by every worker.
-pub struct Shared {
-    pub handle: Handle,
-    pub rules: RoleRules,
-    pub upstream: UpstreamConfig,
-    /// How long a request from an unknown IP waits for its pod (`--backoff-max-elapsed-time`).
-    pub wait_ip: Duration,
-    /// The audience service-account tokens must carry (`--token-audience`).
-    pub token_audience: String,
-    /// This node (`--node`): a token bound to another node is refused.
-    pub node_name: Option<String>,
-    pub debug: bool,
-    /// Whether the app port also serves `/metrics` and `/debug/store`.
-    pub admin_on_app_port: bool,
-    pub registry: Arc<Registry>,
-    pub metrics: ProxyMetrics,
-    pub limits: Limits,
-    pub imdsv2: Imdsv2Mode,
-    pub token_key: TokenKey,
-    pub policy: MetadataPolicy,
-    pub allow_paths: Vec<regex::Regex>,
-    /// Forward `user-data` (`--allow-user-data`); refused by default.
-    pub forward_user_data: bool,
-    /// Forward the node's signed identity (`--allow-instance-identity-signature`).
-    pub forward_identity_signature: bool,
-    /// The per-source-address connection cap, over all workers.
-    pub sources: &'static SourceLimiter,
-    /// The last `/metrics` rendering, shared by every scrape younger than `metrics_max_age`.
-    pub metrics_cache: ArcSwapOption<RenderedMetrics>,
-    /// Set while one worker renders `/metrics`; the others serve the previous rendering.
-    pub metrics_rendering: AtomicBool,
-    pub metrics_max_age: Duration,
-    /// Set for a while after a listener handover: workers also sweep their listener's queue
-    /// (`server::sweep`), for a connection whose wake-up the previous process took with it.
-    pub sweeping: AtomicBool,
-    /// Node-side readiness (with --iptables: the rule is installed); `/ready` needs it and
-    /// the resolver's first publish.
-    pub node_ready: Arc<AtomicBool>,
-    /// Set on SIGTERM/SIGINT: stop accepting, finish in-flight requests.
-    pub stopping: Arc<AtomicBool>,
-    pub shutdown_grace: Duration,
-    /// Why a worker could not go on (its runtime or listener failed), if one could not: `main`
-    /// stops the agent as on SIGTERM and then exits 1 with it.
-    pub fatal: std::sync::OnceLock<String>,
-}
-
-/// One `/metrics` rendering, in both formats.
-pub struct RenderedMetrics {
-    pub at: Instant,
-    pub openmetrics: String,
-    pub classic: Vec<u8>,
-}
-
-impl Shared {
-    /// A worker cannot serve: records why (the first reason wins) and asks `main` to stop,
-    /// with the SIGTERM it already waits for, so the redirect and the other workers stop
-    /// the usual way rather than by an exit from a worker thread.
-    pub fn fail(&self, why: String) {
-        tracing::error!(error = %why, "a worker cannot serve; stopping");
-        let _ = self.fatal.set(why);
-        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGTERM);
-    }
-
-    /// `/metrics`, rendered at most once per `metrics_max_age` in the whole process: a flood
-    /// of scrapes costs copies, not renders. While one worker renders, the others answer with
-    /// the previous rendering (or render their own when there is none yet).
-    pub fn rendered_metrics(&self) -> Arc<RenderedMetrics> {
-        let now = Instant::now();
-        let cached = self.metrics_cache.load_full();
-        if let Some(c) = &cached
-            && now.duration_since(c.at) < self.metrics_max_age
-        {
-            return c.clone();
-        }
-        let mine = self
-            .metrics_rendering
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if !mine && let Some(c) = cached {
-            return c;
-        }
-        let r = Arc::new(self.render_metrics(now));
-        if mine {
-            self.metrics_cache.store(Some(r.clone()));
-            self.metrics_rendering.store(false, Ordering::Release);
-        }
-        r
-    }
-
-    fn render_metrics(&self, at: Instant) -> RenderedMetrics {
-        self.metrics.metrics_renders.inc();
-        // Sized from the last rendering: with many roles the exposition is megabytes, and
-        // growing a String by doubling would hold up to twice that.
-        let hint = self
-            .metrics_cache
-            .load()
-            .as_ref()
-            .map_or(16 * 1024, |c| c.openmetrics.len());
-        let mut openmetrics = String::with_capacity(hint + hint / 16);
-        let _ = prometheus_client::encoding::text::encode(&mut openmetrics, &self.registry);
-        let converted = crate::metrics::Classic::new(&openmetrics);
-        let mut classic = Vec::with_capacity(converted.len());
-        converted.write_into(&mut classic);
-        RenderedMetrics {
-            at,
-            openmetrics,
-            classic,
-        }
-    }
-}
+pub use crate::shared::{Limits, Shared, UpstreamConfig};
 
 /// Most bytes of answers a worker holds unwritten over all its connections: past it, a
 /// connection with answers pending writes them before answering more of its pipelined
@@ -226,7 +64,7 @@ const MAX_POOLED_BUFS: usize = 256;
 
 impl Worker {
     pub fn new(shared: Arc<Shared>, admin_only: bool) -> Self {
-        let u = &shared.upstream;
+        let u = &shared.settings.upstream;
         let metrics = shared.metrics.worker();
         let opened = metrics.upstream_opened();
         Worker {
@@ -240,7 +78,7 @@ impl Worker {
                 u.response_timeout,
                 opened,
             ),
-            allow_paths: shared.allow_paths.clone(),
+            allow_paths: shared.settings.allow_paths.clone(),
             admin_only,
             conns: RefCell::new(ConnTable::new()),
             pending_out: Cell::new(0),
@@ -328,7 +166,7 @@ impl Worker {
         let wait = Rc::new(IpWait::default());
         self.ip_waits.borrow_mut().insert(ip, wait.clone());
         let (w, waits) = (wait.clone(), self.ip_waits.clone());
-        let (handle, bound) = (self.shared.handle.clone(), self.shared.wait_ip);
+        let (handle, bound) = (self.shared.handle.clone(), self.shared.settings.wait_ip);
         monoio::spawn(async move {
             let abandoned = async {
                 let n = w.abandon.notified();
@@ -357,7 +195,7 @@ impl Worker {
     }
 
     pub fn stopping(&self) -> bool {
-        self.shared.stopping.load(Ordering::Relaxed)
+        self.shared.life.stopping.load(Ordering::Relaxed)
     }
 
     /// Connections accepted and not yet closed, whether or not their task has run.
