@@ -236,10 +236,11 @@ pub async fn answer(
     headers: &[httparse::Header<'_>],
     out: &mut Vec<u8>,
     persist: Persist,
+    head_only: bool,
 ) -> u16 {
     match credentials(w, peer, method, headers).await {
         Ok(body) => {
-            respond::write(out, respond::OK, respond::JSON, &body, persist, false);
+            respond::write(out, respond::OK, respond::JSON, &body, persist, head_only);
             200
         }
         Err(r) => {
@@ -251,7 +252,9 @@ pub async fn answer(
                 &[]
             };
             respond::write_head(out, r.status, respond::JSON, body.len(), persist, retry);
-            out.extend_from_slice(body.as_bytes());
+            if !head_only {
+                out.extend_from_slice(body.as_bytes());
+            }
             r.status.0
         }
     }

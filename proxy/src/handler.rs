@@ -144,7 +144,6 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
     let w = r.w;
     let peer = r.peer;
     let Ok(path) = canonicalize(req.path.unwrap_or("")) else {
-        r.head_only = false;
         return r.refuse(
             DownstreamError::InvalidPath,
             RouteLabel::Invalid,
@@ -153,7 +152,9 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
     };
     // The container-credentials door: service-account tokens, not IMDS (no IMDSv2 token).
     if path == crate::container::PATH && !w.admin_only {
-        let status = crate::container::answer(w, peer, method, req.headers, r.out, r.persist).await;
+        let status =
+            crate::container::answer(w, peer, method, req.headers, r.out, r.persist, r.head_only)
+                .await;
         return r.count(RouteLabel::Container, status);
     }
     let rt = route(&path);
@@ -208,7 +209,6 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
         // request, then gets the 404 (and nothing that would open the node's metadata).
         Route::Token => {
             if method == "PUT" && !w.wait_known(peer).await {
-                r.head_only = false;
                 return r.not_found(RouteLabel::Token);
             }
             return mint_token(r, method);
@@ -220,11 +220,9 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
     }
     // Everything below is metadata: tokens are checked first.
     if !token_ok(r) {
-        r.head_only = false;
         return r.answer(RouteLabel::Token, UNAUTHORIZED, respond::HTML, b"");
     }
     if method != "GET" && method != "HEAD" {
-        r.head_only = false;
         return r.refuse(
             DownstreamError::Method,
             RouteLabel::Invalid,
@@ -261,7 +259,6 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
 
 /// `PUT /latest/api/token`: a token bound to the caller's IP.
 fn mint_token(r: &mut Req<'_, '_>, method: &str) {
-    r.head_only = false;
     if method != "PUT" {
         return r.text(
             RouteLabel::Token,

@@ -33,7 +33,7 @@ fn main() {
         Some(iamlet::args::Command::Cleanup(c)) => {
             // Only kube2iam's rules need the address; an unusable one means the default.
             let metadata = iamlet_node::MetadataAddr::parse(&args.node.metadata_addr).map_or_else(
-                |_| "169.254.169.254:80".to_owned(),
+                |_| format!("{}:80", iamlet_node::METADATA_V4),
                 |m| m.hostport().to_owned(),
             );
             std::process::exit(iamlet_node::cleanup::run(

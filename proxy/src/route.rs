@@ -30,20 +30,38 @@ pub fn canonicalize(target: &str) -> Result<Cow<'_, str>, PathError> {
             _ => "/",
         };
     }
-    let end = path.find(['?', '#']).unwrap_or(path.len());
+    let end = path
+        .bytes()
+        .position(|b| b == b'?' || b == b'#')
+        .unwrap_or(path.len());
     let path = &path[..end];
     if !path.starts_with('/') {
         return Err(PathError::NotAPath);
     }
+    // One pass over the path (every request takes it): a control byte anywhere refuses it,
+    // then a backslash; an escape, an empty segment or a dot segment means it needs work.
     let bytes = path.as_bytes();
-    if bytes.iter().any(|&b| b < 0x20 || b == 0x7f) {
-        return Err(PathError::ControlByte);
+    let (mut backslash, mut needs_work) = (false, false);
+    let mut segment = 0;
+    for i in 0..=bytes.len() {
+        // The end of the path ends its last segment like a slash.
+        match bytes.get(i).copied().unwrap_or(b'/') {
+            0..0x20 | 0x7f => return Err(PathError::ControlByte),
+            b'\\' => backslash = true,
+            b'%' => needs_work = true,
+            b'/' => {
+                let seg = &bytes[segment..i];
+                // `.` and `..` anywhere; an empty segment between two slashes (`//`).
+                needs_work |=
+                    seg == b"." || seg == b".." || (seg.is_empty() && i > 0 && i < bytes.len());
+                segment = i + 1;
+            }
+            _ => {}
+        }
     }
-    if path.contains('\\') {
+    if backslash {
         return Err(PathError::Backslash);
     }
-    let needs_work =
-        path.contains('%') || path.contains("//") || path.split('/').any(|s| s == "." || s == "..");
     if !needs_work {
         return Ok(Cow::Borrowed(path));
     }
@@ -273,6 +291,43 @@ pub fn is_sensitive(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The checks `canonicalize` makes in one pass, spelled the plain way: every path of up
+    /// to four segments drawn from the awkward ones is judged the same.
+    #[test]
+    fn the_one_pass_check_judges_every_path_as_the_plain_checks_do() {
+        let parts = ["", ".", "..", "a", "%41", "b\\c", "\u{1}", "x\u{7f}"];
+        let mut paths = vec![String::new()];
+        for _ in 0..4 {
+            let mut next = Vec::new();
+            for p in &paths {
+                for part in parts {
+                    next.push(format!("{p}/{part}"));
+                }
+            }
+            paths.extend(next.clone());
+            paths = next;
+        }
+        for path in paths {
+            let plain = if path.bytes().any(|b| b < 0x20 || b == 0x7f) {
+                Some(PathError::ControlByte)
+            } else if path.contains('\\') {
+                Some(PathError::Backslash)
+            } else {
+                None
+            };
+            let needs_work = path.contains('%')
+                || path.contains("//")
+                || path.split('/').any(|s| s == "." || s == "..");
+            match canonicalize(&path) {
+                Err(e @ (PathError::ControlByte | PathError::Backslash)) => {
+                    assert_eq!(Some(e), plain, "{path:?}")
+                }
+                Ok(Cow::Borrowed(_)) => assert!(plain.is_none() && !needs_work, "{path:?}"),
+                Ok(Cow::Owned(_)) | Err(_) => assert!(plain.is_none() && needs_work, "{path:?}"),
+            }
+        }
+    }
 
     #[test]
     fn canonical_forms() {

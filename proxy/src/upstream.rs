@@ -153,16 +153,14 @@ impl UpstreamResponse {
     /// A whole answer already read (`head`: to a HEAD request), framed as the exchange
     /// frames one: anything that does not frame is a protocol error (answered 502).
     pub fn framed(mut raw: Vec<u8>, head: bool) -> Result<UpstreamResponse, UpstreamError> {
-        match settle_head(&mut raw, head) {
-            (
-                Frame::Complete {
-                    head_len,
-                    total,
-                    status,
-                    ..
-                },
-                Some(parsed),
-            ) => {
+        match settle(&mut raw, head) {
+            Settled::Complete {
+                head_len,
+                total,
+                status,
+                head: parsed,
+                ..
+            } => {
                 raw.truncate(total);
                 Ok(UpstreamResponse {
                     raw,
@@ -449,17 +447,14 @@ impl Upstream {
         }
         let mut buf = self.buffer();
         let answer = loop {
-            match settle_head(&mut buf, head) {
-                (Frame::Interim { .. }, _) => unreachable!("settle skips interim answers"),
-                (
-                    Frame::Complete {
-                        head_len,
-                        total,
-                        status,
-                        reusable,
-                    },
-                    Some(parsed),
-                ) => {
+            match settle(&mut buf, head) {
+                Settled::Complete {
+                    head_len,
+                    total,
+                    status,
+                    reusable,
+                    head: parsed,
+                } => {
                     buf.truncate(total);
                     let resp = UpstreamResponse {
                         raw: buf,
@@ -469,10 +464,8 @@ impl Upstream {
                     };
                     break Ok((resp, reusable.then_some(conn)));
                 }
-                (Frame::Complete { .. }, None) | (Frame::Invalid, _) => {
-                    break Err(UpstreamError::Protocol);
-                }
-                (Frame::Partial, _) => {}
+                Settled::Invalid => break Err(UpstreamError::Protocol),
+                Settled::Partial => {}
             }
             if buf.len() > MAX_RESPONSE {
                 break Err(UpstreamError::Protocol);
@@ -559,17 +552,30 @@ pub enum Frame {
     },
 }
 
+/// What [`settle`] makes of the start of an answer: an interim (1xx) answer is never one.
+/// The head's positions make it large; it is returned once per upstream answer, and a box
+/// would be an allocation per answer.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Not a complete head yet, or a close-delimited body still arriving.
+    Partial,
+    Invalid,
+    Complete {
+        head_len: usize,
+        total: usize,
+        status: u16,
+        reusable: bool,
+        /// The head as framing parsed it, so relaying it needs no second parse.
+        head: Head,
+    },
+}
+
 /// Frames what has been read of an upstream answer the way the exchange does: interim (1xx)
 /// answers are dropped from `buf`, and a complete answer is reusable only when it ended
 /// exactly where its framing said (bytes after it would be taken for the next request's
-/// answer, whichever pod sends it). Never returns `Interim`. Pure: the exchange and the fuzz
-/// target use it.
-pub fn settle(buf: &mut Vec<u8>, head: bool) -> Frame {
-    settle_head(buf, head).0
-}
-
-/// As [`settle`], with the parsed head of a complete answer.
-fn settle_head(buf: &mut Vec<u8>, head: bool) -> (Frame, Option<Head>) {
+/// answer, whichever pod sends it). Pure: the exchange and the fuzz target use it.
+pub fn settle(buf: &mut Vec<u8>, head: bool) -> Settled {
     loop {
         match frame_head(buf, head) {
             (Frame::Interim { len }, _) => {
@@ -582,19 +588,20 @@ fn settle_head(buf: &mut Vec<u8>, head: bool) -> (Frame, Option<Head>) {
                     status,
                     reusable,
                 },
-                parsed,
+                Some(parsed),
             ) => {
                 // Never after a HEAD either: a server that sends a body anyway would have
                 // it read as the next answer.
-                let complete = Frame::Complete {
+                return Settled::Complete {
                     head_len,
                     total,
                     status,
                     reusable: reusable && buf.len() == total && !head,
+                    head: parsed,
                 };
-                return (complete, parsed);
             }
-            other => return other,
+            (Frame::Partial, _) => return Settled::Partial,
+            (Frame::Complete { .. }, None) | (Frame::Invalid, _) => return Settled::Invalid,
         }
     }
 }
@@ -750,28 +757,29 @@ mod tests {
     #[test]
     fn settling_skips_interim_answers_and_pools_only_an_exact_answer() {
         let mut buf = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec();
-        assert_eq!(
+        assert!(matches!(
             settle(&mut buf, false),
-            Frame::Complete {
+            Settled::Complete {
                 head_len: 38,
                 total: 40,
                 status: 200,
-                reusable: true
+                reusable: true,
+                ..
             }
-        );
+        ));
         assert!(buf.starts_with(b"HTTP/1.1 200 OK"));
         // A second answer already behind this one: not pooled.
         let mut buf =
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n".to_vec();
         assert!(matches!(
             settle(&mut buf, false),
-            Frame::Complete {
+            Settled::Complete {
                 reusable: false,
                 ..
             }
         ));
         let mut partial = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 20".to_vec();
-        assert_eq!(settle(&mut partial, false), Frame::Partial);
+        assert_eq!(settle(&mut partial, false), Settled::Partial);
         assert_eq!(partial, b"HTTP/1.1 20");
     }
 

@@ -402,3 +402,43 @@ fn a_head_that_fails_upstream_gets_headers_only_and_the_connection_stays_in_step
         c.send(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!((list.status, list.body_str().as_str()), (200, "app-role"));
 }
+
+#[test]
+fn a_head_refused_by_iamlet_itself_gets_headers_only_and_the_connection_stays_in_step() {
+    let driver = drivers()[0];
+    let (moto, up) = (Moto::start(), MarkerImds::start());
+    let iamlet = agent(driver, &moto, up.addr(), &["--workers=1"]);
+    let mut c = Conn::open(ip(POD), iamlet.addr());
+    for (request, status) in [
+        // A token is minted by PUT only.
+        ("HEAD /latest/api/token HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        // A token that is not one.
+        (
+            "HEAD /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token: forged\r\n\r\n",
+            401,
+        ),
+        // The container door without a token.
+        (
+            "HEAD /v1/credentials HTTP/1.1\r\nHost: 169.254.170.23\r\n\r\n",
+            405,
+        ),
+        // A path that is not one.
+        ("HEAD /latest/%2e%2e%2f HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ] {
+        let head = c.send(request.as_bytes());
+        assert_eq!(head.status, status, "{request:?}");
+        assert!(head.body.is_empty(), "{request:?}: {}", head.body_str());
+        if head.header("connection") == Some("close") {
+            c = Conn::open(ip(POD), iamlet.addr());
+            continue;
+        }
+        // The next answer on the same connection is its own.
+        let list =
+            c.send(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(
+            (list.status, list.body_str().as_str()),
+            (200, "app-role"),
+            "after {request:?}"
+        );
+    }
+}
