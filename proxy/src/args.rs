@@ -23,10 +23,21 @@ pub fn parse_go_bool(s: &str) -> Result<bool, FlagError> {
     }
 }
 
-macro_rules! go_bool {
-    () => {
-        ArgAction::Set
-    };
+/// Makes every flag that derive made a plain switch (a `bool` field) a Go/pflag boolean, as
+/// kube2iam's are: `--flag` alone, or `--flag=true|false|1|0|t|f`, never a separate value.
+fn go_bools(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| {
+        if !matches!(a.get_action(), ArgAction::SetTrue) {
+            return a;
+        }
+        let name = a.get_id().as_str().to_uppercase();
+        a.action(ArgAction::Set)
+            .num_args(0..=1)
+            .require_equals(true)
+            .default_missing_value("true")
+            .value_parser(parse_go_bool)
+            .value_name(name)
+    })
 }
 
 /// Which io driver the workers use.
@@ -68,7 +79,7 @@ pub struct KubeArgs {
     )]
     pub api_token: Option<String>,
     /// Kubernetes server should be accessed without verifying the TLS. Testing only
-    #[arg(long, env = "IAMLET_INSECURE", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_INSECURE", default_value = "false")]
     pub insecure: bool,
     /// Name of the node where iamlet is running (watch only its pods)
     #[arg(long, env = "IAMLET_NODE", value_name = "NAME")]
@@ -77,7 +88,11 @@ pub struct KubeArgs {
     #[arg(long, env = "IAMLET_CACHE_RESYNC_PERIOD", default_value = "30m", value_parser = parse_go_duration, value_name = "DURATION")]
     pub cache_resync_period: Duration,
     /// Queries the k8s api server to find the source of truth when the pod cache contains multiple pods with the same IP (superseded: owners are decided by phase and age)
-    #[arg(long, env = "IAMLET_RESOLVE_DUPLICATE_CACHE_IPS", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(
+        long,
+        env = "IAMLET_RESOLVE_DUPLICATE_CACHE_IPS",
+        default_value = "false"
+    )]
     pub resolve_duplicate_cache_ips: bool,
     /// Read pods (and namespaces and ServiceAccounts) from this file instead of the API
     /// server: the output of `kubectl get pods,namespaces,serviceaccounts -A -o yaml` (YAML or
@@ -126,13 +141,17 @@ pub struct IamArgs {
     #[arg(long, env = "IAMLET_IAM_ROLE_ERROR_TTL", default_value = "10s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub iam_role_error_ttl: Duration,
     /// Queries EC2 Metadata to determine the base ARN
-    #[arg(long, env = "IAMLET_AUTO_DISCOVER_BASE_ARN", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_AUTO_DISCOVER_BASE_ARN", default_value = "false")]
     pub auto_discover_base_arn: bool,
     /// Queries EC2 Metadata to determine the default Iam Role and base ARN, cannot be used with --default-role, overwrites any previous setting for --base-role-arn
-    #[arg(long, env = "IAMLET_AUTO_DISCOVER_DEFAULT_ROLE", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(
+        long,
+        env = "IAMLET_AUTO_DISCOVER_DEFAULT_ROLE",
+        default_value = "false"
+    )]
     pub auto_discover_default_role: bool,
     /// Enable namespace restrictions
-    #[arg(long, env = "IAMLET_NAMESPACE_RESTRICTIONS", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_NAMESPACE_RESTRICTIONS", default_value = "false")]
     pub namespace_restrictions: bool,
     /// Namespace Restriction Format (glob/regexp)
     #[arg(
@@ -151,7 +170,11 @@ pub struct IamArgs {
     )]
     pub namespace_key: String,
     /// use the regional sts endpoint if AWS_REGION is set (iamlet always does)
-    #[arg(long, env = "IAMLET_USE_REGIONAL_STS_ENDPOINT", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(
+        long,
+        env = "IAMLET_USE_REGIONAL_STS_ENDPOINT",
+        default_value = "false"
+    )]
     pub use_regional_sts_endpoint: bool,
     /// Accepted for kube2iam compatibility, no effect: a request waiting for its pod or its
     /// credentials is woken when they arrive (no polling); --backoff-max-elapsed-time bounds it
@@ -185,7 +208,7 @@ pub struct NodeArgs {
     )]
     pub metadata_addr: String,
     /// Add iptables rule (also requires --host-ip)
-    #[arg(long, env = "IAMLET_IPTABLES", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_IPTABLES", default_value = "false")]
     pub iptables: bool,
     /// Host interface for proxying AWS metadata: a name, `name+` (prefix wildcard), `!name`
     /// (every interface but this one) or `auto` (detect the CNI's pod interfaces);
@@ -206,10 +229,10 @@ pub struct NodeArgs {
     #[arg(long, env = "IAMLET_IPTABLES_VERIFY_INTERVAL", default_value = "10s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub iptables_verify_interval: Duration,
     /// Remove the iptables rule on exit (fail-open: pods reach the node's role while iamlet is down); by default it stays (fail-closed)
-    #[arg(long, env = "IAMLET_IPTABLES_REMOVE_ON_EXIT", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_IPTABLES_REMOVE_ON_EXIT", default_value = "false")]
     pub iptables_remove_on_exit: bool,
     /// With --iptables, also redirect the container-credentials address 169.254.170.23 (fd00:ec2::23 with --ipv6) to iamlet, for pods using service-account tokens; false leaves it alone (e.g. where EKS's own agent serves it)
-    #[arg(long, env = "IAMLET_CONTAINER_CREDENTIALS", num_args = 0..=1, require_equals = true, default_value = "true", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_CONTAINER_CREDENTIALS", default_value = "true")]
     pub container_credentials: bool,
     /// iptables backend: the one the host uses (auto), or nft / legacy
     #[arg(
@@ -220,7 +243,7 @@ pub struct NodeArgs {
     )]
     pub iptables_backend: IptablesBackend,
     /// Also serve the IPv6 metadata address fd00:ec2::254: listen on [::] and, with --iptables, redirect it with ip6tables
-    #[arg(long, env = "IAMLET_IPV6", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_IPV6", default_value = "false")]
     pub ipv6: bool,
     /// IPv6 address of host for the ip6tables DNAT (default: REDIRECT to --app-port on the arriving interface)
     #[arg(long, env = "IAMLET_HOST_IPV6", value_name = "IP")]
@@ -337,13 +360,17 @@ pub struct ProxyArgs {
     )]
     pub allow_metadata_path: Vec<String>,
     /// Never forward user-data (the default; kept for kube2iam's flag)
-    #[arg(long, env = "IAMLET_BLOCK_USER_DATA", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_BLOCK_USER_DATA", default_value = "false")]
     pub block_user_data: bool,
     /// Forward user-data to pods, as kube2iam does (it often holds the node's bootstrap secrets)
-    #[arg(long, env = "IAMLET_ALLOW_USER_DATA", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_ALLOW_USER_DATA", default_value = "false")]
     pub allow_user_data: bool,
     /// Forward the node's signed identity (dynamic/instance-identity/pkcs7, signature, rsa2048) to pods, as kube2iam does
-    #[arg(long, env = "IAMLET_ALLOW_INSTANCE_IDENTITY_SIGNATURE", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(
+        long,
+        env = "IAMLET_ALLOW_INSTANCE_IDENTITY_SIGNATURE",
+        default_value = "false"
+    )]
     pub allow_instance_identity_signature: bool,
     /// Largest request line plus headers, in bytes
     #[arg(
@@ -416,7 +443,7 @@ pub struct StsArgs {
     #[arg(long, env = "IAMLET_SESSION_NAME", value_enum, default_value = "node")]
     pub session_name: SessionName,
     /// Add kubernetes-namespace, kubernetes-pod-name, kubernetes-service-account, kubernetes-pod-uid (and eks-cluster-name with --cluster-name) session tags (EKS Pod Identity's names; needs sts:TagSession; implies per-pod sessions)
-    #[arg(long, env = "IAMLET_SESSION_TAGS", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_SESSION_TAGS", default_value = "false")]
     pub session_tags: bool,
     /// The cluster's name, added as the eks-cluster-name session tag with --session-tags (as EKS Pod Identity tags sessions)
     #[arg(long, env = "IAMLET_CLUSTER_NAME", value_name = "NAME")]
@@ -464,10 +491,10 @@ pub struct LogArgs {
     )]
     pub log_level: String,
     /// Enable debug features (/debug/store)
-    #[arg(long, env = "IAMLET_DEBUG", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_DEBUG", default_value = "false")]
     pub debug: bool,
     /// Verbose (log level debug)
-    #[arg(long, env = "IAMLET_VERBOSE", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_VERBOSE", default_value = "false")]
     pub verbose: bool,
 }
 
@@ -493,7 +520,7 @@ pub struct TokenArgs {
     #[arg(long, env = "IAMLET_TOKEN_KEYS_CACHE", value_name = "PATH")]
     pub token_keys_cache: Option<PathBuf>,
     /// Ask the API server (TokenReview) about a token whose signing key is not in the published set even after a refetch, instead of refusing it, and about a token whose pod is not known at the request's address (a deleted pod's token is then refused, not retried); needs create on tokenreviews (authentication.k8s.io) in iamlet's ClusterRole. Cluster mode only
-    #[arg(long, env = "IAMLET_TOKEN_REVIEW", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_TOKEN_REVIEW", default_value = "false")]
     pub token_review: bool,
 }
 
@@ -516,10 +543,23 @@ pub struct Args {
     #[command(flatten)]
     pub log: LogArgs,
     /// Parse and validate the flags, touch no network, exit 0 (valid) or 64 (invalid)
-    #[arg(long, env = "IAMLET_CHECK_CONFIG", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool, action = go_bool!())]
+    #[arg(long, env = "IAMLET_CHECK_CONFIG", default_value = "false")]
     pub check_config: bool,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Args {
+    /// Parses `argv` (program name first) as the binary does.
+    pub fn try_parse_go<I, T>(argv: I) -> Result<Args, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut matches = go_bools(Args::command()).try_get_matches_from(argv)?;
+        Args::from_arg_matches_mut(&mut matches)
+    }
 }
 
 #[cfg(test)]
@@ -527,7 +567,7 @@ pub(crate) mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
-        Args::try_parse_from(std::iter::once("iamlet").chain(args.iter().copied()))
+        Args::try_parse_go(std::iter::once("iamlet").chain(args.iter().copied()))
     }
 
     #[test]

@@ -111,8 +111,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    use clap::Parser;
-    Args::try_parse_from(argv).map_err(|e| {
+    Args::try_parse_go(argv).map_err(|e| {
         if matches!(
             e.kind(),
             clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
@@ -504,7 +503,6 @@ pub fn log_filter(level: &str, verbose: bool) -> Result<String, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
     use std::time::Duration;
 
     fn check(args: &[&str]) -> Result<Config, ConfigError> {
@@ -514,7 +512,7 @@ mod tests {
     }
 
     fn node(args: &[&str]) -> crate::args::NodeArgs {
-        Args::try_parse_from(std::iter::once("iamlet").chain(args.iter().copied()))
+        Args::try_parse_go(std::iter::once("iamlet").chain(args.iter().copied()))
             .unwrap()
             .node
     }
@@ -621,14 +619,14 @@ mod tests {
     #[test]
     fn subcommands_parse_after_the_agent_flags() {
         use crate::args::Command;
-        let a = Args::try_parse_from(["iamlet", "--app-port=9", "cleanup", "--kube2iam"]).unwrap();
+        let a = Args::try_parse_go(["iamlet", "--app-port=9", "cleanup", "--kube2iam"]).unwrap();
         assert!(matches!(a.command, Some(Command::Cleanup(c)) if c.kube2iam));
         assert_eq!(a.node.app_port, 9);
-        let a = Args::try_parse_from(["iamlet", "doctor", "--test-role=r"]).unwrap();
+        let a = Args::try_parse_go(["iamlet", "doctor", "--test-role=r"]).unwrap();
         assert!(
             matches!(a.command, Some(Command::Doctor(d)) if d.test_role.as_deref() == Some("r"))
         );
-        assert!(Args::try_parse_from(["iamlet"]).unwrap().command.is_none());
+        assert!(Args::try_parse_go(["iamlet"]).unwrap().command.is_none());
     }
 
     #[test]

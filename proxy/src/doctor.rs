@@ -79,7 +79,6 @@ pub fn run(args: &Args, d: &DoctorArgs) -> i32 {
 /// `iamlet doctor` with no flags, inside the agent's container or on its node: the flags of
 /// the iamlet agent running in this network namespace.
 fn adopt_agent_flags() -> Option<(u32, Args)> {
-    use clap::Parser;
     let argv: Vec<String> = std::env::args().collect();
     let sub = argv.iter().position(|a| a == "doctor")?;
     if sub != 1 || std::env::vars().any(|(k, _)| k.starts_with("IAMLET_")) {
@@ -108,7 +107,7 @@ fn adopt_agent_flags() -> Option<(u32, Args)> {
         if !is_iamlet || words.iter().any(|w| w == "doctor" || w == "cleanup") {
             continue;
         }
-        if let Ok(a) = Args::try_parse_from(&words) {
+        if let Ok(a) = Args::try_parse_go(&words) {
             return Some((pid, a));
         }
     }
