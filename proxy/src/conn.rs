@@ -4,8 +4,8 @@
 
 use crate::downstream::DownstreamError;
 use crate::handler::handle;
-use crate::metrics::RouteLabel;
 use crate::respond::{self, Persist};
+use crate::route::RouteLabel;
 use crate::worker::{ConnGuard, Limits, WORKER_OUT_BUDGET, Worker};
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, CancelableAsyncReadRent, Canceller};
@@ -494,8 +494,7 @@ fn reject(w: &Worker, out: &mut Vec<u8>, e: DownstreamError) {
     let Some(status) = e.status() else {
         return;
     };
-    w.metrics
-        .request(crate::metrics::RouteLabel::Invalid, status.0);
+    w.metrics.request(RouteLabel::Invalid, status.0);
     respond::write(
         out,
         status,

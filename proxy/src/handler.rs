@@ -3,9 +3,9 @@
 
 use crate::args::{Imdsv2Mode, MetadataPolicy};
 use crate::downstream::DownstreamError;
-use crate::metrics::RouteLabel;
 use crate::passthrough;
 use crate::respond::{self, Persist, Status};
+use crate::route::RouteLabel;
 use crate::route::{Route, canonicalize, route};
 use crate::token::{self, TokenCheck};
 use crate::worker::Worker;

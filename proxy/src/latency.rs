@@ -3,7 +3,8 @@
 //! existing dashboards, as kube2iam's `kube2iam_http_request_duration_seconds{code,method,handler}`
 //! (same buckets as kube2iam: 1 ms × 2^i, 14 buckets).
 
-use crate::metrics::{RouteLabel, Tables};
+use crate::route::RouteLabel;
+use arc_swap::ArcSwap;
 use iamlet_resolver::tally::CachePadded;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
@@ -61,6 +62,17 @@ fn kube2iam_handler(r: RouteLabel) -> &'static str {
         // kube2iam has no such door; a name of the same style.
         RouteLabel::Container => "containerCredentialsHandler",
     }
+}
+
+/// Every worker's table of one kind: added to when a worker starts, read at scrape.
+pub type Tables<T> = Arc<ArcSwap<Vec<Arc<T>>>>;
+
+pub fn add_table<T>(tables: &Tables<T>, t: &Arc<T>) {
+    tables.rcu(|all| {
+        let mut all = Vec::clone(all);
+        all.push(t.clone());
+        all
+    });
 }
 
 #[derive(Debug, Default)]

@@ -1,7 +1,8 @@
 //! Data-plane metrics. Each worker counts in cells of its own (no cache line another worker
 //! writes), summed when `/metrics` is rendered.
 
-use crate::latency::{LatencyCollector, LatencyTable};
+use crate::latency::{LatencyCollector, LatencyTable, Tables, add_table};
+use crate::route::RouteLabel;
 use arc_swap::ArcSwap;
 use iamlet_resolver::tally::CachePadded;
 use prometheus_client::collector::Collector;
@@ -14,46 +15,6 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-/// Bounded route labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteLabel {
-    Token,
-    Credentials,
-    RoleList,
-    Passthrough,
-    Admin,
-    Denied,
-    Invalid,
-    /// The container-credentials door (`/v1/credentials`, service-account tokens).
-    Container,
-}
-
-impl RouteLabel {
-    pub const ALL: [RouteLabel; 8] = [
-        RouteLabel::Token,
-        RouteLabel::Credentials,
-        RouteLabel::RoleList,
-        RouteLabel::Passthrough,
-        RouteLabel::Admin,
-        RouteLabel::Denied,
-        RouteLabel::Invalid,
-        RouteLabel::Container,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RouteLabel::Token => "token",
-            RouteLabel::Credentials => "credentials",
-            RouteLabel::RoleList => "role_list",
-            RouteLabel::Passthrough => "passthrough",
-            RouteLabel::Admin => "admin",
-            RouteLabel::Denied => "denied",
-            RouteLabel::Invalid => "invalid",
-            RouteLabel::Container => "container_credentials",
-        }
-    }
-}
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const DOWNSTREAM: &str = "downstream";
@@ -189,17 +150,6 @@ struct ReasonLabels {
 struct RequestLabels {
     route: &'static str,
     status: &'static str,
-}
-
-/// Every worker's table of one kind: added to when a worker starts, read at scrape.
-pub type Tables<T> = Arc<ArcSwap<Vec<Arc<T>>>>;
-
-fn add_table<T>(tables: &Tables<T>, t: &Arc<T>) {
-    tables.rcu(|all| {
-        let mut all = Vec::clone(all);
-        all.push(t.clone());
-        all
-    });
 }
 
 impl ProxyMetrics {

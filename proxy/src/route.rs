@@ -288,6 +288,46 @@ pub fn is_sensitive(path: &str) -> bool {
     contains_ci(path, "iam") && !is_tag_key(path)
 }
 
+/// Bounded route labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteLabel {
+    Token,
+    Credentials,
+    RoleList,
+    Passthrough,
+    Admin,
+    Denied,
+    Invalid,
+    /// The container-credentials door (`/v1/credentials`, service-account tokens).
+    Container,
+}
+
+impl RouteLabel {
+    pub const ALL: [RouteLabel; 8] = [
+        RouteLabel::Token,
+        RouteLabel::Credentials,
+        RouteLabel::RoleList,
+        RouteLabel::Passthrough,
+        RouteLabel::Admin,
+        RouteLabel::Denied,
+        RouteLabel::Invalid,
+        RouteLabel::Container,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteLabel::Token => "token",
+            RouteLabel::Credentials => "credentials",
+            RouteLabel::RoleList => "role_list",
+            RouteLabel::Passthrough => "passthrough",
+            RouteLabel::Admin => "admin",
+            RouteLabel::Denied => "denied",
+            RouteLabel::Invalid => "invalid",
+            RouteLabel::Container => "container_credentials",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
