@@ -265,3 +265,27 @@ impl Lifecycle {
         self.fatal.get()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iamlet_resolver::standalone::Standalone;
+
+    #[test]
+    fn readiness_says_what_is_missing_first_pod_list_then_redirect_rule() {
+        let rules = RoleRules::new(Some("arn:aws:iam::123456789012:role/"), None).unwrap();
+        let mut resolver = Standalone::new(rules, None);
+        let rule_in = Arc::new(AtomicBool::new(false));
+        let r = Readiness::new(resolver.handle(), rule_in.clone());
+        assert_eq!(r.missing(), Some("waiting for the first pod list"));
+        resolver.publish();
+        assert_eq!(
+            r.missing(),
+            Some("waiting for the redirect rule (--iptables)")
+        );
+        assert!(!r.is_ready());
+        rule_in.store(true, Ordering::Release);
+        assert_eq!(r.missing(), None);
+        assert!(r.is_ready());
+    }
+}
