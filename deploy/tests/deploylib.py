@@ -23,6 +23,25 @@ IAMLET = Path(os.environ.get("IAMLET_BIN", ROOT / "target" / "debug" / "iamlet")
 # the oldest the chart declares, a current one, and the newest kubernetes-validate knows.
 KUBE_VERSIONS = ["1.25.0", "1.31.0"]
 
+# The kube2iam rollout guide's DaemonSet args, as the guide spells them: the manifest keeps them
+# unchanged, and the chart's seed values (tests/values/seed.yaml) give the same flags.
+SEED_ARGS = [
+    "--app-port=8181",
+    "--auto-discover-base-arn",
+    "--iptables=true",
+    "--host-ip=$(HOST_IP)",
+    "--host-interface=weave",
+    "--use-regional-sts-endpoint",
+    "--auto-discover-default-role",
+    "--log-level=info",
+]
+
+
+def as_assignment(arg: str) -> str:
+    """`--flag` as `--flag=true` (a bare boolean flag); `--flag=value` as it is."""
+    return arg if "=" in arg else f"{arg}=true"
+
+
 # What the Downward API gives the DaemonSet in a cluster (stand-ins for the expansion).
 FIELD_REFS = {"status.hostIP": "10.1.2.3", "spec.nodeName": "ip-10-1-2-3.ec2.internal",
               "status.podIP": "10.1.2.3"}

@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from deploylib import (CHART, GOLDEN, NAMESPACE, RELEASE, agent_container, agent_daemonset, as_template_output,
-                       by_kind, chart_objects, check_config, expanded_args, load_values,
+from deploylib import (CHART, GOLDEN, NAMESPACE, RELEASE, SEED_ARGS, agent_container, agent_daemonset, as_template_output,
+                       as_assignment, by_kind, chart_objects, check_config, expanded_args, load_values,
                        manifest_objects, render_chart, validate)
 
 VALUE_SETS = {
@@ -80,10 +80,7 @@ def test_daemonset_args_pass_check_config(name):
 def test_seed_values_give_the_seed_args():
     ds = agent_daemonset(chart_objects(load_values("seed.yaml")))
     args = agent_container(ds)["args"]
-    for a in ["--app-port=8181", "--auto-discover-base-arn=true", "--iptables=true",
-              "--host-ip=$(HOST_IP)", "--host-interface=weave",
-              "--use-regional-sts-endpoint=true", "--auto-discover-default-role=true",
-              "--log-level=info", "--node=$(NODE_NAME)"]:
+    for a in [*map(as_assignment, SEED_ARGS), "--node=$(NODE_NAME)"]:
         assert a in args, (a, args)
 
 

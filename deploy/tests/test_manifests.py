@@ -6,20 +6,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from deploylib import (MANIFESTS, agent_container, by_kind, check_config, expanded_args,
+from deploylib import (MANIFESTS, SEED_ARGS, agent_container, by_kind, check_config, expanded_args,
                        manifest_objects, validate)
-
-# The kube2iam rollout guide's DaemonSet args, unchanged, plus --node.
-SEED_ARGS = [
-    "--app-port=8181",
-    "--auto-discover-base-arn",
-    "--iptables=true",
-    "--host-ip=$(HOST_IP)",
-    "--host-interface=weave",
-    "--use-regional-sts-endpoint",
-    "--auto-discover-default-role",
-    "--log-level=info",
-]
 
 FILES = ["iamlet.yaml", "uninstall.yaml"]
 
