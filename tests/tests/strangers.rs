@@ -265,6 +265,14 @@ fn a_pod_flooding_pass_through_waits_for_its_share_and_its_neighbour_does_not() 
                     }
                 });
             }
+            // The flood first reaches the upstream from both workers (each worker's first
+            // exchange also fetches its upstream token): what is measured is the neighbour
+            // beside a running flood, not a cold worker's first exchange.
+            wait_until!(
+                Duration::from_secs(20),
+                flood_ok.load(Ordering::Relaxed) >= 64,
+                "driver {driver}: the flood to be answered"
+            );
             // The neighbour: 5 pass-through requests a second on new connections, for 5 s.
             let start = Instant::now();
             for n in 0..25u32 {
