@@ -402,18 +402,23 @@ async fn ask_api_server(w: &Worker, token: &str) -> Verdict {
         .unwrap_or(Verdict::Unknown)
 }
 
-/// Verifies the token's signature with the key its `kid` names (with that key's one
-/// algorithm), its issuer, audience and times, and that it is a pod-bound service-account
-/// token whose subject agrees with its `kubernetes.io` claim.
-async fn verify(w: &Worker, token: &str, now: u64) -> Result<Verified, Refusal> {
-    let head = decode_header(token).map_err(|_| {
+/// The token's JOSE header; a token that has none is malformed (400).
+fn head_of(token: &str) -> Result<jsonwebtoken::Header, Refusal> {
+    decode_header(token).map_err(|_| {
         refuse(
             respond::BAD_REQUEST,
             "InvalidToken",
             "malformed",
             "the token is not a JWT",
         )
-    })?;
+    })
+}
+
+/// Verifies the token's signature with the key its `kid` names (with that key's one
+/// algorithm), its issuer, audience and times, and that it is a pod-bound service-account
+/// token whose subject agrees with its `kubernetes.io` claim.
+async fn verify(w: &Worker, token: &str, now: u64) -> Result<Verified, Refusal> {
+    let head = head_of(token)?;
     let Some(kid) = head.kid.clone() else {
         return Err(unauthorized(
             "unknown_key",
@@ -458,14 +463,7 @@ async fn verify(w: &Worker, token: &str, now: u64) -> Result<Verified, Refusal> 
 /// The first-sight check of `token` against `keys` (no refetch, no review): the door's own
 /// verification once it holds a key set naming the token's key, and what the bench measures.
 pub fn check(keys: &KeySet, audience: &str, token: &str, now: u64) -> Result<Verified, Refusal> {
-    let head = decode_header(token).map_err(|_| {
-        refuse(
-            respond::BAD_REQUEST,
-            "InvalidToken",
-            "malformed",
-            "the token is not a JWT",
-        )
-    })?;
+    let head = head_of(token)?;
     let kid = head.kid.clone().unwrap_or_default();
     let Some(key) = keys.get(&kid) else {
         return Err(unauthorized(

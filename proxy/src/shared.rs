@@ -254,10 +254,20 @@ impl Lifecycle {
             .store(u64::try_from(until).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
-    /// Whether the accept loops sweep now (a clock read only while a sweep was asked for).
+    /// Whether the accept loops sweep now (a clock read only until the sweep is over).
     pub fn sweeping(&self) -> bool {
         let until = self.sweep_until.load(Ordering::Relaxed);
-        until != 0 && self.born.elapsed().as_nanos() < u128::from(until)
+        if until == 0 {
+            return false;
+        }
+        if self.born.elapsed().as_nanos() < u128::from(until) {
+            return true;
+        }
+        // Over: later ticks need no clock read (unless another sweep was asked for meanwhile).
+        let _ = self
+            .sweep_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        false
     }
 
     /// Why the agent stopped, when a worker could not go on: `main` exits 1 with it.
@@ -287,5 +297,20 @@ mod tests {
         rule_in.store(true, Ordering::Release);
         assert_eq!(r.missing(), None);
         assert!(r.is_ready());
+    }
+
+    #[test]
+    fn a_sweep_lasts_until_its_deadline_and_then_reads_no_clock() {
+        let life = Lifecycle::new(Arc::new(AtomicBool::new(false)));
+        assert!(!life.sweeping());
+        life.sweep_for(Duration::from_secs(3600));
+        assert!(life.sweeping());
+        life.sweep_for(Duration::ZERO);
+        assert!(!life.sweeping());
+        assert_eq!(
+            life.sweep_until.load(Ordering::Relaxed),
+            0,
+            "reset once over"
+        );
     }
 }

@@ -160,16 +160,19 @@ impl UpstreamResponse {
                 status,
                 head: parsed,
                 ..
-            } => {
-                raw.truncate(total);
-                Ok(UpstreamResponse {
-                    raw,
-                    head_len,
-                    status,
-                    head: parsed,
-                })
-            }
+            } => Ok(UpstreamResponse::of(raw, head_len, total, status, parsed)),
             _ => Err(UpstreamError::Protocol),
+        }
+    }
+
+    /// The settled answer at the start of `raw`, `total` bytes long (what follows it is cut).
+    fn of(mut raw: Vec<u8>, head_len: usize, total: usize, status: u16, head: Head) -> Self {
+        raw.truncate(total);
+        UpstreamResponse {
+            raw,
+            head_len,
+            status,
+            head,
         }
     }
 }
@@ -455,13 +458,7 @@ impl Upstream {
                     reusable,
                     head: parsed,
                 } => {
-                    buf.truncate(total);
-                    let resp = UpstreamResponse {
-                        raw: buf,
-                        head_len,
-                        status,
-                        head: parsed,
-                    };
+                    let resp = UpstreamResponse::of(buf, head_len, total, status, parsed);
                     break Ok((resp, reusable.then_some(conn)));
                 }
                 Settled::Invalid => break Err(UpstreamError::Protocol),
