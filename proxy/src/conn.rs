@@ -206,9 +206,12 @@ pub async fn serve(
             // expiry, its latency and the next read's deadline all start from it.
             let now = Instant::now();
             clock = Some(now);
-            let handling = handle(w, peer, &req, persist, now, &mut b.out);
-            let watched = answer_watching(handling, &mut stream, stranger, &mut early);
-            let Some((answered, waited)) = watched.await else {
+            let watched = {
+                // Pinned where it is made: a request's future is not moved on its way.
+                let handling = std::pin::pin!(handle(w, peer, &req, persist, now, &mut b.out));
+                answer_watching(handling, &mut stream, stranger, &mut early).await
+            };
+            let Some((answered, waited)) = watched else {
                 // The client left while its request waited: nothing to answer, and the
                 // connection, its permit and its buffers go now rather than after the wait.
                 w.metrics.peer_gone.inc();
@@ -336,12 +339,11 @@ const STRANGER_DRAIN: usize = 64 * 1024;
 /// the watch goes on, up to [`STRANGER_DRAIN`]. A request answered at once costs nothing for
 /// this. Returns the handling's output and whether it had to wait.
 async fn answer_watching<T>(
-    handling: impl std::future::Future<Output = T>,
+    mut handling: std::pin::Pin<&mut impl std::future::Future<Output = T>>,
     stream: &mut TcpStream,
     stranger: bool,
     early: &mut Vec<u8>,
 ) -> Option<(T, bool)> {
-    let mut handling = std::pin::pin!(handling);
     if let Some(answered) = poll_once(handling.as_mut()).await {
         return Some((answered, false));
     }

@@ -318,7 +318,9 @@ async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Ref
             "too many tokens that failed verification from this address; retry later",
         ));
     }
-    match verify(w, token, now).await {
+    // Boxed, like the review in `bind`: a token's first sight is rare, and its state would
+    // otherwise be moved with every request's future.
+    match Box::pin(verify(w, token, now)).await {
         Ok(mut v) => {
             v.token = hex_prefix(&hash);
             w.tokens.borrow_mut().remember(hash, v.clone());
@@ -587,7 +589,7 @@ async fn bind(
         if !t.reviewed
             && w.shared.handle.reviews_tokens()
             && !w.tokens.borrow().spent(peer)
-            && ask_api_server(w, token).await == Verdict::Refused
+            && Box::pin(ask_api_server(w, token)).await == Verdict::Refused
         {
             w.tokens.borrow_mut().failed(peer);
             return Err(forbidden(
@@ -630,9 +632,9 @@ async fn bind(
     };
     let answer = match role.slot.current(Instant::now()) {
         Some(a) => a,
-        None => match monoio::time::timeout(w.shared.settings.wait_ip, role.slot.get()).await {
-            Ok(a) => a,
-            Err(_) => {
+        None => match w.fetch(&role.slot).await {
+            Some(a) => a,
+            None => {
                 return Err(unavailable(
                     "sts",
                     "credentials for this role are still being fetched from STS; retry shortly",

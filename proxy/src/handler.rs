@@ -250,8 +250,18 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
             if !w.wait_known(peer).await {
                 return r.not_found(RouteLabel::Denied);
             }
-            let status =
-                passthrough::forward(w, peer, method, &path, req.headers, r.out, r.persist).await;
+            // Boxed: the exchange with IMDS is the largest state a request can hold, and
+            // inline it would be moved with every request's future, answered at once or not.
+            let status = Box::pin(passthrough::forward(
+                w,
+                peer,
+                method,
+                &path,
+                req.headers,
+                r.out,
+                r.persist,
+            ))
+            .await;
             r.count(RouteLabel::Passthrough, status);
         }
     }
@@ -382,9 +392,9 @@ async fn credentials(r: &mut Req<'_, '_>, rt: Route<'_>) {
         return answer_credentials(r, rt, label, id, &role.arn, a);
     }
     w.metrics.cache_misses.inc();
-    match monoio::time::timeout(w.shared.settings.wait_ip, role.slot.get()).await {
-        Ok(a) => answer_credentials(r, rt, label, id, &role.arn, &a),
-        Err(_) => {
+    match w.fetch(&role.slot).await {
+        Some(a) => answer_credentials(r, rt, label, id, &role.arn, &a),
+        None => {
             let body = respond::error_json("ServiceUnavailable", NOT_READY);
             r.answer(label, respond::INTERNAL, respond::JSON, &body)
         }

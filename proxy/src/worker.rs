@@ -4,10 +4,13 @@ use crate::conns::ConnTable;
 use crate::metrics::WorkerMetrics;
 use crate::notify::LocalNotify;
 use crate::upstream::Upstream;
+use iamlet_resolver::creds::{CredAnswer, CredSlot};
 use iamlet_resolver::{Identity, Snapshot, SnapshotReader};
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::net::IpAddr;
 use std::os::fd::RawFd;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -117,6 +120,16 @@ impl Worker {
         self.snapshot().get(ip).is_some()
     }
 
+    /// The credentials in `slot`, fetched now if it has none fresh, within `--backoff-max-elapsed-time`
+    /// (`None` past it). Boxed, like [`Worker::wait_for`]: few requests wait.
+    pub fn fetch(
+        &self,
+        slot: &Arc<CredSlot>,
+    ) -> Pin<Box<impl Future<Output = Option<Arc<CredAnswer>>> + '_>> {
+        let (bound, slot) = (self.shared.settings.wait_ip, slot.clone());
+        Box::pin(async move { monoio::time::timeout(bound, slot.get()).await.ok() })
+    }
+
     /// Whether `ip` is a known pod, waiting for it (as [`Worker::wait_identity`]) if not yet.
     pub async fn wait_known(&self, ip: IpAddr) -> bool {
         self.is_known(&ip) || self.wait_for(ip).await.is_some()
@@ -131,8 +144,17 @@ impl Worker {
     }
 
     /// Waits for `ip`, not in the current snapshot, to appear: joins the wait already under
-    /// way for `ip` on this worker (ending when it ends) or starts one.
-    pub async fn wait_for(&self, ip: IpAddr) -> Option<Arc<Identity>> {
+    /// way for `ip` on this worker (ending when it ends) or starts one. Boxed: few requests
+    /// wait, and inline the wait's state would be part of every request's future, moved and
+    /// copied with it.
+    pub fn wait_for(
+        &self,
+        ip: IpAddr,
+    ) -> Pin<Box<impl Future<Output = Option<Arc<Identity>>> + '_>> {
+        Box::pin(self.wait_for_inline(ip))
+    }
+
+    async fn wait_for_inline(&self, ip: IpAddr) -> Option<Arc<Identity>> {
         let wait = self.ip_wait(ip);
         wait.waiters.set(wait.waiters.get() + 1);
         let _leave = Leave(&wait);
