@@ -425,6 +425,48 @@ def start_nginx(env, bodies):
     return p
 
 
+# The scenarios the floor server (`tool floor`) also runs: it answers only iamlet's cached
+# credentials, and is the least work only for keep-alive (a new connection's costs are
+# accept, DEFER_ACCEPT and close, which it does not try to do least of).
+FLOOR_SCENARIOS = ("creds-keepalive",)
+
+
+def raw_answer(port, path):
+    """The exact bytes (head and body) the server on `port` answers a plain GET of `path` with."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            got = s.recv(65536)
+            if not got:
+                raise SystemExit(f"no complete answer to {path} from port {port}: {data!r}")
+            data += got
+        head, _, body = data.partition(b"\r\n\r\n")
+        n = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+        while len(body) < n:
+            got = s.recv(65536)
+            if not got:
+                raise SystemExit(f"short answer to {path} from port {port}")
+            body += got
+    return head + b"\r\n\r\n" + body[:n]
+
+
+def start_floor(env, answer):
+    """`tool floor`: iamlet's own answer, byte for byte, from an epoll loop that does nothing
+    else (one recv and one send per keep-alive request): the ceiling of any epoll server."""
+    path = os.path.join(env.work, "floor-answer.http")
+    with open(path, "wb") as f:
+        f.write(answer)
+    port = free_port()
+    logfile = os.path.join(env.work, "floor.log")
+    p = start(tool(env.a, "floor", "--addr", f"127.0.0.1:{port}", "--answer-file", path, "--seconds", "7200"),
+              logfile, cpus=env.a.server_cpus)
+    p.port = port
+    p.logfile = logfile
+    wait_for(lambda: http(port, CREDS)[0] == 200, "floor server", proc=p, logfile=logfile)
+    return p
+
+
 def server_pids(p):
     return [p.pid] + children(p.pid)
 
@@ -587,6 +629,47 @@ def upstream_accepts(env):
     return int(m.group(1)) if m else int(body.strip() or 0)
 
 
+SYSCALLS = ("read", "recvfrom", "write", "writev", "sendto", "epoll_wait", "epoll_pwait", "io_uring_enter",
+            "poll", "accept4", "close")
+
+
+def start_syscall_count(env, pids, label):
+    """With --syscalls: `perf stat` counting the server's system calls (tracepoints, every
+    thread of `pids`) while the client runs. The count includes the few calls between the
+    client's end and perf's, which is noise against a run's hundreds of thousands."""
+    if not env.a.syscalls:
+        return None
+    out = os.path.join(env.work, f"perf-{label}.csv")
+    events = ",".join(f"syscalls:sys_enter_{c}" for c in SYSCALLS)
+    threads = []
+    for pid in pids:
+        try:
+            threads += os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            pass
+    cmd = ["perf", "stat", "-x,", "-o", out, "-e", events, "-t", ",".join(threads)]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)  # perf attaches before the client starts
+    return p, out
+
+
+def finish_syscall_count(counting):
+    if counting is None:
+        return None
+    p, out = counting
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=10)
+    calls = {}
+    with open(out) as f:
+        for line in f:
+            parts = line.strip().split(",")
+            if len(parts) > 2 and parts[2].startswith("syscalls:sys_enter_") and parts[0].isdigit():
+                name = parts[2].removeprefix("syscalls:sys_enter_")
+                if int(parts[0]):
+                    calls[name] = int(parts[0])
+    return calls
+
+
 def measure(env, server, sc, label):
     """One client run against one server, with the server's CPU time and peak RSS."""
     pids = server_pids(server)
@@ -598,9 +681,11 @@ def measure(env, server, sc, label):
         set_fifo(pids, True)
     u0 = upstream_accepts(env) if sc["path"] == INSTANCE_ID else None
     c0 = cpu_ticks(pids)
+    counting = start_syscall_count(env, pids, label)
     try:
         res = run_client(env, server.port, sc, label)
     finally:
+        calls = finish_syscall_count(counting)
         if sc.get("rt"):
             set_fifo(pids, False)
         if capped:
@@ -609,6 +694,8 @@ def measure(env, server, sc, label):
     if u0 is not None:
         u1 = upstream_accepts(env)
         res["upstream_connections"] = u1 - u0 if u1 is not None else None
+    if calls is not None and res["requests"]:
+        res["syscalls_per_req"] = {k: v / res["requests"] for k, v in calls.items()}
     res["cpu_s"] = (c1 - c0) / CLK_TCK
     res["cpu_us_per_req"] = res["cpu_s"] * 1e6 / res["requests"] if res["requests"] else None
     res["peak_rss_kib"] = sum(status_kib(p, "VmHWM") for p in pids)
@@ -671,11 +758,13 @@ def main_matrix(env, results):
     st, door = http(probe.port, CONTAINER, headers=container_headers(sa))
     if st != 200 or b"AccessKeyId" not in door:
         raise SystemExit(f"container door: {st} {door[:300]!r}\n" + open(probe.logfile, errors="replace").read()[-3000:])
+    answer = raw_answer(probe.port, CREDS)
     stop(probe)
     bodies = {CREDS: "x" * len(cred), LIST: "x" * len(listing), TOKEN: "x" * len(tok), CONTAINER: "x" * len(door)}
     results["body_bytes"] = {"credentials": len(cred), "role_list": len(listing), "token": len(tok),
                              "container": len(door), "sa_token": len(sa)}
     nginx = start_nginx(env, bodies) if a.nginx else None
+    floor = start_floor(env, answer) if a.floor else None
     runs = results["runs"]
     drivers = a.drivers.split(",")
     for rep in range(a.reps):
@@ -694,10 +783,12 @@ def main_matrix(env, results):
                 if sc.get("rt") and not can_rt():
                     continue
                 order = ["iamlet", "nginx"] if (rep + di + si) % 2 == 0 else ["nginx", "iamlet"]
+                if floor and sc["id"] in FLOOR_SCENARIOS:
+                    order.insert((rep + di) % 3, "floor")
                 for who in order:
                     if who == "nginx" and not nginx:
                         continue
-                    server = srv if who == "iamlet" else nginx
+                    server = {"iamlet": srv, "nginx": nginx, "floor": floor}[who]
                     label = f"{sc['id']}-{who}-{driver}-r{rep}"
                     res = measure(env, server, sc, label)
                     res.update(scenario=sc["id"], server=who, driver=driver if who == "iamlet" else "-",
@@ -708,6 +799,9 @@ def main_matrix(env, results):
                         f"p99 {res['p99_us']:7.0f} µs  cpu {res['cpu_us_per_req'] or 0:5.1f} µs/req  "
                         f"rss {res['peak_rss_kib'] / 1024:5.1f} MiB  errors {res['errors']}"
                         + (f"  upstream conns {up}" if up is not None else ""))
+                    if "syscalls_per_req" in res:
+                        log("    system calls per request: " + ", ".join(
+                            f"{k} {v:.2f}" for k, v in sorted(res["syscalls_per_req"].items()) if v >= 0.005))
                     time.sleep(a.pause)
             verified = container_verifications(srv.port)
             results.setdefault("container_verifications", []).append(
@@ -716,6 +810,8 @@ def main_matrix(env, results):
             stop(srv)
     if nginx:
         stop(nginx)
+    if floor:
+        stop(floor)
 
 
 def scaling(env, results):
@@ -858,6 +954,10 @@ def main():
     p.add_argument("--pause", type=float, default=0.5)
     p.add_argument("--drivers", default="uring,epoll")
     p.add_argument("--only", default="")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the floor server (tool floor) in the cached-credentials scenarios")
+    p.add_argument("--syscalls", action="store_true",
+                   help="count the server's system calls per request (perf stat; root or perf_event_paranoid <= 1)")
     p.add_argument("--fixed-rate", type=int, default=10000)
     p.add_argument("--pods", type=int, default=100)
     p.add_argument("--roles", type=int, default=10)

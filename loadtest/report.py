@@ -51,6 +51,9 @@ def summarize(results):
         row = {"scenario": s, "title": SCENARIO_TITLES.get(s, s), "client": None, "iamlet": {}, "ratio": {}, "ratio_cpu": {}}
         ng = [r for r in runs if r["scenario"] == s and r["server"] == "nginx"]
         row["nginx"] = agg(ng)
+        fl = [r for r in runs if r["scenario"] == s and r["server"] == "floor"]
+        row["floor"] = agg(fl)
+        row["floor_vs_nginx"], row["vs_floor"] = {}, {}
         for d in drivers:
             mine = [r for r in runs if r["scenario"] == s and r["server"] == "iamlet" and r["driver"] == d]
             row["iamlet"][d] = agg(mine)
@@ -61,6 +64,18 @@ def summarize(results):
                     ratios.append(r["rps"] / peer[0]["rps"])
                     if r.get("cpu_us_per_req") and peer[0].get("cpu_us_per_req"):
                         cpu_ratios.append(r["cpu_us_per_req"] / peer[0]["cpu_us_per_req"])
+            fv, vf = [], []
+            for f in fl:
+                if f["pair_driver"] != d or not f["rps"]:
+                    continue
+                n = [x for x in ng if x["rep"] == f["rep"] and x["pair_driver"] == d]
+                i = [x for x in mine if x["rep"] == f["rep"]]
+                if n and n[0]["rps"]:
+                    fv.append(f["rps"] / n[0]["rps"])
+                if i:
+                    vf.append(i[0]["rps"] / f["rps"])
+            row["floor_vs_nginx"][d] = med(fv)
+            row["vs_floor"][d] = med(vf)
             row["ratio"][d] = med(ratios)
             row["ratio_cpu"][d] = med(cpu_ratios)
             if mine:
@@ -79,6 +94,8 @@ def agg(rs):
         "p99_us": med([r.get("p99_us") for r in rs]),
         "p999_us": med([r.get("p999_us") for r in rs]),
         "cpu_us_per_req": med([r.get("cpu_us_per_req") for r in rs]),
+        "syscalls_per_req": {k: med([(r.get("syscalls_per_req") or {}).get(k, 0.0) for r in rs])
+                             for k in sorted({k for r in rs for k in (r.get("syscalls_per_req") or {})})},
         "peak_rss_kib": max(r.get("peak_rss_kib") or 0 for r in rs),
         "errors": sum(r.get("errors", 0) for r in rs),
         "requests": sum(r.get("requests", 0) for r in rs),
@@ -86,6 +103,45 @@ def agg(rs):
         "upstream_conn_pct": med([100.0 * r["upstream_connections"] / r["requests"] for r in rs
                                   if r.get("upstream_connections") is not None and r.get("requests")]),
     }
+
+
+def floor_markdown(summ):
+    """The floor server beside nginx and iamlet, where it ran."""
+    rows = [r for r in summ["rows"] if r.get("floor")]
+    if not rows:
+        return []
+    drivers = summ["drivers"]
+    L = ["The floor: `tool floor` answers iamlet's own bytes from an edge-triggered epoll loop that does nothing "
+         "else (one `recv` and one `send` per keep-alive request, no parsing but the blank line), under the same "
+         "cap, interleaved in the same repetitions. No epoll server answering these bytes can pass it here, so "
+         "floor/nginx is the ceiling of any server/nginx ratio on the epoll driver.",
+         "",
+         "| scenario | floor req/s | floor CPU µs/req | " + " | ".join(f"floor/nginx (pairs of {d})" for d in drivers)
+         + " | " + " | ".join(f"iamlet {d}/floor" for d in drivers) + " |",
+         "|---" * (3 + 2 * len(drivers)) + "|"]
+    for r in rows:
+        L.append(f"| {r['title']} | {fmt(r['floor'].get('rps'))} | {fmt(r['floor'].get('cpu_us_per_req'), 1)} | "
+                 + " | ".join(f"{fmt(r['floor_vs_nginx'].get(d), 2)}×" for d in drivers) + " | "
+                 + " | ".join(f"{fmt(r['vs_floor'].get(d), 2)}×" for d in drivers) + " |")
+    L.append("")
+    return L
+
+
+def syscalls_markdown(summ):
+    """System calls per request (bench.py --syscalls), median per server."""
+    drivers = summ["drivers"]
+    lines = []
+    for r in summ["rows"]:
+        for who, a in [*((f"iamlet {d}", r["iamlet"].get(d)) for d in drivers), ("nginx", r["nginx"]),
+                       ("floor", r.get("floor"))]:
+            calls = (a or {}).get("syscalls_per_req") or {}
+            shown = ", ".join(f"`{k}` {v:.2f}" for k, v in calls.items() if v >= 0.005)
+            if shown:
+                lines.append(f"| {r['title']} | {who} | {shown} |")
+    if not lines:
+        return []
+    return ["System calls per request (`perf stat` tracepoints on every thread of the server, median):", "",
+            "| scenario | server | calls per request |", "|---|---|---|", *lines, ""]
 
 
 def container_summary(results, summ):
@@ -386,6 +442,8 @@ def markdown(results, summ, scal, svg_rel, attack_svg_rel=None, upgrade_svg_rel=
                      + " | ".join(fmt(((r['iamlet'].get(d) or {}).get('peak_rss_kib') or 0) / 1024, 1) for d in drivers)
                      + f" | {fmt(((r['nginx'] or {}).get('peak_rss_kib') or 0) / 1024, 1)} |")
         L.append("")
+        L += floor_markdown(summ)
+        L += syscalls_markdown(summ)
         pt = next((r for r in summ["rows"] if r["scenario"] == "passthrough"), None)
         if pt:
             parts = [f"iamlet {d} {fmt((pt['iamlet'].get(d) or {}).get('upstream_conn_pct'), 1)} %" for d in drivers]

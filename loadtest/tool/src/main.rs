@@ -5,6 +5,7 @@
 //!   a fixed rate, the IMDSv2 flow (token PUT, then the token-authenticated GET) chained on one
 //!   connection, and per-source expected answers.
 //! - `imds`: a small fake instance metadata service (token PUT, `instance-id`), keep-alive.
+//! - `floor`: the least an epoll server can do for the cached-credentials load (a yardstick).
 //! - `sts`: a fake STS answering AssumeRole concurrently after a fixed latency.
 //! - `gen-pods`: a `--pods-from` file with N pods and M roles, plus a sources file for `load`.
 //! - `storm`: 750 pods with distinct roles appear at once; time until all are cached, hits.
@@ -14,6 +15,7 @@
 //! time (and `load` also in count).
 
 mod args;
+mod floor;
 mod hist;
 mod http;
 mod imds;
@@ -31,7 +33,7 @@ fn main() -> ExitCode {
     let mut argv = std::env::args().skip(1);
     let Some(cmd) = argv.next() else {
         eprintln!(
-            "usage: iamlet-loadtool <load|imds|sts|gen-pods|storm|soak|sts-rtt> [--flag value]…"
+            "usage: iamlet-loadtool <load|imds|floor|sts|gen-pods|storm|soak|sts-rtt> [--flag value]…"
         );
         return ExitCode::from(64);
     };
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
     let r = match cmd.as_str() {
         "load" => load::main(&a),
         "imds" => imds::main(&a),
+        "floor" => floor::main(&a),
         "gen-pods" => pods::main(&a),
         "storm" => storm::main(&a),
         "soak" => soak::main(&a),
