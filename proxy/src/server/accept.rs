@@ -1,7 +1,7 @@
 //! Accepting: each worker's accept loop (with the lifecycle's tick: stop, and the sweep
 //! after a handover), and admission of a new connection.
 
-use crate::conn;
+use super::tasks::{Admitted, Tasks};
 use crate::worker::{Shared, Worker};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -23,7 +23,12 @@ enum Step {
 /// io_uring accept wakes one waiter per connection, and a wake-up taken by an accept being
 /// cancelled can leave a connection queued with no waiter woken for it (until the next
 /// connection arrives, which may never come from a client waiting on this one).
-fn sweep(worker: &Rc<Worker>, listener: &std::net::TcpListener, max: usize) {
+fn sweep(
+    worker: &Rc<Worker>,
+    tasks: &Rc<Tasks<Admitted>>,
+    listener: &std::net::TcpListener,
+    max: usize,
+) {
     for _ in 0..1024 {
         let Ok((s, peer)) = listener.accept() else {
             return;
@@ -32,7 +37,7 @@ fn sweep(worker: &Rc<Worker>, listener: &std::net::TcpListener, max: usize) {
             .set_nonblocking(true)
             .and_then(|()| monoio::net::TcpStream::from_std(s));
         if let Ok(stream) = stream {
-            admit(worker, stream, peer, max);
+            admit(worker, tasks, stream, peer, max);
         }
     }
 }
@@ -40,7 +45,13 @@ fn sweep(worker: &Rc<Worker>, listener: &std::net::TcpListener, max: usize) {
 /// Takes an accepted connection, or closes it at once when its source is at its cap, it is a
 /// stranger (not a known pod) and the strangers' share is taken, or the worker is full of
 /// pods' busy connections.
-fn admit(worker: &Rc<Worker>, stream: monoio::net::TcpStream, peer: SocketAddr, max: usize) {
+fn admit(
+    worker: &Rc<Worker>,
+    tasks: &Rc<Tasks<Admitted>>,
+    stream: monoio::net::TcpStream,
+    peer: SocketAddr,
+    max: usize,
+) {
     worker.metrics.connections.inc();
     let ip = peer.ip().to_canonical();
     // One source may not hold every slot: past its cap it is refused, and the others keep
@@ -71,7 +82,13 @@ fn admit(worker: &Rc<Worker>, stream: monoio::net::TcpStream, peer: SocketAddr, 
         }
     }
     let tracked = worker.track(stream.as_raw_fd(), stranger);
-    monoio::spawn(conn::serve(stream, ip, stranger, tracked, permit));
+    tasks.serve(Admitted {
+        stream,
+        ip,
+        stranger,
+        tracked,
+        permit,
+    });
 }
 
 /// One worker: an accept loop per listener on one runtime, then the graceful stop.
@@ -81,13 +98,15 @@ pub(super) async fn worker_main(
     admin_only: bool,
 ) {
     let worker = Rc::new(Worker::new(shared, admin_only));
+    let tasks: Rc<Tasks<Admitted>> = Rc::new(Tasks::default());
     let loops: Vec<_> = ls
         .into_iter()
-        .map(|l| monoio::spawn(accept_loop(l, worker.clone())))
+        .map(|l| monoio::spawn(accept_loop(l, worker.clone(), tasks.clone())))
         .collect();
     for l in loops {
         l.await;
     }
+    tasks.close();
     // Graceful stop: no more accepts; idle keep-alive connections are closed, busy ones
     // finish their answer, bounded by --shutdown-grace.
     worker.close_reads();
@@ -97,7 +116,7 @@ pub(super) async fn worker_main(
     }
 }
 
-async fn accept_loop(l: std::net::TcpListener, worker: Rc<Worker>) {
+async fn accept_loop(l: std::net::TcpListener, worker: Rc<Worker>, tasks: Rc<Tasks<Admitted>>) {
     // A non-blocking handle on the same socket for sweeps (see `Lifecycle::sweeping`).
     let sweeper = l
         .try_clone()
@@ -128,7 +147,7 @@ async fn accept_loop(l: std::net::TcpListener, worker: Rc<Worker>) {
                 Step::Accepted(a) => {
                     accept.set(listener.cancelable_accept(canceller.handle()));
                     match a {
-                        Ok((stream, peer)) => admit(&worker, stream, peer, max),
+                        Ok((stream, peer)) => admit(&worker, &tasks, stream, peer, max),
                         Err(e) => {
                             tracing::warn!(error = %e, "accept failed");
                             monoio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -140,7 +159,7 @@ async fn accept_loop(l: std::net::TcpListener, worker: Rc<Worker>) {
                     // its connection, which is served (dropping it would reset a client).
                     let _ = canceller.cancel();
                     if let Ok((stream, peer)) = accept.await {
-                        admit(&worker, stream, peer, max);
+                        admit(&worker, &tasks, stream, peer, max);
                     }
                     break;
                 }
@@ -148,7 +167,7 @@ async fn accept_loop(l: std::net::TcpListener, worker: Rc<Worker>) {
                     if worker.shared.life.sweeping()
                         && let Ok(s) = &sweeper
                     {
-                        sweep(&worker, s, max);
+                        sweep(&worker, &tasks, s, max);
                     }
                     tick.set(monoio::time::sleep(TICK));
                 }

@@ -4,11 +4,13 @@
 //!
 //! - [`listen`]: the sockets and opening them (or taking them over);
 //! - [`runtime`]: the driver, the worker threads and their runtimes;
-//! - [`accept`]: the accept loop and admission.
+//! - [`accept`]: the accept loop and admission;
+//! - [`tasks`]: the connection tasks, reused from one connection to the next.
 
 mod accept;
 mod listen;
 mod runtime;
+mod tasks;
 
 pub use listen::{ListenError, Opened, bind, bind_v4, bind_v6, open, per_worker};
 pub use runtime::{
