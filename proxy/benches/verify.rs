@@ -26,6 +26,7 @@ use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair, Rs
 use serde::Serialize;
 use std::cell::RefCell;
 use std::hint::black_box;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -126,7 +127,7 @@ type Memory = RefCell<TokenMemory>;
 
 /// The door's remembered path: the token's digest, the worker's memory, the check that its
 /// key is still published (as `Handle::has_token_key` does it).
-fn remembered(mem: &Memory, published: &Published, token: &str) -> Option<Verified> {
+fn remembered(mem: &Memory, published: &Published, token: &str) -> Option<Rc<Verified>> {
     let hash = container::token_hash(token);
     mem.borrow().remembered(&hash, unix_now(), |kid| {
         published
@@ -244,7 +245,7 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     let mem: Memory = RefCell::default();
-    let other = verify(&f.keys, AUDIENCE, &f.es256, now).expect("verifies");
+    let other = Rc::new(verify(&f.keys, AUDIENCE, &f.es256, now).expect("verifies"));
     for i in 0..REMEMBERED {
         mem.borrow_mut().remember(
             container::token_hash(&format!("{}{i}", f.es256)),
@@ -253,7 +254,8 @@ fn bench(c: &mut Criterion) {
     }
     for t in [&f.rs256, &f.es256] {
         let v = verify(&f.keys, AUDIENCE, t, now).expect("verifies");
-        mem.borrow_mut().remember(container::token_hash(t), v);
+        mem.borrow_mut()
+            .remember(container::token_hash(t), Rc::new(v));
     }
     let mut g = c.benchmark_group("remembered");
     g.bench_function("rs256_token", |b| {

@@ -19,6 +19,7 @@ use iamlet_resolver::tokens::{KeySet, Verdict, VerifyKey};
 use jsonwebtoken::{Validation, decode, decode_header};
 use serde::Deserialize;
 use std::net::IpAddr;
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The path SDKs are pointed at (the AWS pod-identity webhook's default FULL_URI).
@@ -82,7 +83,8 @@ pub struct Verified {
 /// Per-worker memory of verified tokens (by SHA-256) and of sources' failed verifications.
 #[derive(Debug, Default)]
 pub struct TokenMemory {
-    verified: ahash::AHashMap<[u8; 32], Verified>,
+    /// Shared with the requests that use them: a remembered token costs no copy of its claims.
+    verified: ahash::AHashMap<[u8; 32], Rc<Verified>>,
     failures: ahash::AHashMap<IpAddr, (Instant, u32)>,
 }
 
@@ -95,7 +97,7 @@ impl TokenMemory {
         hash: &[u8; 32],
         now: u64,
         published: impl Fn(&str) -> bool,
-    ) -> Option<Verified> {
+    ) -> Option<Rc<Verified>> {
         self.verified
             .get(hash)
             .filter(|v| now < v.exp + if v.reviewed { 0 } else { LEEWAY })
@@ -124,7 +126,7 @@ impl TokenMemory {
     }
 
     /// Remembers a verified token (forgetting them all when full: they verify again).
-    pub fn remember(&mut self, hash: [u8; 32], v: Verified) {
+    pub fn remember(&mut self, hash: [u8; 32], v: Rc<Verified>) {
         if self.verified.len() >= MAX_REMEMBERED {
             self.verified.clear();
         }
@@ -300,7 +302,7 @@ async fn credentials(
 }
 
 /// The token's claims, from this worker's memory or verified now.
-async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Refusal> {
+async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Rc<Verified>, Refusal> {
     let hash = token_hash(token);
     let now = unix_now();
     let handle = &w.shared.handle;
@@ -323,6 +325,7 @@ async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Verified, Ref
     match Box::pin(verify(w, token, now)).await {
         Ok(mut v) => {
             v.token = hex_prefix(&hash);
+            let v = Rc::new(v);
             w.tokens.borrow_mut().remember(hash, v.clone());
             w.metrics.container_outcome("verified");
             // The audit trail of this door: which pod's token, once per token and worker
