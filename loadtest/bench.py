@@ -280,6 +280,7 @@ class Env:
         self.fake_sts_port = None
         self.imds_port = None
         self.cap = None  # cgroup capping the server in saturating runs
+        self.alloc_events = []  # --allocs: the allocation probes counted with the system calls
 
 
 def tool(a, *args):
@@ -633,14 +634,33 @@ SYSCALLS = ("read", "recvfrom", "write", "writev", "sendto", "epoll_wait", "epol
             "poll", "accept4", "close")
 
 
+ALLOC_FUNCTIONS = ("malloc", "calloc", "realloc", "posix_memalign")
+
+
+def add_alloc_probes(a):
+    """--allocs: user-space probes on the C library's allocation functions (perf probe), removed
+    at exit. Returns the events to count."""
+    out = subprocess.run(["ldd", a.iamlet], stdout=subprocess.PIPE, text=True, check=True).stdout
+    m = re.search(r"libc\.so\.6 => (\S+)", out)
+    if not m:
+        raise SystemExit("--allocs: iamlet is not linked with glibc's libc.so.6")
+    atexit.register(lambda: subprocess.run(["perf", "probe", "-q", "--del", "probe_libc:*"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for fn in ALLOC_FUNCTIONS:
+        subprocess.run(["perf", "probe", "-q", "-x", m.group(1), "--add", fn], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return [f"probe_libc:{fn}" for fn in ALLOC_FUNCTIONS]
+
+
 def start_syscall_count(env, pids, label):
-    """With --syscalls: `perf stat` counting the server's system calls (tracepoints, every
-    thread of `pids`) while the client runs. The count includes the few calls between the
-    client's end and perf's, which is noise against a run's hundreds of thousands."""
-    if not env.a.syscalls:
+    """With --syscalls (or --allocs): `perf stat` counting the server's system calls
+    (tracepoints) and, with --allocs, its calls of the C library's allocation functions, on
+    every thread of `pids` while the client runs. The count includes the few calls between
+    the client's end and perf's, which is noise against a run's hundreds of thousands."""
+    if not (env.a.syscalls or env.alloc_events):
         return None
     out = os.path.join(env.work, f"perf-{label}.csv")
-    events = ",".join(f"syscalls:sys_enter_{c}" for c in SYSCALLS)
+    events = ",".join([f"syscalls:sys_enter_{c}" for c in SYSCALLS] + env.alloc_events)
     threads = []
     for pid in pids:
         try:
@@ -663,8 +683,8 @@ def finish_syscall_count(counting):
     with open(out) as f:
         for line in f:
             parts = line.strip().split(",")
-            if len(parts) > 2 and parts[2].startswith("syscalls:sys_enter_") and parts[0].isdigit():
-                name = parts[2].removeprefix("syscalls:sys_enter_")
+            if len(parts) > 2 and parts[2].startswith(("syscalls:sys_enter_", "probe_libc:")) and parts[0].isdigit():
+                name = parts[2].removeprefix("syscalls:sys_enter_").removeprefix("probe_libc:")
                 if int(parts[0]):
                     calls[name] = int(parts[0])
     return calls
@@ -956,6 +976,9 @@ def main():
     p.add_argument("--only", default="")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the floor server (tool floor) in the cached-credentials scenarios")
+    p.add_argument("--allocs", action="store_true",
+                   help="also count the server's malloc/calloc/realloc/posix_memalign calls per request (perf probe on "
+                        "libc; root). Slows every process's allocations while it runs: run it apart")
     p.add_argument("--syscalls", action="store_true",
                    help="count the server's system calls per request (perf stat; root or perf_event_paranoid <= 1)")
     p.add_argument("--fixed-rate", type=int, default=10000)
@@ -1015,6 +1038,8 @@ def main():
     work = tempfile.mkdtemp(prefix="iamlet-loadtest-")
     atexit.register(lambda: shutil.rmtree(work, ignore_errors=True))
     env = Env(a, work)
+    if a.allocs:
+        env.alloc_events = add_alloc_probes(a)
     results = {"environment": environment(a), "smoke": a.smoke, "runs": [], "parts": [x for x in PARTS if x not in skip],
                "settings": {k: v for k, v in vars(a).items() if k not in ("iamlet", "tool", "moto", "oha", "nginx", "out_dir")}}
     log("work dir", work)
