@@ -3,13 +3,16 @@
 //! IMDSv2). `!Send`: one per worker runtime.
 
 use crate::metrics::LocalCounter;
-use crate::notify::LocalNotify;
+
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// Largest upstream response relayed (user-data is at most 16 KiB).
@@ -193,8 +196,14 @@ pub struct Upstream {
     /// Exchanges under way (each on a connection of its own), overall and per source.
     busy: Cell<usize>,
     busy_by_source: RefCell<ahash::AHashMap<IpAddr, usize>>,
-    /// Woken when an exchange ends (a connection or a share came free).
-    freed: LocalNotify,
+    /// Requests waiting for a place, in line per source (`None`: iamlet's own). When an
+    /// exchange ends, the first of each line is woken (only it may take the place), so a
+    /// pod's requests past its share are served in the order they came and a place costs a
+    /// wake-up per waiting source, not per waiting request. Waking every waiter and letting
+    /// the first polled take the place starved some for the whole bound (then a 503) while
+    /// the pod's later requests went through.
+    lines: RefCell<ahash::AHashMap<Option<IpAddr>, VecDeque<Waiting>>>,
+    tickets: Cell<u64>,
     /// New connections that may be opened now, and when that count was last topped up.
     new_conns: Cell<u64>,
     new_conns_at: Cell<Instant>,
@@ -221,7 +230,8 @@ impl Upstream {
             idle: RefCell::new(Vec::new()),
             busy: Cell::new(0),
             busy_by_source: RefCell::default(),
-            freed: LocalNotify::default(),
+            lines: RefCell::default(),
+            tickets: Cell::new(0),
             new_conns: Cell::new(MAX_CONNS as u64),
             new_conns_at: Cell::new(Instant::now()),
             opened,
@@ -358,16 +368,22 @@ impl Upstream {
     /// connect timeout.
     async fn slot(&self, source: Option<IpAddr>) -> Result<Slot<'_>, UpstreamError> {
         let mut deadline: Option<Instant> = None;
+        // This request's place in its source's line, once it has had to wait.
+        let mut queued: Option<InLine<'_>> = None;
         loop {
-            let freed = self.freed.notified();
             let share_left = source.is_none_or(|ip| {
                 self.busy_by_source.borrow().get(&ip).copied().unwrap_or(0) < SOURCE_SHARE
             });
             let busy = self.busy.get();
-            if share_left && busy < MAX_CONNS {
+            let first = match &queued {
+                Some(q) => q.first(),
+                None => !self.lines.borrow().contains_key(&source),
+            };
+            if share_left && busy < MAX_CONNS && first {
                 // Busy and idle connections together stay within the cap: with none idle, all
                 // of them are busy, so one more fits.
                 if !self.idle.borrow().is_empty() || self.take_new_conn() {
+                    drop(queued);
                     return Ok(self.enter(source));
                 }
             }
@@ -375,6 +391,9 @@ impl Upstream {
             let until = *deadline.get_or_insert(now + self.connect_timeout);
             if now >= until {
                 return Err(UpstreamError::Busy);
+            }
+            if queued.is_none() {
+                queued = Some(self.line_up(source));
             }
             // Wait for a freed connection, the next new-connection allowance, or the bound.
             let next_new =
@@ -384,10 +403,31 @@ impl Upstream {
             } else {
                 until
             };
+            let turn = queued.as_ref().expect("in line").turn();
             monoio::select! {
-                () = freed => {}
+                () = turn => {}
                 () = monoio::time::sleep(wake - now) => {}
             }
+        }
+    }
+
+    /// A ticket at the end of `source`'s line.
+    fn line_up(&self, source: Option<IpAddr>) -> InLine<'_> {
+        let ticket = self.tickets.get();
+        self.tickets.set(ticket + 1);
+        self.lines
+            .borrow_mut()
+            .entry(source)
+            .or_default()
+            .push_back(Waiting {
+                ticket,
+                woken: false,
+                waker: None,
+            });
+        InLine {
+            up: self,
+            source,
+            ticket,
         }
     }
 
@@ -508,6 +548,76 @@ struct Slot<'a> {
     source: Option<IpAddr>,
 }
 
+/// A waiting request's place in its source's line; leaving it (with a place, at the bound, or
+/// dropped with a request whose client hung up) lets the next one check.
+struct InLine<'a> {
+    up: &'a Upstream,
+    source: Option<IpAddr>,
+    ticket: u64,
+}
+
+/// A request in line, and whether it has been told to look again.
+struct Waiting {
+    ticket: u64,
+    woken: bool,
+    waker: Option<Waker>,
+}
+
+/// Tells the first of `line` to look again.
+fn wake_first(line: &mut VecDeque<Waiting>) {
+    if let Some(w) = line.front_mut() {
+        w.woken = true;
+        if let Some(waker) = w.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+impl InLine<'_> {
+    fn first(&self) -> bool {
+        self.up
+            .lines
+            .borrow()
+            .get(&self.source)
+            .and_then(|l| l.front())
+            .is_some_and(|w| w.ticket == self.ticket)
+    }
+
+    /// Resolves when this request is told to look again (a place came free, or it came to
+    /// the front of its line).
+    fn turn(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            let mut lines = self.up.lines.borrow_mut();
+            let Some(w) = lines
+                .get_mut(&self.source)
+                .and_then(|l| l.iter_mut().find(|w| w.ticket == self.ticket))
+            else {
+                return Poll::Ready(());
+            };
+            if std::mem::take(&mut w.woken) {
+                return Poll::Ready(());
+            }
+            w.waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+    }
+}
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        let mut lines = self.up.lines.borrow_mut();
+        if let Some(line) = lines.get_mut(&self.source) {
+            let was_first = line.front().is_some_and(|w| w.ticket == self.ticket);
+            line.retain(|w| w.ticket != self.ticket);
+            if line.is_empty() {
+                lines.remove(&self.source);
+            } else if was_first {
+                wake_first(line);
+            }
+        }
+    }
+}
+
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         let up = self.up;
@@ -521,7 +631,7 @@ impl Drop for Slot<'_> {
                 }
             }
         }
-        up.freed.notify_all();
+        up.lines.borrow_mut().values_mut().for_each(wake_first);
     }
 }
 
