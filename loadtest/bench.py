@@ -657,7 +657,8 @@ def start_syscall_count(env, pids, label):
     (tracepoints) and, with --allocs, its calls of the C library's allocation functions, on
     every thread of `pids` while the client runs. The count includes the few calls between
     the client's end and perf's, which is noise against a run's hundreds of thousands."""
-    if not (env.a.syscalls or env.alloc_events):
+    # kube2iam.py measures through here with arguments of its own, which have no --syscalls.
+    if not (getattr(env.a, "syscalls", False) or env.alloc_events):
         return None
     out = os.path.join(env.work, f"perf-{label}.csv")
     events = ",".join([f"syscalls:sys_enter_{c}" for c in SYSCALLS] + env.alloc_events)
