@@ -108,16 +108,7 @@ fn accept_all(
             return Ok(()); // EAGAIN (drained) or a connection that went before it was taken
         }
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let one: libc::c_int = 1;
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as u32,
-            );
-        }
+        let _ = socket2::SockRef::from(&fd).set_tcp_nodelay(true);
         let id = *next_id;
         *next_id += 1;
         add(
