@@ -3,7 +3,6 @@
 //! IMDSv2). `!Send`: one per worker runtime.
 
 use crate::metrics::LocalCounter;
-
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
