@@ -23,18 +23,10 @@ IAMLET = Path(os.environ.get("IAMLET_BIN", ROOT / "target" / "debug" / "iamlet")
 # the oldest the chart declares, a current one, and the newest kubernetes-validate knows.
 KUBE_VERSIONS = ["1.25.0", "1.31.0"]
 
-# The kube2iam rollout guide's DaemonSet args, as the guide spells them: the manifest keeps them
-# unchanged, and the chart's seed values (tests/values/seed.yaml) give the same flags.
-SEED_ARGS = [
-    "--app-port=8181",
-    "--auto-discover-base-arn",
-    "--iptables=true",
-    "--host-ip=$(HOST_IP)",
-    "--host-interface=weave",
-    "--use-regional-sts-endpoint",
-    "--auto-discover-default-role",
-    "--log-level=info",
-]
+# The kube2iam rollout guide's DaemonSet args, as the guide spells them, one per line in
+# seed-args.txt (the Rust tests read the same file): the manifest keeps them unchanged, and the
+# chart's seed values (tests/values/seed.yaml) give the same flags.
+SEED_ARGS = (Path(__file__).parent / "seed-args.txt").read_text().split()
 
 
 def as_assignment(arg: str) -> str:

@@ -598,21 +598,21 @@ pub(crate) mod tests {
         assert_eq!(a.log.log_level, "info");
     }
 
-    /// The kube2iam rollout guide's DaemonSet args, with a literal host IP.
-    pub(crate) const SEED_ARGS: [&str; 8] = [
-        "--app-port=8181",
-        "--auto-discover-base-arn",
-        "--iptables=true",
-        "--host-ip=10.0.0.1",
-        "--host-interface=weave",
-        "--use-regional-sts-endpoint",
-        "--auto-discover-default-role",
-        "--log-level=info",
-    ];
+    /// The kube2iam rollout guide's DaemonSet args, from the one list the deploy tests and
+    /// the end-to-end tests read too, with a literal host IP for the Downward API's.
+    pub(crate) fn seed_args() -> Vec<&'static str> {
+        include_str!("../../deploy/tests/seed-args.txt")
+            .split_whitespace()
+            .map(|a| match a {
+                "--host-ip=$(HOST_IP)" => "--host-ip=10.0.0.1",
+                a => a,
+            })
+            .collect()
+    }
 
     #[test]
     fn seed_daemonset_args_parse() {
-        let a = parse(&SEED_ARGS).unwrap();
+        let a = parse(&seed_args()).unwrap();
         assert!(a.iam.auto_discover_base_arn && a.node.iptables && a.iam.use_regional_sts_endpoint);
         assert!(a.iam.auto_discover_default_role);
         assert_eq!(a.node.host_ip.as_deref(), Some("10.0.0.1"));

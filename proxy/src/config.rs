@@ -519,7 +519,7 @@ mod tests {
 
     #[test]
     fn seed_daemonset_args_pass_check_config() {
-        let c = check(&crate::args::tests::SEED_ARGS).unwrap();
+        let c = check(&crate::args::tests::seed_args()).unwrap();
         assert_eq!(c.metrics_port, 8181);
         assert_eq!(c.metadata.hostport(), "169.254.169.254:80");
     }

@@ -608,17 +608,18 @@ fn cli_lists_every_kube2iam_flag_and_rejects_bad_ones_in_one_sentence() {
     ] {
         assert!(help.stdout.contains(flag), "--help does not list {flag}");
     }
-    let seed = Iamlet::run_cli(&[
-        "--app-port=8181",
-        "--auto-discover-base-arn",
-        "--iptables=true",
-        "--host-ip=10.0.0.1",
-        "--host-interface=weave",
-        "--use-regional-sts-endpoint",
-        "--auto-discover-default-role",
-        "--log-level=info",
-        "--check-config",
-    ]);
+    // The kube2iam rollout guide's DaemonSet args, as the deploy tests read them, with a
+    // literal host IP for the Downward API's.
+    let mut seed: Vec<&str> = include_str!("../../deploy/tests/seed-args.txt")
+        .split_whitespace()
+        .map(|a| match a {
+            "--host-ip=$(HOST_IP)" => "--host-ip=10.0.0.1",
+            a => a,
+        })
+        .collect();
+    assert_eq!(seed.len(), 8, "seed args: {seed:?}");
+    seed.push("--check-config");
+    let seed = Iamlet::run_cli(&seed);
     assert_eq!(seed.code, Some(0), "seed DaemonSet args: {}", seed.stderr);
     let cases: &[(&[&str], &str)] = &[
         (

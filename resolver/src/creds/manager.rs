@@ -279,14 +279,14 @@ fn schedule<S>(
     let weak = Arc::downgrade(slot);
     let again = m.again.clone();
     #[cfg(test)]
-    slot.timers.lock().unwrap().push(generation);
+    tests::armed(&weak, generation);
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
+        #[cfg(test)]
+        tests::fired(&weak, generation);
         let Some(slot) = weak.upgrade() else {
             return;
         };
-        #[cfg(test)]
-        slot.timers.lock().unwrap().retain(|g| *g != generation);
         if slot.claim(generation) {
             let _ = again.send((slot, failures));
         }
@@ -309,6 +309,29 @@ mod tests {
     use std::future::Future;
     use std::sync::Mutex;
     use std::sync::atomic::Ordering;
+
+    thread_local! {
+        /// The refresh and retry timers armed and not yet fired, by slot, so that tests can
+        /// count a key's live ones. Per thread: each test's runtime runs on its own.
+        static ARMED: std::cell::RefCell<Vec<(*const CredSlot, Generation)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn armed(slot: &std::sync::Weak<CredSlot>, generation: Generation) {
+        ARMED.with_borrow_mut(|a| a.push((slot.as_ptr(), generation)));
+    }
+
+    pub(super) fn fired(slot: &std::sync::Weak<CredSlot>, generation: Generation) {
+        ARMED.with_borrow_mut(|a| a.retain(|t| *t != (slot.as_ptr(), generation)));
+    }
+
+    /// `slot`'s refreshes pending: a fetch in flight, or live timers.
+    fn pending_refreshes(slot: &Arc<CredSlot>) -> usize {
+        ARMED.with_borrow(|a| {
+            let mine = a.iter().filter(|(s, _)| *s == Arc::as_ptr(slot));
+            slot.pending_refreshes(mine.map(|(_, g)| *g))
+        })
+    }
 
     fn policy(ttl_secs: u64) -> CredPolicy {
         CredPolicy {
@@ -564,7 +587,7 @@ mod tests {
                 let mut wrong = Vec::new();
                 let mut samples = 0;
                 while samples < 200_000 && !flag.load(Ordering::Relaxed) {
-                    let n = slot.pending_refreshes();
+                    let n = pending_refreshes(&slot);
                     if n != 1 && wrong.len() < 20 {
                         wrong.push((sts.t0.elapsed().as_secs_f64(), n));
                     }

@@ -82,10 +82,6 @@ pub struct CredSlot {
     /// two refresh chains. One word, so that checking and bumping are a single atomic step.
     state: AtomicU64,
     requests: mpsc::UnboundedSender<Arc<CredSlot>>,
-    /// The generations of the timers armed and not yet fired, for tests to count the live
-    /// ones.
-    #[cfg(test)]
-    pub(crate) timers: std::sync::Mutex<Vec<Generation>>,
 }
 
 const IN_FLIGHT: u64 = 1;
@@ -127,8 +123,6 @@ impl CredSlot {
             notify: Notify::new(),
             state: AtomicU64::new(0),
             requests,
-            #[cfg(test)]
-            timers: Default::default(),
         })
     }
 
@@ -240,13 +234,13 @@ impl CredSlot {
         Generation(next(before))
     }
 
-    /// Refreshes pending for this key: a fetch in flight, or timers armed, not yet fired and
-    /// not stale. Exactly one once the key has been asked for.
+    /// Refreshes pending for this key, given the generations of its timers armed and not yet
+    /// fired: a fetch in flight, or timers that are not stale. Exactly one once the key has
+    /// been asked for.
     #[cfg(test)]
-    pub(crate) fn pending_refreshes(&self) -> usize {
-        let timers = self.timers.lock().unwrap();
+    pub(crate) fn pending_refreshes(&self, armed: impl Iterator<Item = Generation>) -> usize {
         let s = self.state.load(Ordering::Acquire);
-        let live = timers.iter().filter(|g| g.0 == s).count();
+        let live = armed.filter(|g| g.0 == s).count();
         (s & IN_FLIGHT) as usize + live
     }
 }
