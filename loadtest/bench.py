@@ -41,7 +41,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 PROCS = []
 # The parts of a run, in order; --skip and --only take these names.
-PARTS = ("matrix", "scaling", "storm", "soak", "attack", "upgrade", "workers")
+PARTS = ("matrix", "scaling", "storm", "soak", "attack", "upgrade", "workers", "shared")
 
 
 def log(*a):
@@ -158,17 +158,23 @@ def children(pid):
     return out
 
 
-def cpu_ticks(pids):
-    total = 0
+def cpu_split(pids):
+    """Clock ticks the processes spent in user space and in the kernel (utime, stime)."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 st = f.read()
             fields = st[st.rindex(")") + 2 :].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime
+            user += int(fields[11])
+            system += int(fields[12])
         except OSError:
             pass
-    return total
+    return user, system
+
+
+def cpu_ticks(pids):
+    return sum(cpu_split(pids))
 
 
 def status_kib(pid, field):
@@ -547,17 +553,73 @@ def parse_tool(path):
     return j
 
 
+def wrk_cmd(a, port, sc):
+    cmd = [a.wrk, "-t", str(sc.get("threads", 1)), "-c", str(sc["conns"]), "-d", f"{sc['duration']:g}s", "--latency"]
+    if not sc.get("keepalive", True):
+        cmd += ["-H", "Connection: close"]
+    for h in sc.get("headers", []):
+        cmd += ["-H", h]
+    cmd.append(f"http://127.0.0.1:{port}{sc['path']}")
+    return cmd
+
+
+WRK_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
+
+
+def parse_wrk(text):
+    """wrk's summary: requests, duration, non-2xx answers and socket errors, percentiles."""
+    def us(v):
+        m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", v)
+        return float(m.group(1)) * WRK_UNITS[m.group(2)] if m else None
+
+    m = re.search(r"(\d+) requests in ([\d.]+\w+),", text)
+    if not m:
+        raise SystemExit(f"wrk: no summary in its output:\n{text[-3000:]}")
+    total, dur = int(m.group(1)), us(m.group(2)) / 1e6
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    kinds = {}
+    if bad:
+        kinds["status_not_2xx"] = int(bad.group(1))
+    if sock:
+        kinds.update({k: int(v) for k, v in zip(("connect", "read", "write", "timeout"), sock.groups()) if int(v)})
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", text, re.M))
+    ok = total - kinds.get("status_not_2xx", 0)
+    return {
+        "client": "wrk",
+        "requests": total,
+        "ok": ok,
+        "errors": sum(kinds.values()),
+        "error_kinds": kinds,
+        "rps": ok / dur if dur else 0.0,
+        "duration_s": dur,
+        "p50_us": us(pct["50"]) if "50" in pct else None,
+        "p99_us": us(pct["99"]) if "99" in pct else None,
+        "p999_us": None,
+        "max_us": None,
+    }
+
+
 def run_client(env, port, sc, label):
     a = env.a
     out = os.path.join(env.work, f"run-{label}.json")
-    use_oha = sc.get("client", "oha") == "oha" and a.oha
-    cmd = oha_cmd(a, port, sc, out) if use_oha else tool_cmd(a, port, sc, out)
+    kind = sc.get("client", "oha")
+    use_wrk = kind == "wrk" and getattr(a, "wrk", "")
+    use_oha = kind == "oha" and a.oha
+    if use_wrk:
+        cmd = wrk_cmd(a, port, sc)
+    else:
+        cmd = oha_cmd(a, port, sc, out) if use_oha else tool_cmd(a, port, sc, out)
     if sc.get("rt"):
         cmd = ["chrt", "-f", "1"] + cmd
     if a.client_cpus:
         cmd = ["taskset", "-c", a.client_cpus] + cmd
     limit = sc["duration"] + 60
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=limit)
+    if use_wrk:
+        if r.returncode != 0:
+            raise SystemExit(f"client failed ({' '.join(cmd)}):\n{r.stdout.decode(errors='replace')[-3000:]}")
+        return parse_wrk(r.stdout.decode(errors="replace"))
     if r.returncode != 0 or not os.path.exists(out):
         raise SystemExit(f"client failed ({' '.join(cmd)}):\n{r.stdout.decode(errors='replace')[-3000:]}")
     return parse_oha(out) if use_oha else parse_tool(out)
@@ -701,7 +763,7 @@ def measure(env, server, sc, label):
     if sc.get("rt"):
         set_fifo(pids, True)
     u0 = upstream_accepts(env) if sc["path"] == INSTANCE_ID else None
-    c0 = cpu_ticks(pids)
+    c0 = cpu_split(pids)
     counting = start_syscall_count(env, pids, label)
     try:
         res = run_client(env, server.port, sc, label)
@@ -711,14 +773,18 @@ def measure(env, server, sc, label):
             set_fifo(pids, False)
         if capped:
             move_to(CGROUP_CPU, pids)
-    c1 = cpu_ticks(pids)
+    c1 = cpu_split(pids)
     if u0 is not None:
         u1 = upstream_accepts(env)
         res["upstream_connections"] = u1 - u0 if u1 is not None else None
     if calls is not None and res["requests"]:
         res["syscalls_per_req"] = {k: v / res["requests"] for k, v in calls.items()}
-    res["cpu_s"] = (c1 - c0) / CLK_TCK
-    res["cpu_us_per_req"] = res["cpu_s"] * 1e6 / res["requests"] if res["requests"] else None
+    user_s, system_s = ((b - a) / CLK_TCK for a, b in zip(c0, c1))
+    res["cpu_s"] = user_s + system_s
+    per_req = (lambda s: s * 1e6 / res["requests"]) if res["requests"] else (lambda s: None)
+    res["cpu_us_per_req"] = per_req(res["cpu_s"])
+    # The kernel's share: system calls, and the loopback TCP work they do for both ends.
+    res["user_us_per_req"], res["system_us_per_req"] = per_req(user_s), per_req(system_s)
     res["peak_rss_kib"] = sum(status_kib(p, "VmHWM") for p in pids)
     res["rss_anon_kib"] = sum(status_kib(p, "RssAnon") for p in pids)
     res["rss_file_kib"] = sum(status_kib(p, "RssFile") for p in pids)
@@ -967,6 +1033,7 @@ def main():
     p.add_argument("--moto", default="", help="moto_server (STS); without it the fake STS serves everything")
     p.add_argument("--fake-sts-latency-ms", type=int, default=20)
     p.add_argument("--oha", default="")
+    p.add_argument("--wrk", default="", help="wrk, the client of the shared-cores part (without it: the built-in client)")
     p.add_argument("--nginx", default="")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--smoke", action="store_true")
@@ -1021,6 +1088,8 @@ def main():
     p.add_argument("--workers-conns", type=int, default=None, help="workers: keep-alive connections (50)")
     p.add_argument("--workers-server-cpus", default=None, help="workers: taskset for iamlet (default: not pinned)")
     p.add_argument("--workers-client-cpus", default=None, help="workers: taskset for the client (default: not pinned)")
+    p.add_argument("--shared-seconds", type=float, default=None, help="shared: seconds per run (5; smoke 0.5)")
+    p.add_argument("--shared-reps", type=int, default=None, help="shared: repetitions (3; smoke 1)")
     p.add_argument("--skip", default="", help="comma-separated parts: " + ",".join(PARTS))
     a = p.parse_args()
     skip = set(filter(None, a.skip.split(",")))
@@ -1095,6 +1164,10 @@ def main():
         import workers
 
         workers.run(env, results, sys.modules[__name__])
+    if "shared" not in skip:
+        import shared
+
+        shared.run(env, results, sys.modules[__name__])
     results["wall_s"] = round(time.time() - t0, 1)
     results["environment"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     kill_all()

@@ -94,6 +94,8 @@ def agg(rs):
         "p99_us": med([r.get("p99_us") for r in rs]),
         "p999_us": med([r.get("p999_us") for r in rs]),
         "cpu_us_per_req": med([r.get("cpu_us_per_req") for r in rs]),
+        "user_us_per_req": med([r.get("user_us_per_req") for r in rs]),
+        "system_us_per_req": med([r.get("system_us_per_req") for r in rs]),
         "syscalls_per_req": {k: med([(r.get("syscalls_per_req") or {}).get(k, 0.0) for r in rs])
                              for k in sorted({k for r in rs for k in (r.get("syscalls_per_req") or {})})},
         "peak_rss_kib": max(r.get("peak_rss_kib") or 0 for r in rs),
@@ -125,6 +127,35 @@ def floor_markdown(summ):
                  + " | ".join(f"{fmt(r['vs_floor'].get(d), 2)}×" for d in drivers) + " |")
     L.append("")
     return L
+
+
+def cpu_split_markdown(summ):
+    """Where a request's CPU time goes, user space or the kernel, per server (median), and
+    the most any server doing the same kernel work could reach against nginx here: nginx's
+    whole CPU per request over that server's kernel time alone (no user space at all)."""
+    drivers = summ["drivers"]
+    lines = []
+    for r in summ["rows"]:
+        if r["scenario"] != "creds-keepalive":
+            continue
+        ng = r["nginx"] or {}
+        for who, a in [*((f"iamlet {d}", r["iamlet"].get(d)) for d in drivers), ("nginx", ng),
+                       ("floor", r.get("floor"))]:
+            a = a or {}
+            user, system = a.get("user_us_per_req"), a.get("system_us_per_req")
+            if user is None or system is None or not (user + system):
+                continue
+            ceiling = ng["cpu_us_per_req"] / system if system and ng.get("cpu_us_per_req") else None
+            lines.append(f"| {r['title']} | {who} | {user:.2f} | {system:.2f} | {100 * system / (user + system):.0f} % | "
+                         f"{fmt(ceiling, 2)}× |")
+    if not lines:
+        return []
+    return ["Where a request's CPU goes (`/proc/<pid>/stat` utime and stime over the run, per request, median). "
+            "Kernel time includes the loopback TCP work a send does for the receiving end. The last column is the "
+            "ceiling that kernel work sets: nginx's CPU per request over this server's kernel time alone, the "
+            "server/nginx ratio it would reach with no user space at all.", "",
+            "| scenario | server | user µs/req | kernel µs/req | kernel share | ceiling vs nginx |",
+            "|---|---|---|---|---|---|", *lines, ""]
 
 
 def syscalls_markdown(summ):
@@ -276,6 +307,10 @@ def problems(results):
         import workers
 
         p += workers.problems(results)
+    if results.get("shared"):
+        import shared
+
+        p += shared.problems(results)
     return p
 
 
@@ -379,6 +414,10 @@ def targets(results, summ, scal):
     if wk:
         errs = sum(r.get("errors", 0) for r in wk["runs"])
         t.append((f"worker scaling (W = 1–{wk['settings']['max_workers']}): zero errors", f"{errs} errors", errs == 0))
+    if results.get("shared"):
+        import shared
+
+        t += shared.targets(results)
     return t
 
 
@@ -443,6 +482,7 @@ def markdown(results, summ, scal, svg_rel, attack_svg_rel=None, upgrade_svg_rel=
                      + f" | {fmt(((r['nginx'] or {}).get('peak_rss_kib') or 0) / 1024, 1)} |")
         L.append("")
         L += floor_markdown(summ)
+        L += cpu_split_markdown(summ)
         L += syscalls_markdown(summ)
         pt = next((r for r in summ["rows"] if r["scenario"] == "passthrough"), None)
         if pt:
@@ -529,6 +569,11 @@ def markdown(results, summ, scal, svg_rel, attack_svg_rel=None, upgrade_svg_rel=
         import workers
 
         L.append(workers.markdown(results, workers_svg_rel).rstrip("\n"))
+        L.append("")
+    if results.get("shared"):
+        import shared
+
+        L.append(shared.markdown(results).rstrip("\n"))
         L.append("")
     tg = targets(results, summ, scal)
     if tg:

@@ -11,7 +11,8 @@
 # --skip soak, --only creds-keepalive,passthrough, --server-cpus 0 --client-cpus 1).
 #
 # Installs what it needs: oha (`cargo install oha --locked`, cached in loadtest/.tools),
-# nginx (Debian: nginx-light), openssl (the container door's token), moto
+# nginx (Debian: nginx-light), wrk (the shared-cores part's client), openssl (the container
+# door's token), moto
 # (tests/install-python-tools.sh → .venv). Results: JSON and
 # SVG in loadtest/results/, a section appended to loadtest/RESULTS.md (smoke: results/tmp/).
 set -euo pipefail
@@ -50,6 +51,17 @@ if ! command -v openssl >/dev/null && [ "$SCALING" = 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl >/dev/null \
     || { $SUDO apt-get update -q >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl >/dev/null; }
 fi
+
+# The shared-cores part's client (the smoke runs the built-in one instead).
+WRK="$(command -v wrk || true)"
+if [ -z "$WRK" ] && [ "$SMOKE" = 0 ] && [ "$SCALING" = 0 ]; then
+  step "wrk (apt-get install wrk)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null \
+    || { $SUDO apt-get update -q >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null; }
+  WRK=/usr/bin/wrk
+fi
+[ "$SMOKE" = 1 ] && WRK=""
 
 OHA=""
 if [ "$SCALING" = 1 ]; then
@@ -90,4 +102,4 @@ PIN=(--server-cpus 0 --client-cpus 1)
 
 step "run"
 exec python3 loadtest/bench.py --iamlet "$IAMLET" --tool "$TOOL" --moto "$ROOT/.venv/bin/moto_server" \
-  --oha "$OHA" --nginx "$NGINX" --out-dir "$OUT" "${PIN[@]}" "${SMOKE_ARGS[@]}" "${ARGS[@]}"
+  --oha "$OHA" --wrk "$WRK" --nginx "$NGINX" --out-dir "$OUT" "${PIN[@]}" "${SMOKE_ARGS[@]}" "${ARGS[@]}"
