@@ -185,12 +185,7 @@ fn relay(resp: &UpstreamResponse, out: &mut Vec<u8>, persist: Persist, head_only
     out.extend_from_slice(b"Content-Length: ");
     respond::push_decimal(out, len);
     out.extend_from_slice(b"\r\n");
-    match persist {
-        Persist::KeepAlive => {}
-        Persist::KeepAlive10 => out.extend_from_slice(b"Connection: keep-alive\r\n"),
-        Persist::Close => out.extend_from_slice(b"Connection: close\r\n"),
-    }
-    out.extend_from_slice(b"\r\n");
+    respond::end_head(out, persist);
     if !head_only {
         out.extend_from_slice(body);
     }

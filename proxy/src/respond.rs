@@ -76,6 +76,12 @@ pub fn write_head(
         out.extend_from_slice(v);
         out.extend_from_slice(b"\r\n");
     }
+    end_head(out, persist);
+}
+
+/// Ends a response head, iamlet's own or a relayed one: the `Connection` header the client's
+/// persistence needs (none for HTTP/1.1 keep-alive, its default), then the blank line.
+pub fn end_head(out: &mut Vec<u8>, persist: Persist) {
     match persist {
         Persist::KeepAlive => {}
         Persist::KeepAlive10 => out.extend_from_slice(b"Connection: keep-alive\r\n"),
