@@ -286,7 +286,7 @@ class Env:
         self.fake_sts_port = None
         self.imds_port = None
         self.cap = None  # cgroup capping the server in saturating runs
-        self.alloc_events = []  # --allocs: the allocation probes counted with the system calls
+        self.alloc_events = []  # --allocs, --clocks: the libc probes counted with the system calls
 
 
 def tool(a, *args):
@@ -697,26 +697,29 @@ SYSCALLS = ("read", "recvfrom", "write", "writev", "sendto", "epoll_wait", "epol
 
 
 ALLOC_FUNCTIONS = ("malloc", "calloc", "realloc", "posix_memalign")
+# Rust's Instant::now and SystemTime::now, and nginx's time updates, go through it (the vDSO
+# is called from inside it).
+CLOCK_FUNCTIONS = ("clock_gettime",)
 
 
-def add_alloc_probes(a):
-    """--allocs: user-space probes on the C library's allocation functions (perf probe), removed
-    at exit. Returns the events to count."""
+def add_libc_probes(a, functions):
+    """--allocs, --clocks: user-space probes on the C library's `functions` (perf probe),
+    removed at exit. Returns the events to count."""
     out = subprocess.run(["ldd", a.iamlet], stdout=subprocess.PIPE, text=True, check=True).stdout
     m = re.search(r"libc\.so\.6 => (\S+)", out)
     if not m:
-        raise SystemExit("--allocs: iamlet is not linked with glibc's libc.so.6")
+        raise SystemExit("--allocs/--clocks: iamlet is not linked with glibc's libc.so.6")
     atexit.register(lambda: subprocess.run(["perf", "probe", "-q", "--del", "probe_libc:*"],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    for fn in ALLOC_FUNCTIONS:
+    for fn in functions:
         subprocess.run(["perf", "probe", "-q", "-x", m.group(1), "--add", fn], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return [f"probe_libc:{fn}" for fn in ALLOC_FUNCTIONS]
+    return [f"probe_libc:{fn}" for fn in functions]
 
 
 def start_syscall_count(env, pids, label):
-    """With --syscalls (or --allocs): `perf stat` counting the server's system calls
-    (tracepoints) and, with --allocs, its calls of the C library's allocation functions, on
+    """With --syscalls (or --allocs, --clocks): `perf stat` counting the server's system calls
+    (tracepoints) and, with --allocs or --clocks, its calls of the probed C library functions, on
     every thread of `pids` while the client runs. The count includes the few calls between
     the client's end and perf's, which is noise against a run's hundreds of thousands."""
     # kube2iam.py measures through here with arguments of its own, which have no --syscalls.
@@ -1047,6 +1050,8 @@ def main():
     p.add_argument("--allocs", action="store_true",
                    help="also count the server's malloc/calloc/realloc/posix_memalign calls per request (perf probe on "
                         "libc; root). Slows every process's allocations while it runs: run it apart")
+    p.add_argument("--clocks", action="store_true",
+                   help="also count the server's clock reads per request (clock_gettime; perf probe on libc; root)")
     p.add_argument("--syscalls", action="store_true",
                    help="count the server's system calls per request (perf stat; root or perf_event_paranoid <= 1)")
     p.add_argument("--fixed-rate", type=int, default=10000)
@@ -1108,8 +1113,9 @@ def main():
     work = tempfile.mkdtemp(prefix="iamlet-loadtest-")
     atexit.register(lambda: shutil.rmtree(work, ignore_errors=True))
     env = Env(a, work)
-    if a.allocs:
-        env.alloc_events = add_alloc_probes(a)
+    probed = (ALLOC_FUNCTIONS if a.allocs else ()) + (CLOCK_FUNCTIONS if a.clocks else ())
+    if probed:
+        env.alloc_events = add_libc_probes(a, probed)
     results = {"environment": environment(a), "smoke": a.smoke, "runs": [], "parts": [x for x in PARTS if x not in skip],
                "settings": {k: v for k, v in vars(a).items() if k not in ("iamlet", "tool", "moto", "oha", "nginx", "out_dir")}}
     log("work dir", work)
