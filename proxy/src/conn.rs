@@ -177,6 +177,9 @@ pub async fn serve(
     let mut early: Vec<u8> = Vec::new();
     loop {
         let mut close = false;
+        // The clock reading of this batch's last request: its answer's write times out from
+        // it. None when the batch holds only a refusal, which reads no clock.
+        let mut answered_at: Option<Instant> = None;
         // False when answering stopped at OUT_BOUND with complete requests still buffered:
         // they are answered after the write, before reading more.
         let mut need_read = true;
@@ -228,6 +231,7 @@ pub async fn serve(
             } else {
                 Duration::ZERO
             };
+            answered_at = clock;
             w.metrics.observe_latency(
                 answered.route,
                 req.method.unwrap_or(""),
@@ -256,6 +260,7 @@ pub async fn serve(
                 &mut stream,
                 std::mem::take(&mut b.out),
                 limits.write_timeout,
+                answered_at,
             )
             .await;
             b.out = buf;
@@ -453,22 +458,29 @@ async fn poll_once<F: std::future::Future>(mut f: std::pin::Pin<&mut F>) -> Opti
 /// Writes all of `out`; false when the peer is gone or a write made no progress within
 /// `timeout` (a client that stopped reading: the write is dropped, which cancels it, and the
 /// connection is to be closed). The buffer comes back unless then. A write that completes
-/// when first polled (nearly all: the answer fits the socket's buffer) arms no timer and
-/// reads no clock.
+/// when first polled (nearly all on epoll: the answer fits the socket's buffer) arms no
+/// timer. One that does not (every write on io_uring, whose completions come from the ring)
+/// counts its wait from `since`, the clock reading of the last request it answers (taken
+/// microseconds before), and reads the clock only when there is none or after a partial
+/// write.
 async fn write_all(
     stream: &mut TcpStream,
     mut out: Vec<u8>,
     timeout: std::time::Duration,
+    mut since: Option<Instant>,
 ) -> (bool, Vec<u8>) {
     let mut written = 0;
     while written < out.len() {
         let mut write = std::pin::pin!(stream.write(out.slice(written..)));
         let done = match poll_once(write.as_mut()).await {
             Some(done) => Some(done),
-            None => monoio::select! {
-                done = &mut write => Some(done),
-                _ = monoio::time::sleep(timeout) => None,
-            },
+            None => {
+                let deadline = since.take().unwrap_or_else(Instant::now) + timeout;
+                monoio::select! {
+                    done = &mut write => Some(done),
+                    _ = monoio::time::sleep_until(deadline.into()) => None,
+                }
+            }
         };
         let Some((res, slice)) = done else {
             return (false, Vec::new());
@@ -476,7 +488,11 @@ async fn write_all(
         out = slice.into_inner();
         match res {
             Ok(0) | Err(_) => return (false, out),
-            Ok(n) => written += n,
+            Ok(n) => {
+                written += n;
+                // Progress: a further wait counts from now.
+                since = None;
+            }
         }
     }
     (true, out)
