@@ -230,17 +230,30 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// A request on the door, as the handler took it up.
+pub struct Asked<'r, 'h> {
+    pub peer: IpAddr,
+    pub method: &'r str,
+    pub headers: &'r [httparse::Header<'h>],
+    /// The request's one clock reading.
+    pub now: Instant,
+}
+
 /// Answers one request on the door; returns its status.
 pub async fn answer(
     w: &Worker,
-    peer: IpAddr,
-    method: &str,
-    headers: &[httparse::Header<'_>],
+    asked: Asked<'_, '_>,
     out: &mut Vec<u8>,
     persist: Persist,
     head_only: bool,
 ) -> u16 {
-    match credentials(w, peer, method, headers).await {
+    let Asked {
+        peer,
+        method,
+        headers,
+        now,
+    } = asked;
+    match credentials(w, peer, method, headers, now).await {
         Ok(body) => {
             respond::write(out, respond::OK, respond::JSON, &body, persist, head_only);
             200
@@ -274,6 +287,7 @@ async fn credentials(
     peer: IpAddr,
     method: &str,
     headers: &[httparse::Header<'_>],
+    now: Instant,
 ) -> Result<bytes::Bytes, Refusal> {
     if !host_allowed(header(headers, "host")) {
         return Err(forbidden(
@@ -298,12 +312,14 @@ async fn credentials(
         ));
     };
     let claims = verified(w, peer, token).await?;
-    bind(w, peer, &claims, token).await
+    bind(w, peer, &claims, token, now).await
 }
 
 /// The token's claims, from this worker's memory or verified now.
 async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Rc<Verified>, Refusal> {
     let hash = token_hash(token);
+    // The wall clock, read for the door's requests only: a token's `exp` is the API server's
+    // wall-clock time, and a node's clock may have been stepped since iamlet started.
     let now = unix_now();
     let handle = &w.shared.handle;
     if let Some(v) = w
@@ -571,6 +587,7 @@ async fn bind(
     peer: IpAddr,
     t: &Verified,
     token: &str,
+    now: Instant,
 ) -> Result<bytes::Bytes, Refusal> {
     if let (Some(theirs), Some(ours)) = (&t.node, &w.shared.settings.node_name)
         && theirs != ours
@@ -633,7 +650,9 @@ async fn bind(
     let Some(role) = id.role.as_ref() else {
         return Err(forbidden("no_role", "this pod has no role"));
     };
-    let answer = match role.slot.current(Instant::now()) {
+    // The request's clock reading, as on the IMDS path (a wait for the pod above is bounded
+    // by the same --backoff-max-elapsed-time).
+    let answer = match role.slot.current(now) {
         Some(a) => a,
         None => match w.fetch(&role.slot).await {
             Some(a) => a,

@@ -152,9 +152,13 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
     };
     // The container-credentials door: service-account tokens, not IMDS (no IMDSv2 token).
     if path == crate::container::PATH && !w.admin_only {
-        let status =
-            crate::container::answer(w, peer, method, req.headers, r.out, r.persist, r.head_only)
-                .await;
+        let asked = crate::container::Asked {
+            peer,
+            method,
+            headers: req.headers,
+            now: r.now,
+        };
+        let status = crate::container::answer(w, asked, r.out, r.persist, r.head_only).await;
         return r.count(RouteLabel::Container, status);
     }
     let rt = route(&path);
