@@ -12,6 +12,7 @@
 //! here, 405 a method other than GET, and 503 with `Retry-After` for what is transient (the
 //! only status every SDK retries).
 
+use crate::handler::Asked;
 use crate::respond::{self, Persist, Status};
 use crate::worker::Worker;
 use iamlet_resolver::CredAnswer;
@@ -230,19 +231,10 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// A request on the door, as the handler took it up.
-pub struct Asked<'r, 'h> {
-    pub peer: IpAddr,
-    pub method: &'r str,
-    pub headers: &'r [httparse::Header<'h>],
-    /// The request's one clock reading.
-    pub now: Instant,
-}
-
 /// Answers one request on the door; returns its status.
 pub async fn answer(
     w: &Worker,
-    asked: Asked<'_, '_>,
+    asked: Asked<'_, '_, Instant>,
     out: &mut Vec<u8>,
     persist: Persist,
     head_only: bool,

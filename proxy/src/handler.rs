@@ -97,6 +97,16 @@ impl Req<'_, '_> {
     }
 }
 
+/// A request as the handler took it up, for the paths that answer it elsewhere (the
+/// container door, the pass-through).
+pub struct Asked<'r, 'h, T> {
+    pub peer: IpAddr,
+    pub method: &'r str,
+    pub headers: &'r [httparse::Header<'h>],
+    /// The request's clock reading (the pass-through's: none if it waited for its pod).
+    pub now: T,
+}
+
 /// Unix time at `now`, from the one clock read a request makes: the wall clock is read once
 /// per process and followed monotonically from there. IMDSv2 tokens are minted and verified
 /// on this clock alike (seconds matter to them, and a stepped wall clock does not stretch or
@@ -152,7 +162,7 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
     };
     // The container-credentials door: service-account tokens, not IMDS (no IMDSv2 token).
     if path == crate::container::PATH && !w.admin_only {
-        let asked = crate::container::Asked {
+        let asked = Asked {
             peer,
             method,
             headers: req.headers,
@@ -251,21 +261,24 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
             }
             // The node's metadata is for its pods only: an unknown source (not a pod of
             // this node, or not yet known) waits like a credential request, then gets 404.
-            if !w.wait_known(peer).await {
+            // The exchange's deadlines count from the request's clock reading unless it
+            // waited here.
+            let since = if w.is_known(&peer) {
+                Some(r.now)
+            } else if w.wait_for(peer).await.is_some() {
+                None
+            } else {
                 return r.not_found(RouteLabel::Denied);
-            }
-            // Boxed: the exchange with IMDS is the largest state a request can hold, and
-            // inline it would be moved with every request's future, answered at once or not.
-            let status = Box::pin(passthrough::forward(
-                w,
+            };
+            let asked = Asked {
                 peer,
                 method,
-                &path,
-                req.headers,
-                r.out,
-                r.persist,
-            ))
-            .await;
+                headers: req.headers,
+                now: since,
+            };
+            // Boxed: the exchange with IMDS is the largest state a request can hold, and
+            // inline it would be moved with every request's future, answered at once or not.
+            let status = Box::pin(passthrough::forward(w, asked, &path, r.out, r.persist)).await;
             r.count(RouteLabel::Passthrough, status);
         }
     }

@@ -2,10 +2,11 @@
 //! headers and any pod token stripped, iamlet's own upstream token added, no
 //! X-Forwarded-For. Failures answer 502/504 with a small IMDS-style body.
 
+use crate::handler::Asked;
 use crate::respond::{self, Persist};
 use crate::upstream::{UpstreamError, UpstreamResponse};
 use crate::worker::Worker;
-use std::net::IpAddr;
+use std::time::Instant;
 
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -82,21 +83,30 @@ fn build(
 /// that in doubt, and a connection per HEAD spends the node's connections to IMDS).
 pub async fn forward(
     w: &Worker,
-    peer: IpAddr,
-    method: &str,
+    asked: Asked<'_, '_, Option<Instant>>,
     path: &str,
-    headers: &[httparse::Header<'_>],
     out: &mut Vec<u8>,
     persist: Persist,
 ) -> u16 {
+    let Asked {
+        peer,
+        method,
+        headers,
+        mut now,
+    } = asked;
     let head_only = method == "HEAD";
     for attempt in 0..2 {
-        let token = match w.upstream.token().await {
+        let token = match w.upstream.token(now).await {
             Ok(t) => t,
             Err(e) => return fail(w, out, e, persist, head_only),
         };
         let req = build(w, "GET", path, headers, token.as_deref());
-        match w.upstream.exchange(req, false, Some(peer)).await {
+        // A second attempt reads the clock afresh.
+        match w
+            .upstream
+            .exchange(req, false, Some(peer), now.take())
+            .await
+        {
             Ok(resp) if resp.status == 401 && attempt == 0 => {
                 // Our token expired early, or the upstream started requiring tokens.
                 w.upstream.invalidate_token();

@@ -264,8 +264,8 @@ impl Upstream {
     /// upstream does not do IMDSv2 (or answered the token request oddly: asked again next
     /// time). A transport failure is returned: the request itself would only meet it again,
     /// doubling the time a pod waits for its 502/504.
-    pub async fn token(&self) -> Result<Option<Rc<str>>, UpstreamError> {
-        let now = Instant::now();
+    pub async fn token(&self, since: Option<Instant>) -> Result<Option<Rc<str>>, UpstreamError> {
+        let now = since.unwrap_or_else(Instant::now);
         match &*self.token.borrow() {
             TokenState::Have { value, renew_at } if now < *renew_at => {
                 return Ok(Some(value.clone()));
@@ -277,7 +277,7 @@ impl Upstream {
             "PUT /latest/api/token HTTP/1.1\r\nHost: {}\r\nX-aws-ec2-metadata-token-ttl-seconds: {TOKEN_TTL}\r\nContent-Length: 0\r\n\r\n",
             self.host
         );
-        match self.exchange(req.into_bytes(), false, None).await {
+        match self.exchange(req.into_bytes(), false, None, None).await {
             Ok(resp) if resp.status == 200 => {
                 let value = String::from_utf8_lossy(&resp.raw[resp.head_len..])
                     .trim()
@@ -320,12 +320,18 @@ impl Upstream {
         req: Vec<u8>,
         head: bool,
         source: Option<IpAddr>,
+        since: Option<Instant>,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let _slot = self.slot(source).await?;
+        let (slot, waited) = self.slot(source).await?;
+        let _slot = slot;
         let pooled = self.idle.borrow_mut().pop();
         let req = match pooled {
             Some(conn) => {
-                match monoio::time::timeout(self.response_timeout, self.round_trip(conn, req, head))
+                // From the request's clock reading when it had one and took its place at
+                // once: a pooled exchange costs no reading of its own.
+                let start = since.filter(|_| !waited).unwrap_or_else(Instant::now);
+                let deadline = start + self.response_timeout;
+                match monoio::time::timeout_at(deadline.into(), self.round_trip(conn, req, head))
                     .await
                 {
                     Ok(Ok((resp, conn))) => return Ok(self.finish(resp, conn)),
@@ -365,7 +371,8 @@ impl Upstream {
     /// opened now) within the worker's cap and within `source`'s share. Waits for one, woken
     /// when an exchange ends or when the next new connection is allowed, for at most the
     /// connect timeout.
-    async fn slot(&self, source: Option<IpAddr>) -> Result<Slot<'_>, UpstreamError> {
+    /// Also says whether it had to wait.
+    async fn slot(&self, source: Option<IpAddr>) -> Result<(Slot<'_>, bool), UpstreamError> {
         let mut deadline: Option<Instant> = None;
         // This request's place in its source's line, once it has had to wait.
         let mut queued: Option<InLine<'_>> = None;
@@ -383,7 +390,7 @@ impl Upstream {
                 // of them are busy, so one more fits.
                 if !self.idle.borrow().is_empty() || self.take_new_conn() {
                     drop(queued);
-                    return Ok(self.enter(source));
+                    return Ok((self.enter(source), deadline.is_some()));
                 }
             }
             let now = Instant::now();
