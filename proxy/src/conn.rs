@@ -4,7 +4,7 @@
 
 use crate::downstream::DownstreamError;
 use crate::handler::handle;
-use crate::respond::{self, Persist};
+use crate::respond::{self, Persist, Reply};
 use crate::route::RouteLabel;
 use crate::worker::{ConnGuard, Limits, WORKER_OUT_BUDGET, Worker};
 use monoio::buf::{IoBuf, IoBufMut};
@@ -513,14 +513,7 @@ fn reject(w: &Worker, out: &mut Vec<u8>, e: DownstreamError) {
         return;
     };
     w.metrics.request(RouteLabel::Invalid, status.0);
-    respond::write(
-        out,
-        status,
-        respond::TEXT,
-        status.1.as_bytes(),
-        Persist::Close,
-        false,
-    );
+    Reply::to_unparsed(out).full(status, respond::TEXT, status.1.as_bytes());
 }
 
 #[cfg(test)]

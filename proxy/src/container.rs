@@ -13,7 +13,7 @@
 //! only status every SDK retries).
 
 use crate::handler::Asked;
-use crate::respond::{self, Persist, Status};
+use crate::respond::{self, Reply, Status};
 use crate::worker::Worker;
 use iamlet_resolver::CredAnswer;
 use iamlet_resolver::tokens::{KeySet, Verdict, VerifyKey};
@@ -232,13 +232,7 @@ fn unix_now() -> u64 {
 }
 
 /// Answers one request on the door; returns its status.
-pub async fn answer(
-    w: &Worker,
-    asked: Asked<'_, '_, Instant>,
-    out: &mut Vec<u8>,
-    persist: Persist,
-    head_only: bool,
-) -> u16 {
+pub async fn answer(w: &Worker, asked: Asked<'_, '_, Instant>, reply: &mut Reply<'_>) -> u16 {
     let Asked {
         peer,
         method,
@@ -247,7 +241,7 @@ pub async fn answer(
     } = asked;
     match credentials(w, peer, method, headers, now).await {
         Ok(body) => {
-            respond::write(out, respond::OK, respond::JSON, &body, persist, head_only);
+            reply.full(respond::OK, respond::JSON, &body);
             200
         }
         Err(r) => {
@@ -258,10 +252,8 @@ pub async fn answer(
             } else {
                 &[]
             };
-            respond::write_head(out, r.status, respond::JSON, body.len(), persist, retry);
-            if !head_only {
-                out.extend_from_slice(body.as_bytes());
-            }
+            reply.head(r.status, respond::JSON, body.len(), retry);
+            reply.body(body.as_bytes());
             r.status.0
         }
     }

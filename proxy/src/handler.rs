@@ -4,7 +4,7 @@
 use crate::args::{Imdsv2Mode, MetadataPolicy};
 use crate::downstream::DownstreamError;
 use crate::passthrough;
-use crate::respond::{self, Persist, Status};
+use crate::respond::{self, Persist, Reply, Status};
 use crate::route::RouteLabel;
 use crate::route::{Route, canonicalize, route};
 use crate::token::{self, TokenCheck};
@@ -35,9 +35,7 @@ struct Req<'a, 'r> {
     /// When the request was taken up: the one clock read of a request, for the credentials'
     /// freshness and the IMDSv2 token's expiry alike.
     now: Instant,
-    persist: Persist,
-    head_only: bool,
-    out: &'a mut Vec<u8>,
+    reply: Reply<'a>,
     headers: &'r [httparse::Header<'r>],
     answered: Answered,
 }
@@ -54,19 +52,13 @@ impl Req<'_, '_> {
 
     fn answer(&mut self, label: RouteLabel, status: Status, ctype: &str, body: &[u8]) {
         self.count(label, status.0);
-        respond::write(self.out, status, ctype, body, self.persist, self.head_only);
+        self.reply.full(status, ctype, body);
     }
 
     /// [`Req::answer`] with the body in pieces, copied into the answer (not joined first).
     fn answer_parts(&mut self, label: RouteLabel, status: Status, ctype: &str, body: &[&[u8]]) {
         self.count(label, status.0);
-        let len = body.iter().map(|p| p.len()).sum();
-        respond::write_head(self.out, status, ctype, len, self.persist, &[]);
-        if !self.head_only {
-            for p in body {
-                self.out.extend_from_slice(p);
-            }
-        }
+        self.reply.parts(status, ctype, body);
     }
 
     fn text(&mut self, label: RouteLabel, status: Status, body: &[u8]) {
@@ -136,9 +128,7 @@ pub async fn handle(
         w,
         peer,
         now,
-        persist,
-        head_only: method == "HEAD",
-        out,
+        reply: Reply::new(out, persist, method),
         headers: req.headers,
         answered: Answered {
             route: RouteLabel::Invalid,
@@ -168,7 +158,7 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
             headers: req.headers,
             now: r.now,
         };
-        let status = crate::container::answer(w, asked, r.out, r.persist, r.head_only).await;
+        let status = crate::container::answer(w, asked, &mut r.reply).await;
         return r.count(RouteLabel::Container, status);
     }
     let rt = route(&path);
@@ -278,7 +268,7 @@ async fn answer(r: &mut Req<'_, '_>, req: &httparse::Request<'_, '_>, method: &s
             };
             // Boxed: the exchange with IMDS is the largest state a request can hold, and
             // inline it would be moved with every request's future, answered at once or not.
-            let status = Box::pin(passthrough::forward(w, asked, &path, r.out, r.persist)).await;
+            let status = Box::pin(passthrough::forward(w, asked, &path, &mut r.reply)).await;
             r.count(RouteLabel::Passthrough, status);
         }
     }
@@ -320,18 +310,16 @@ fn mint_token(r: &mut Req<'_, '_>, method: &str) {
     r.w.metrics.tokens_issued.inc();
     r.count(RouteLabel::Token, 200);
     let mut digits = [0u8; 20];
-    respond::write_head(
-        r.out,
+    r.reply.head(
         respond::OK,
         respond::TEXT,
         t.len(),
-        r.persist,
         &[(
             b"X-Aws-Ec2-Metadata-Token-Ttl-Seconds",
             respond::decimal(ttl, &mut digits),
         )],
     );
-    r.out.extend_from_slice(&t);
+    r.reply.body(&t);
 }
 
 /// Checks the IMDSv2 token, if any (and requires one in `required` mode).

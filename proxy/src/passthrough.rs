@@ -3,7 +3,7 @@
 //! X-Forwarded-For. Failures answer 502/504 with a small IMDS-style body.
 
 use crate::handler::Asked;
-use crate::respond::{self, Persist};
+use crate::respond::{self, Reply};
 use crate::upstream::{UpstreamError, UpstreamResponse};
 use crate::worker::Worker;
 use std::time::Instant;
@@ -85,20 +85,19 @@ pub async fn forward(
     w: &Worker,
     asked: Asked<'_, '_, Option<Instant>>,
     path: &str,
-    out: &mut Vec<u8>,
-    persist: Persist,
+    reply: &mut Reply<'_>,
 ) -> u16 {
+    // The method is the reply's to act on (a HEAD is relayed as the GET's head).
     let Asked {
         peer,
-        method,
+        method: _,
         headers,
         mut now,
     } = asked;
-    let head_only = method == "HEAD";
     for attempt in 0..2 {
         let token = match w.upstream.token(now).await {
             Ok(t) => t,
-            Err(e) => return fail(w, out, e, persist, head_only),
+            Err(e) => return fail(w, reply, e),
         };
         let req = build(w, "GET", path, headers, token.as_deref());
         // A second attempt reads the clock afresh.
@@ -113,19 +112,18 @@ pub async fn forward(
                 w.upstream.recycle(resp.raw);
             }
             Ok(resp) => {
-                let status = relay(&resp, out, persist, head_only);
+                let status = relay(&resp, reply);
                 w.upstream.recycle(resp.raw);
                 return status;
             }
-            Err(e) => return fail(w, out, e, persist, head_only),
+            Err(e) => return fail(w, reply, e),
         }
     }
-    fail(w, out, UpstreamError::Protocol, persist, head_only)
+    fail(w, reply, UpstreamError::Protocol)
 }
 
-/// Answers a failed exchange (`head_only`: to a HEAD, so headers only: a body there would be
-/// read as the start of the connection's next answer).
-fn fail(w: &Worker, out: &mut Vec<u8>, e: UpstreamError, persist: Persist, head_only: bool) -> u16 {
+/// Answers a failed exchange.
+fn fail(w: &Worker, reply: &mut Reply<'_>, e: UpstreamError) -> u16 {
     w.metrics.upstream_error(e);
     let (status, code, msg) = match e {
         UpstreamError::Connect => (
@@ -154,64 +152,48 @@ fn fail(w: &Worker, out: &mut Vec<u8>, e: UpstreamError, persist: Persist, head_
             "too many requests to the instance metadata service from this node; retry shortly",
         ),
     };
-    respond::write(
-        out,
-        status,
-        respond::JSON,
-        &respond::error_json(code, msg),
-        persist,
-        head_only,
-    );
+    reply.full(status, respond::JSON, &respond::error_json(code, msg));
     status.0
 }
 
 /// Writes the upstream's answer, reframed from the head its framing parsed (no second
 /// parse); an answer that did not frame never gets here (502).
-fn relay(resp: &UpstreamResponse, out: &mut Vec<u8>, persist: Persist, head_only: bool) -> u16 {
+fn relay(resp: &UpstreamResponse, reply: &mut Reply<'_>) -> u16 {
     let raw = &resp.raw;
     let body = raw.get(resp.head_len..).unwrap_or_default();
-    let declared = resp.head.content_length;
-    // A HEAD answer has no body; its Content-Length is the GET's, as the upstream said (or,
-    // for the GET relayed for a HEAD, the body it sent).
-    let len = if head_only {
-        declared.unwrap_or(body.len())
+    // The Content-Length of a HEAD's answer is the GET's, as the upstream declared it (or, for
+    // the GET relayed for a HEAD, the body it sent).
+    let len = if reply.is_head() {
+        resp.head.content_length.unwrap_or(body.len())
     } else {
         body.len()
     };
-    out.extend_from_slice(b"HTTP/1.1 ");
-    respond::push_decimal(out, usize::from(resp.status));
-    out.push(b' ');
-    out.extend_from_slice(resp.head.reason.get(raw));
-    out.extend_from_slice(b"\r\n");
+    reply.status_line(resp.status, resp.head.reason.get(raw));
     for (name, value) in resp.head.headers(raw) {
-        if is_hop_by_hop(name) {
-            continue;
+        if !is_hop_by_hop(name) {
+            reply.header(name.as_bytes(), value);
         }
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"Content-Length: ");
-    respond::push_decimal(out, len);
-    out.extend_from_slice(b"\r\n");
-    respond::end_head(out, persist);
-    if !head_only {
-        out.extend_from_slice(body);
-    }
+    reply.content_length(len);
+    reply.end_head();
+    reply.body(body);
     resp.status
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::respond::Persist;
 
     #[test]
     fn relay_strips_hop_by_hop_and_reframes() {
         let raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\nKeep-Alive: x\r\nServer: EC2ws\r\nContent-Length: 5\r\n\r\nhello".to_vec();
         let resp = UpstreamResponse::framed(raw, false).unwrap();
         let mut out = Vec::new();
-        assert_eq!(relay(&resp, &mut out, Persist::KeepAlive, false), 200);
+        assert_eq!(
+            relay(&resp, &mut Reply::new(&mut out, Persist::KeepAlive, "GET")),
+            200
+        );
         assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nServer: EC2ws\r\nContent-Length: 5\r\n\r\nhello");
     }
 
@@ -228,7 +210,10 @@ mod tests {
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nX-A: b\r\n\r\n".to_vec();
         let resp = UpstreamResponse::framed(raw, true).unwrap();
         let mut out = Vec::new();
-        assert_eq!(relay(&resp, &mut out, Persist::Close, true), 200);
+        assert_eq!(
+            relay(&resp, &mut Reply::new(&mut out, Persist::Close, "HEAD")),
+            200
+        );
         assert_eq!(
             out,
             b"HTTP/1.1 200 OK\r\nX-A: b\r\nContent-Length: 7\r\nConnection: close\r\n\r\n"

@@ -35,63 +35,121 @@ pub enum Persist {
     Close,
 }
 
-/// Appends a complete response. `head_only` answers HEAD (headers, no body).
-pub fn write(
-    out: &mut Vec<u8>,
-    status: Status,
-    content_type: &str,
-    body: &[u8],
+/// An answer being written into the connection's output buffer, with what the request fixed
+/// about its framing: whether the connection persists (the `Connection` header) and whether a
+/// body follows. To a HEAD none does: the head gives the length a GET's body would have and
+/// the body is left out, because a client reads whatever follows as the next answer. Every
+/// answer (iamlet's own, the container door's, one relayed from IMDS) is written through
+/// here, so HEAD is decided in one place.
+pub struct Reply<'o> {
+    out: &'o mut Vec<u8>,
     persist: Persist,
     head_only: bool,
-) {
-    write_head(out, status, content_type, body.len(), persist, &[]);
-    if !head_only {
-        out.extend_from_slice(body);
-    }
 }
 
-/// Appends the status line and headers, ending with the blank line. Plain byte copies: no
-/// `fmt` machinery on the hot path.
-pub fn write_head(
-    out: &mut Vec<u8>,
-    status: Status,
-    content_type: &str,
-    len: usize,
-    persist: Persist,
-    extra: &[(&[u8], &[u8])],
-) {
-    out.reserve(128 + content_type.len());
-    out.extend_from_slice(b"HTTP/1.1 ");
-    push_decimal(out, usize::from(status.0));
-    out.push(b' ');
-    out.extend_from_slice(status.1.as_bytes());
-    out.extend_from_slice(b"\r\nContent-Type: ");
-    out.extend_from_slice(content_type.as_bytes());
-    out.extend_from_slice(b"\r\nContent-Length: ");
-    push_decimal(out, len);
-    out.extend_from_slice(b"\r\nServer: EC2ws\r\n");
-    for (k, v) in extra {
-        out.extend_from_slice(k);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v);
-        out.extend_from_slice(b"\r\n");
+impl<'o> Reply<'o> {
+    /// The answer to a request made with `method`.
+    pub fn new(out: &'o mut Vec<u8>, persist: Persist, method: &str) -> Self {
+        Self {
+            out,
+            persist,
+            head_only: method == "HEAD",
+        }
     }
-    end_head(out, persist);
-}
 
-/// Ends a response head, iamlet's own or a relayed one: the `Connection` header the client's
-/// persistence needs (none for HTTP/1.1 keep-alive, its default), then the blank line.
-pub fn end_head(out: &mut Vec<u8>, persist: Persist) {
-    match persist {
-        Persist::KeepAlive => {}
-        Persist::KeepAlive10 => out.extend_from_slice(b"Connection: keep-alive\r\n"),
-        Persist::Close => out.extend_from_slice(b"Connection: close\r\n"),
+    /// The answer to a request that could not be parsed: its method is unknown, so the answer
+    /// has its body, and the connection closes after it.
+    pub fn to_unparsed(out: &'o mut Vec<u8>) -> Self {
+        Self {
+            out,
+            persist: Persist::Close,
+            head_only: false,
+        }
     }
-    out.extend_from_slice(b"\r\n");
+
+    /// Whether the request was a HEAD.
+    pub fn is_head(&self) -> bool {
+        self.head_only
+    }
+
+    /// A complete answer.
+    pub fn full(&mut self, status: Status, content_type: &str, body: &[u8]) {
+        self.parts(status, content_type, &[body]);
+    }
+
+    /// A complete answer whose body is `pieces`, copied in order (not joined first).
+    pub fn parts(&mut self, status: Status, content_type: &str, pieces: &[&[u8]]) {
+        let len = pieces.iter().map(|p| p.len()).sum();
+        self.head(status, content_type, len, &[]);
+        for p in pieces {
+            self.body(p);
+        }
+    }
+
+    /// iamlet's own head, ending with the blank line: the status line, `Content-Type`,
+    /// `Content-Length: len`, `Server`, then `extra`. Plain byte copies: no `fmt` machinery
+    /// on the hot path.
+    pub fn head(
+        &mut self,
+        status: Status,
+        content_type: &str,
+        len: usize,
+        extra: &[(&[u8], &[u8])],
+    ) {
+        self.out.reserve(128 + content_type.len());
+        self.status_line(status.0, status.1.as_bytes());
+        self.header(b"Content-Type", content_type.as_bytes());
+        self.content_length(len);
+        self.header(b"Server", b"EC2ws");
+        for (k, v) in extra {
+            self.header(k, v);
+        }
+        self.end_head();
+    }
+
+    /// Starts a head.
+    pub fn status_line(&mut self, code: u16, reason: &[u8]) {
+        self.out.extend_from_slice(b"HTTP/1.1 ");
+        push_decimal(self.out, usize::from(code));
+        self.out.push(b' ');
+        self.out.extend_from_slice(reason);
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// One header line.
+    pub fn header(&mut self, name: &[u8], value: &[u8]) {
+        self.out.extend_from_slice(name);
+        self.out.extend_from_slice(b": ");
+        self.out.extend_from_slice(value);
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// The `Content-Length` line.
+    pub fn content_length(&mut self, len: usize) {
+        self.header(b"Content-Length", decimal(len as u64, &mut [0u8; 20]));
+    }
+
+    /// Ends the head: the `Connection` header the client's persistence needs (none for
+    /// HTTP/1.1 keep-alive, its default), then the blank line.
+    pub fn end_head(&mut self) {
+        match self.persist {
+            Persist::KeepAlive => {}
+            Persist::KeepAlive10 => self.out.extend_from_slice(b"Connection: keep-alive\r\n"),
+            Persist::Close => self.out.extend_from_slice(b"Connection: close\r\n"),
+        }
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// Body bytes, left out of the answer to a HEAD.
+    pub fn body(&mut self, bytes: &[u8]) {
+        if !self.head_only {
+            self.out.extend_from_slice(bytes);
+        }
+    }
 }
 
 /// Appends `n` in decimal.
-pub fn push_decimal(out: &mut Vec<u8>, n: usize) {
+fn push_decimal(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(decimal(n as u64, &mut [0u8; 20]));
 }
 
@@ -121,21 +179,27 @@ mod tests {
     #[test]
     fn response_bytes_are_exact() {
         let mut out = Vec::new();
-        write(&mut out, OK, TEXT, b"app", Persist::KeepAlive, false);
+        Reply::new(&mut out, Persist::KeepAlive, "GET").full(OK, TEXT, b"app");
         assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nServer: EC2ws\r\n\r\napp");
         out.clear();
-        write(&mut out, NOT_FOUND, HTML, b"x", Persist::Close, true);
+        Reply::new(&mut out, Persist::Close, "HEAD").full(NOT_FOUND, HTML, b"x");
         assert_eq!(out, b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 1\r\nServer: EC2ws\r\nConnection: close\r\n\r\n");
         out.clear();
-        write_head(
-            &mut out,
+        Reply::new(&mut out, Persist::KeepAlive10, "GET").head(
             Status(431, "Request Header Fields Too Large"),
             JSON,
             1234567,
-            Persist::KeepAlive10,
             &[(b"X-A", b"b")],
         );
         assert_eq!(out, b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\nContent-Length: 1234567\r\nServer: EC2ws\r\nX-A: b\r\nConnection: keep-alive\r\n\r\n");
+        out.clear();
+        let mut r = Reply::new(&mut out, Persist::KeepAlive, "HEAD");
+        r.parts(OK, TEXT, &[b"a", b"bc"]);
+        assert!(r.is_head());
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nServer: EC2ws\r\n\r\n");
+        out.clear();
+        Reply::to_unparsed(&mut out).full(BAD_REQUEST, TEXT, b"no");
+        assert_eq!(out, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nServer: EC2ws\r\nConnection: close\r\n\r\nno");
         out.clear();
         push_decimal(&mut out, 0);
         assert_eq!(out, b"0");
