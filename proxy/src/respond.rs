@@ -97,17 +97,22 @@ impl<'o> Reply<'o> {
         extra: &[(&[u8], &[u8])],
     ) {
         self.out.reserve(128 + content_type.len());
-        self.status_line(status.0, status.1.as_bytes());
-        self.header(b"Content-Type", content_type.as_bytes());
-        self.content_length(len);
-        self.header(b"Server", b"EC2ws");
+        self.out.extend_from_slice(b"HTTP/1.1 ");
+        push_decimal(self.out, usize::from(status.0));
+        self.out.push(b' ');
+        self.out.extend_from_slice(status.1.as_bytes());
+        self.out.extend_from_slice(b"\r\nContent-Type: ");
+        self.out.extend_from_slice(content_type.as_bytes());
+        self.out.extend_from_slice(b"\r\nContent-Length: ");
+        push_decimal(self.out, len);
+        self.out.extend_from_slice(b"\r\nServer: EC2ws\r\n");
         for (k, v) in extra {
             self.header(k, v);
         }
         self.end_head();
     }
 
-    /// Starts a head.
+    /// Starts a relayed answer's head.
     pub fn status_line(&mut self, code: u16, reason: &[u8]) {
         self.out.extend_from_slice(b"HTTP/1.1 ");
         push_decimal(self.out, usize::from(code));
