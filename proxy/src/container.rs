@@ -224,11 +224,50 @@ fn hex_prefix(hash: &[u8; 32]) -> String {
     hash[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// The wall clock as the door judges tokens by it: a token's `exp` is the API server's
+/// wall-clock time, and the node's clock may be stepped while iamlet runs, so it is followed;
+/// but it is read again only once a second has passed on the monotonic clock since the last
+/// reading, so a request reads one clock, its own `now`, not two.
+#[derive(Clone, Copy)]
+struct WallClock {
+    at: Instant,
+    unix: Duration,
+}
+
+impl WallClock {
+    /// Seconds since the epoch at `now`; `read` reads the wall clock when the last reading is
+    /// a second old or more (or there is none).
+    fn secs(this: &mut Option<Self>, now: Instant, read: impl FnOnce() -> Duration) -> u64 {
+        let c = match *this {
+            Some(c) if now.saturating_duration_since(c.at) < Duration::from_secs(1) => c,
+            _ => {
+                let c = Self {
+                    at: now,
+                    unix: read(),
+                };
+                *this = Some(c);
+                c
+            }
+        };
+        (c.unix + now.saturating_duration_since(c.at)).as_secs()
+    }
+}
+
+/// [`WallClock::secs`] on this worker's reading.
+fn wall_secs(now: Instant) -> u64 {
+    thread_local! {
+        static WALL: std::cell::Cell<Option<WallClock>> = const { std::cell::Cell::new(None) };
+    }
+    WALL.with(|cell| {
+        let mut c = cell.get();
+        let secs = WallClock::secs(&mut c, now, || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+        });
+        cell.set(c);
+        secs
+    })
 }
 
 /// Answers one request on the door; returns its status.
@@ -295,16 +334,19 @@ async fn credentials(
             "no service-account token in the Authorization header",
         ));
     };
-    let claims = verified(w, peer, token).await?;
+    let claims = verified(w, peer, token, wall_secs(now)).await?;
     bind(w, peer, &claims, token, now).await
 }
 
-/// The token's claims, from this worker's memory or verified now.
-async fn verified(w: &Worker, peer: IpAddr, token: &str) -> Result<Rc<Verified>, Refusal> {
+/// The token's claims, from this worker's memory or verified now (`now`: the wall clock's
+/// seconds).
+async fn verified(
+    w: &Worker,
+    peer: IpAddr,
+    token: &str,
+    now: u64,
+) -> Result<Rc<Verified>, Refusal> {
     let hash = token_hash(token);
-    // The wall clock, read for the door's requests only: a token's `exp` is the API server's
-    // wall-clock time, and a node's clock may have been stepped since iamlet started.
-    let now = unix_now();
     let handle = &w.shared.handle;
     if let Some(v) = w
         .tokens
@@ -663,6 +705,44 @@ async fn bind(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wall_clock_is_read_once_a_second_and_followed_when_stepped() {
+        let t0 = Instant::now();
+        let mut c = None;
+        let mut reads = 0;
+        let mut wall = |unix: u64| {
+            reads += 1;
+            move || Duration::from_secs(unix)
+        };
+        assert_eq!(WallClock::secs(&mut c, t0, wall(1_000)), 1_000);
+        // Within the second: followed on the monotonic clock, no reading.
+        let half = t0 + Duration::from_millis(999);
+        assert_eq!(WallClock::secs(&mut c, half, || unreachable!()), 1_000);
+        // A request taken up before the reading counts from it, not before it.
+        assert_eq!(WallClock::secs(&mut c, t0, || unreachable!()), 1_000);
+        // A second on: read again, and a clock stepped back an hour is followed.
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(
+            WallClock::secs(&mut c, later, wall(1_001 - 3_600)),
+            1_001 - 3_600
+        );
+        assert_eq!(
+            WallClock::secs(
+                &mut c,
+                later + Duration::from_millis(500),
+                || unreachable!()
+            ),
+            1_001 - 3_600
+        );
+        assert_eq!(reads, 2);
+        // The worker's own reading agrees with the wall clock.
+        let sys = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(wall_secs(Instant::now()).abs_diff(sys) <= 1);
+    }
 
     #[test]
     fn only_the_link_local_address_or_loopback_may_be_named_by_host() {
