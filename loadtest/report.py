@@ -32,6 +32,7 @@ COMPARATOR = {
 
 
 def med(xs):
+    """The median of the values that are there (None where none is)."""
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
 
@@ -320,6 +321,18 @@ def pct(xs, q):
         return None
     xs = sorted(xs)
     return xs[max(0, math.ceil(q * len(xs)) - 1)]
+
+
+def run_problems(part, runs, label):
+    """A line for each run of `part` that had errors or answered nothing; `label(run)` names
+    the run."""
+    p = []
+    for x in runs:
+        if x.get("errors"):
+            p.append(f"{part} {label(x)}: {x['errors']} errors {x.get('error_kinds')}")
+        if not x.get("requests"):
+            p.append(f"{part} {label(x)}: no requests")
+    return p
 
 
 def option(a, name, full, short):

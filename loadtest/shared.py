@@ -22,11 +22,10 @@ with bench itself as `bench`. Standard library only; loopback only; every run is
 
 import copy
 import os
-import statistics
 import subprocess
 import time
 
-from report import fmt, option
+from report import fmt, med, option, run_problems
 
 CONNS = 50
 # The built-in client's bound in count, per second of a run: far above what one core answers.
@@ -130,11 +129,6 @@ def run(env, results, bench):
     return res
 
 
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def who(r):
     return f"iamlet {r['driver']}" if r["server"] == "iamlet" else r["server"]
 
@@ -175,13 +169,7 @@ def problems(results):
     r = results.get("shared")
     if not r:
         return []
-    p = []
-    for x in r["runs"]:
-        if x.get("errors"):
-            p.append(f"shared {x['mode']} {who(x)} rep {x['rep']}: {x['errors']} errors {x.get('error_kinds')}")
-        if not x.get("requests"):
-            p.append(f"shared {x['mode']} {who(x)} rep {x['rep']}: no requests")
-    return p
+    return run_problems("shared", r["runs"], lambda x: f"{x['mode']} {who(x)} rep {x['rep']}")
 
 
 def targets(results):

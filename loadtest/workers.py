@@ -20,11 +20,10 @@ with the built-in client, in count.
 import copy
 import os
 import resource
-import statistics
 import subprocess
 import time
 
-from report import esc, fmt, option
+from report import esc, fmt, med, option, run_problems
 
 CONNS = 50
 # The built-in client's bound in count, per second of a run: far above what one core answers.
@@ -148,11 +147,6 @@ def run(env, results, bench):
     return res
 
 
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def summarize(runs):
     out = []
     base = None
@@ -190,12 +184,7 @@ def problems(results):
     r = results.get("workers")
     if not r:
         return []
-    p = []
-    for x in r["runs"]:
-        if x.get("errors"):
-            p.append(f"workers {x['workers']} rep {x['rep']}: {x['errors']} errors {x.get('error_kinds')}")
-        if not x.get("requests"):
-            p.append(f"workers {x['workers']} rep {x['rep']}: no requests")
+    p = run_problems("workers", r["runs"], lambda x: f"{x['workers']} rep {x['rep']}")
     if not any(s["workers"] == 1 for s in r["summary"]):
         p.append("workers: no 1-worker run, no ratio to linear")
     return p
