@@ -715,17 +715,17 @@ mod tests {
             reads += 1;
             move || Duration::from_secs(unix)
         };
-        assert_eq!(WallClock::secs(&mut c, t0, wall(1_000)), 1_000);
+        assert_eq!(WallClock::secs(&mut c, t0, wall(10_000)), 10_000);
         // Within the second: followed on the monotonic clock, no reading.
         let half = t0 + Duration::from_millis(999);
-        assert_eq!(WallClock::secs(&mut c, half, || unreachable!()), 1_000);
+        assert_eq!(WallClock::secs(&mut c, half, || unreachable!()), 10_000);
         // A request taken up before the reading counts from it, not before it.
-        assert_eq!(WallClock::secs(&mut c, t0, || unreachable!()), 1_000);
+        assert_eq!(WallClock::secs(&mut c, t0, || unreachable!()), 10_000);
         // A second on: read again, and a clock stepped back an hour is followed.
         let later = t0 + Duration::from_secs(1);
         assert_eq!(
-            WallClock::secs(&mut c, later, wall(1_001 - 3_600)),
-            1_001 - 3_600
+            WallClock::secs(&mut c, later, wall(10_001 - 3_600)),
+            10_001 - 3_600
         );
         assert_eq!(
             WallClock::secs(
@@ -733,7 +733,7 @@ mod tests {
                 later + Duration::from_millis(500),
                 || unreachable!()
             ),
-            1_001 - 3_600
+            10_001 - 3_600
         );
         assert_eq!(reads, 2);
         // The worker's own reading agrees with the wall clock.
