@@ -227,7 +227,10 @@ fn hex_prefix(hash: &[u8; 32]) -> String {
 /// The wall clock as the door judges tokens by it: a token's `exp` is the API server's
 /// wall-clock time, and the node's clock may be stepped while iamlet runs, so it is followed;
 /// but it is read again only once a second has passed on the monotonic clock since the last
-/// reading, so a request reads one clock, its own `now`, not two.
+/// reading, so a request reads one clock, its own `now`, not two. Not `handler::unix_time`:
+/// that one is anchored once per process on purpose (IMDSv2 tokens are iamlet's own, minted
+/// and checked on one clock), and would judge the API server's tokens by a node clock as it
+/// was at start-up.
 #[derive(Clone, Copy)]
 struct WallClock {
     at: Instant,

@@ -97,11 +97,8 @@ impl<'o> Reply<'o> {
         extra: &[(&[u8], &[u8])],
     ) {
         self.out.reserve(128 + content_type.len());
-        self.out.extend_from_slice(b"HTTP/1.1 ");
-        push_decimal(self.out, usize::from(status.0));
-        self.out.push(b' ');
-        self.out.extend_from_slice(status.1.as_bytes());
-        self.out.extend_from_slice(b"\r\nContent-Type: ");
+        self.status_line(status.0, status.1.as_bytes());
+        self.out.extend_from_slice(b"Content-Type: ");
         self.out.extend_from_slice(content_type.as_bytes());
         self.out.extend_from_slice(b"\r\nContent-Length: ");
         push_decimal(self.out, len);
@@ -112,7 +109,7 @@ impl<'o> Reply<'o> {
         self.end_head();
     }
 
-    /// Starts a relayed answer's head.
+    /// Starts a head: iamlet's own, or a relayed one with the upstream's code and reason.
     pub fn status_line(&mut self, code: u16, reason: &[u8]) {
         self.out.extend_from_slice(b"HTTP/1.1 ");
         push_decimal(self.out, usize::from(code));
